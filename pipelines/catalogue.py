@@ -1,0 +1,217 @@
+"""Catalogue ingestion: read, validate, normalise, hash and upsert a catalogue snapshot.
+
+A snapshot is the whole catalogue: items missing from it are marked inactive (delisted), not
+deleted, so their history stays. Bad rows never vanish: each goes to ``rejects`` with the
+reason and the raw row, and the run fails when the reject share passes the configured limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import polars as pl
+
+from pipelines.warehouse import connect
+from serving.errors import CatalogueError
+from serving.text import clean_text
+
+log = logging.getLogger(__name__)
+
+ID_ALIASES = ("id", "item_id", "product_id", "product_uid", "sku")
+OPTIONAL = ("description", "category", "brand", "price", "in_stock")
+MAX_TITLE_CHARS = 500
+MAX_DESCRIPTION_CHARS = 5000
+_TRUE = {"true", "1", "yes", "y", "t"}
+_FALSE = {"false", "0", "no", "n", "f"}
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    run_id: str
+    source: str
+    rows_read: int
+    rows_accepted: int
+    rows_rejected: int
+    items_new: int
+    items_changed: int
+    items_delisted: int
+    reject_reasons: dict[str, int]
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def read_catalogue(source: Path) -> pl.DataFrame:
+    """Read a CSV or Parquet catalogue with every column as text (validation is ours)."""
+    if not source.is_file():
+        raise CatalogueError(f"catalogue file {source} does not exist")
+    try:
+        if source.suffix.lower() == ".parquet":
+            df = pl.read_parquet(source)
+            df = df.with_columns(pl.all().cast(pl.String))
+        elif source.suffix.lower() in (".csv", ".tsv"):
+            df = pl.read_csv(source, infer_schema=False, separator="\t" if source.suffix == ".tsv"
+                             else ",")
+        else:
+            raise CatalogueError(f"catalogue {source}: unsupported format (use .csv or .parquet)")
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise CatalogueError(f"cannot read catalogue {source}: {exc}") from exc
+    id_col = next((c for c in ID_ALIASES if c in df.columns), None)
+    if id_col is None:
+        raise CatalogueError(f"catalogue {source} has no id column (one of {list(ID_ALIASES)})")
+    if "title" not in df.columns:
+        raise CatalogueError(f"catalogue {source} has no 'title' column")
+    df = df.rename({id_col: "item_id"})
+    for col in OPTIONAL:
+        if col not in df.columns:
+            df = df.with_columns(pl.lit(None, dtype=pl.String).alias(col))
+    return df.select(["item_id", "title", *OPTIONAL]).with_row_index("row_number", offset=1)
+
+
+def _clean(col: str) -> pl.Expr:
+    return pl.col(col).map_elements(clean_text, return_dtype=pl.String, skip_nulls=True)
+
+
+def validate_catalogue(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Split raw rows into (accepted, rejected); rejected rows carry a ``reason``."""
+    df = raw.with_columns(
+        _clean("item_id").alias("item_id"),
+        _clean("title").alias("title"),
+        _clean("description").str.slice(0, MAX_DESCRIPTION_CHARS).alias("description"),
+        _clean("category").alias("category"),
+        _clean("brand").alias("brand"),
+        pl.col("price").str.strip_chars().str.strip_chars_start("$").alias("price_raw"),
+        pl.col("in_stock").str.strip_chars().str.to_lowercase().alias("stock_raw"),
+    ).with_columns(
+        pl.col("price_raw").cast(pl.Float64, strict=False).alias("price"),
+        pl.when(pl.col("stock_raw").is_null()).then(True)
+        .when(pl.col("stock_raw").is_in(list(_TRUE))).then(True)
+        .when(pl.col("stock_raw").is_in(list(_FALSE))).then(False)
+        .otherwise(None).alias("in_stock"),
+        pl.col("item_id").count().over("item_id").alias("id_count"),
+    )
+    for col in ("description", "category", "brand"):
+        df = df.with_columns(pl.when(pl.col(col) == "").then(None).otherwise(pl.col(col)).alias(col))
+    reason = (
+        pl.when(pl.col("item_id").is_null() | (pl.col("item_id") == ""))
+        .then(pl.lit("missing id"))
+        .when(pl.col("title").is_null() | (pl.col("title") == ""))
+        .then(pl.lit("missing title"))
+        .when(pl.col("title").str.len_chars() > MAX_TITLE_CHARS)
+        .then(pl.lit(f"title longer than {MAX_TITLE_CHARS} characters"))
+        .when(pl.col("id_count") > 1)
+        .then(pl.format("duplicate id '{}' ({} rows share it)", pl.col("item_id"), pl.col("id_count")))
+        .when(pl.col("price_raw").is_not_null() & (pl.col("price_raw") != "")
+              & pl.col("price").is_null())
+        .then(pl.format("price '{}' is not a number", pl.col("price_raw")))
+        .when(pl.col("price").is_not_null() & (pl.col("price").is_nan() | pl.col("price").is_infinite()
+                                              | (pl.col("price") < 0)))
+        .then(pl.format("price '{}' is not a finite non-negative number", pl.col("price_raw")))
+        .when(pl.col("in_stock").is_null())
+        .then(pl.format("in_stock '{}' is not true/false", pl.col("stock_raw")))
+        .otherwise(None)
+        .alias("reason")
+    )
+    df = df.with_columns(reason)
+    accepted = df.filter(pl.col("reason").is_null()).select(
+        "item_id", "title", "description", "category", "brand", "price", "in_stock")
+    rejected = df.filter(pl.col("reason").is_not_null()).select("row_number", "item_id", "reason")
+    return accepted, rejected
+
+
+def content_hash(title: str, description: str | None, category: str | None,
+                 brand: str | None) -> str:
+    """Hash of exactly what the item's vector is computed from."""
+    payload = json.dumps([title, description, category, brand], ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def ingest_catalogue(source: Path, warehouse: Path, max_reject_share: float = 0.05,
+                     run_id: str | None = None) -> IngestReport:
+    """Ingest one catalogue snapshot from ``source`` (CSV/Parquet) into ``warehouse``.
+
+    ``max_reject_share`` is the largest fraction of rejected rows (0..1) tolerated; above it
+    the rejects are still recorded, the items are left untouched, and :class:`CatalogueError`
+    is raised.
+    """
+    run_id = run_id or uuid.uuid4().hex[:12]
+    raw = read_catalogue(source)
+    accepted, rejected = validate_catalogue(raw)
+    accepted = accepted.with_columns(
+        pl.struct("title", "description", "category", "brand")
+        .map_elements(lambda r: content_hash(r["title"], r["description"], r["category"],
+                                             r["brand"]), return_dtype=pl.String)
+        .alias("content_hash")
+    )
+    now = datetime.now(UTC).replace(tzinfo=None)
+    raw_json = raw.select("row_number", pl.struct(pl.exclude("row_number"))
+                          .struct.json_encode().alias("raw"))
+    rejects = rejected.join(raw_json, on="row_number").with_columns(
+        pl.lit(run_id).alias("run_id"), pl.lit(now).alias("rejected_at"))
+    n = raw.height
+    share = rejected.height / n if n else 0.0
+    reasons: dict[str, int] = {}
+    for r in rejected["reason"].to_list():
+        key = r.split(" '")[0] if r.startswith(("duplicate id", "price", "in_stock")) else r
+        reasons[key] = reasons.get(key, 0) + 1
+    con = connect(warehouse)
+    try:
+        con.execute("BEGIN")
+        if rejects.height:
+            con.register("rejects_df", rejects)
+            con.execute("INSERT INTO rejects SELECT run_id, row_number, item_id, reason, raw, "
+                        "rejected_at FROM rejects_df")
+        failed = n == 0 or share > max_reject_share
+        new = changed = delisted = 0
+        if not failed:
+            con.register("incoming", accepted.with_columns(pl.lit(now).alias("updated_at")))
+            new, changed = con.execute("""
+                SELECT count(*) FILTER (WHERE i.item_id IS NULL),
+                       count(*) FILTER (WHERE i.item_id IS NOT NULL AND (
+                           i.content_hash <> n.content_hash OR i.price IS DISTINCT FROM n.price
+                           OR i.in_stock <> n.in_stock OR NOT i.active))
+                FROM incoming n LEFT JOIN items i USING (item_id)""").fetchone()
+            delisted = con.execute("""
+                SELECT count(*) FROM items WHERE active
+                AND item_id NOT IN (SELECT item_id FROM incoming)""").fetchone()[0]
+            con.execute("""
+                UPDATE items SET active = false, updated_at = ?
+                WHERE active AND item_id NOT IN (SELECT item_id FROM incoming)""", [now])
+            con.execute("""
+                INSERT INTO items
+                SELECT item_id, title, description, category, brand, price, in_stock,
+                       content_hash, true, updated_at FROM incoming
+                ON CONFLICT (item_id) DO UPDATE SET
+                    title = excluded.title, description = excluded.description,
+                    category = excluded.category, brand = excluded.brand,
+                    price = excluded.price, in_stock = excluded.in_stock,
+                    content_hash = excluded.content_hash, active = true,
+                    updated_at = excluded.updated_at""")
+        con.execute("INSERT INTO ingest_runs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [run_id, str(source), n, 0 if failed else accepted.height, rejected.height,
+                     "failed" if failed else "ok", now])
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        con.close()
+    if n == 0:
+        raise CatalogueError(f"catalogue {source} has no rows")
+    if failed:
+        raise CatalogueError(
+            f"catalogue {source}: {rejected.height} of {n} rows rejected ({share:.1%}), above the "
+            f"limit of {max_reject_share:.1%}; reasons {reasons}; see table rejects, run {run_id}"
+        )
+    report = IngestReport(run_id, str(source), n, accepted.height, rejected.height,
+                          int(new), int(changed), int(delisted), reasons)
+    if rejected.height:
+        log.warning("ingest %s: %d rows rejected: %s", run_id, rejected.height, reasons)
+    log.info("ingest %s: %s", run_id, report)
+    return report

@@ -1,0 +1,191 @@
+"""``instantrec``: every pipeline step, serving and evaluation from the command line.
+
+Machine-readable results go to stdout as JSON (``--json``) or as plain text; logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from serving.errors import InstantrecError
+from serving.settings import Settings, load_settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(home=args.home, encoder_path=getattr(args, "encoder", None))
+
+
+def _emit(payload: Any) -> None:
+    print(json.dumps(payload, indent=2, default=str))
+
+
+def cmd_ingest(args: argparse.Namespace) -> None:
+    from pipelines.steps import run_ingest
+
+    _emit(run_ingest(_settings(args), args.catalogue))
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    from pipelines.steps import run_embed
+
+    _emit(run_embed(_settings(args), args.shard, args.shards, progress=True))
+
+
+def cmd_index(args: argparse.Namespace) -> None:
+    from pipelines.steps import run_index
+
+    _emit(run_index(_settings(args)))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from pipelines.steps import run_evaluate
+
+    _emit(run_evaluate(_settings(args), args.bundle, args.golden, args.judgments))
+
+
+def cmd_publish(args: argparse.Namespace) -> None:
+    from pipelines.steps import run_publish
+
+    _emit(run_publish(_settings(args), args.bundle))
+
+
+def cmd_register(args: argparse.Namespace) -> None:
+    from pipelines.steps import run_register
+
+    _emit(run_register(_settings(args), args.release))
+
+
+def cmd_build(args: argparse.Namespace) -> None:
+    from pipelines.steps import run_build
+
+    _emit(run_build(_settings(args), args.catalogue, args.golden,
+                    register=not args.no_register, progress=True))
+
+
+def cmd_recommend(args: argparse.Namespace) -> None:
+    from serving.recommender import Recommender
+
+    filters: dict[str, Any] = {}
+    if args.category:
+        filters["category"] = args.category
+    if args.min_price is not None:
+        filters["min_price"] = args.min_price
+    if args.max_price is not None:
+        filters["max_price"] = args.max_price
+    if args.in_stock:
+        filters["in_stock"] = True
+    rec = Recommender.load(settings=_settings(args), watch=False)
+    results = rec.recommend(args.query, k=args.k, filters=filters or None)
+    if args.json:
+        _emit({"query": args.query, "release_id": rec.release_id,
+               "results": [r.to_dict() for r in results]})
+        return
+    print(f"{args.query!r}  (release {rec.release_id})")
+    for r in results:
+        price = f"${r.price:,.2f}" if r.price is not None else "-"
+        stock = "" if r.in_stock else "  [out of stock]"
+        print(f"  {r.rank:>2}. {r.score:.3f}  {r.item_id:<12} {r.title}  ({r.category}, "
+              f"{price}){stock}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from pipelines.evaluation import evaluate_judged
+    from serving.encoder import Encoder
+
+    settings = _settings(args)
+    encoder = Encoder(settings.encoder_path, max_length=settings.item_max_tokens)
+    report = evaluate_judged(Path(args.products), Path(args.judgments), args.protocol, encoder,
+                             settings.home / "cache" / "embeddings.duckdb",
+                             per_query=args.per_query,
+                             relevant_threshold=args.relevant_threshold)
+    if args.json:
+        _emit(report)
+        return
+    print(f"protocol {report['protocol']}, {report['n_queries']} queries")
+    for method, metrics in report["methods"].items():
+        print(f"  {method:<8} " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="instantrec", description=__doc__)
+    parser.add_argument("--home", type=Path, default=None,
+                        help="artefact root (default: $INSTANTREC_HOME or ./artefacts)")
+    parser.add_argument("--encoder", type=Path, default=None,
+                        help="local transformers encoder directory (default: all-MiniLM-L6-v2)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="validate and upsert a catalogue snapshot")
+    p.add_argument("--catalogue", type=Path, default=None, help="CSV/Parquet (default: demo)")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("embed", help="embed new/changed items (one shard)")
+    p.add_argument("--shard", type=int, default=0)
+    p.add_argument("--shards", type=int, default=1)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("index", help="store embedded shards and stage a release bundle")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("evaluate", help="evaluate a staged bundle and decide its gate")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--golden", type=Path, default=None)
+    p.add_argument("--judgments", type=Path, default=None)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("publish", help="publish an evaluated bundle; move the pointer if it passed")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("register", help="log and register a published release in MLflow")
+    p.add_argument("--release", type=Path, required=True)
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("build", help="ingest + embed + index + evaluate + publish + register")
+    p.add_argument("--catalogue", type=Path, default=None, help="CSV/Parquet (default: demo)")
+    p.add_argument("--golden", type=Path, default=None, help="golden queries JSON")
+    p.add_argument("--no-register", action="store_true", help="skip the MLflow registry")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("recommend", help="recommendations for a query from the live release")
+    p.add_argument("query")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--category", action="append", default=None)
+    p.add_argument("--min-price", type=float, default=None)
+    p.add_argument("--max-price", type=float, default=None)
+    p.add_argument("--in-stock", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser("eval", help="offline evaluation on judged product-search data")
+    p.add_argument("--products", type=Path, required=True)
+    p.add_argument("--judgments", type=Path, required=True)
+    p.add_argument("--protocol", choices=["rerank", "retrieval"], default="retrieval")
+    p.add_argument("--relevant-threshold", type=float, default=None,
+                   help="label counted as relevant (default: from the label scale)")
+    p.add_argument("--per-query", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        args.func(args)
+    except (InstantrecError, ValueError) as exc:
+        print(f"instantrec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Embedding: encode only items whose content or encoder changed, in shards.
+
+A shard opens the warehouse read-only (DuckDB allows many readers, one writer), so Airflow
+can run shards side by side; each writes its vectors to a shard file, and
+:func:`store_vectors` folds the shard files into the warehouse in one writer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from pipelines.warehouse import connect, query_frame
+from serving.encoder import Encoder
+from serving.text import item_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbedReport:
+    shard: int
+    shards: int
+    encoder_version: str
+    embedded: int
+    seconds: float
+    output: str | None
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _slug(version: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", version)
+
+
+def shard_dir(work_dir: Path, encoder_version: str) -> Path:
+    return work_dir / "vectors" / _slug(encoder_version)
+
+
+def pending_items(warehouse: Path, encoder_version: str, shard: int = 0,
+                  shards: int = 1) -> pl.DataFrame:
+    """Active items of shard ``shard`` of ``shards`` with no vector for their current content
+    under ``encoder_version``."""
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} is not in 0..{shards - 1}")
+    con = connect(warehouse, read_only=True)
+    try:
+        return query_frame(con, """
+            SELECT i.item_id, i.title, i.description, i.category, i.brand, i.content_hash
+            FROM items i LEFT JOIN item_vectors v
+              ON v.item_id = i.item_id AND v.encoder_version = ?
+            WHERE i.active AND (v.item_id IS NULL OR v.content_hash <> i.content_hash)
+              AND hash(i.item_id) % ? = ?
+            ORDER BY i.item_id""", [encoder_version, shards, shard])
+    finally:
+        con.close()
+
+
+def embed_items(warehouse: Path, work_dir: Path, encoder: Encoder, shard: int = 0,
+                shards: int = 1, batch_size: int = 64, progress: bool = False) -> EmbedReport:
+    """Embed the pending items of one shard and write them to a shard file under ``work_dir``.
+
+    An unchanged item (same content hash, same encoder version) is never re-embedded.
+    """
+    start = datetime.now(UTC)
+    todo = pending_items(warehouse, encoder.version, shard, shards)
+    out_dir = shard_dir(work_dir, encoder.version)
+    out_path = out_dir / f"shard-{shard:04d}-of-{shards:04d}.parquet"
+    if todo.height == 0:
+        log.info("embed shard %d/%d: nothing to do", shard, shards)
+        return EmbedReport(shard, shards, encoder.version, 0, 0.0, None)
+    texts = [item_text(r["title"], r["brand"], r["category"], r["description"])
+             for r in todo.iter_rows(named=True)]
+    vectors = encoder.encode(texts, batch_size=batch_size, progress=progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frame = todo.select("item_id", "content_hash").with_columns(
+        pl.Series("vector", vectors, dtype=pl.Array(pl.Float32, encoder.dim)))
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    frame.write_parquet(tmp)
+    os.replace(tmp, out_path)
+    seconds = (datetime.now(UTC) - start).total_seconds()
+    log.info("embed shard %d/%d: %d items in %.1f s", shard, shards, todo.height, seconds)
+    return EmbedReport(shard, shards, encoder.version, todo.height, seconds, str(out_path))
+
+
+def store_vectors(warehouse: Path, work_dir: Path, encoder_version: str) -> int:
+    """Upsert every shard file of ``encoder_version`` into ``item_vectors``; returns rows.
+
+    Shard files are removed only after the transaction commits, so a crash re-applies them.
+    """
+    files = sorted(shard_dir(work_dir, encoder_version).glob("shard-*.parquet"))
+    if not files:
+        return 0
+    frame = pl.concat([pl.read_parquet(f) for f in files]).with_columns(
+        pl.col("vector").cast(pl.List(pl.Float32)))
+    now = datetime.now(UTC).replace(tzinfo=None)
+    con = connect(warehouse)
+    try:
+        con.register("incoming", frame)
+        con.execute("""
+            INSERT INTO item_vectors
+            SELECT item_id, ?, content_hash, vector, ? FROM incoming
+            ON CONFLICT (item_id, encoder_version) DO UPDATE SET
+                content_hash = excluded.content_hash, vector = excluded.vector,
+                embedded_at = excluded.embedded_at""", [encoder_version, now])
+    finally:
+        con.close()
+    for f in files:
+        f.unlink()
+    log.info("stored %d vectors from %d shard files", frame.height, len(files))
+    return frame.height
+
+
+def load_vectors(warehouse: Path, encoder_version: str) -> tuple[pl.DataFrame, np.ndarray]:
+    """Active items (sorted by id) and their vectors under ``encoder_version``.
+
+    Raises ValueError if an active item has no current vector (embed has not run).
+    """
+    con = connect(warehouse, read_only=True)
+    try:
+        table = query_frame(con, """
+            SELECT i.item_id, i.title, i.category, i.brand, i.price, i.in_stock,
+                   i.content_hash, v.vector, v.content_hash = i.content_hash AS fresh
+            FROM items i LEFT JOIN item_vectors v
+              ON v.item_id = i.item_id AND v.encoder_version = ?
+            WHERE i.active ORDER BY i.item_id""", [encoder_version])
+    finally:
+        con.close()
+    stale = table.filter(~pl.col("fresh").fill_null(False))
+    if stale.height:
+        raise ValueError(
+            f"{stale.height} active items have no current vector for {encoder_version} "
+            f"(e.g. {stale['item_id'].head(3).to_list()}); run embed first"
+        )
+    vectors = np.asarray(table["vector"].to_list(), dtype=np.float32) if table.height else \
+        np.zeros((0, 0), dtype=np.float32)
+    return table.drop("vector", "fresh"), vectors

@@ -1,0 +1,95 @@
+"""The catalogue pipeline's steps as called by both the CLI and the Airflow DAG.
+
+Each function takes the settings and small, JSON-able arguments and returns a small,
+JSON-able dict: exactly what an Airflow XCom should carry (paths, ids, counts).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from serving.encoder import Encoder
+from serving.settings import Settings
+
+DEMO_CATALOGUE = Path(__file__).parent / "demo" / "catalogue.csv"
+
+
+def _encoder(settings: Settings) -> Encoder:
+    return Encoder(settings.encoder_path, max_length=settings.item_max_tokens)
+
+
+def run_ingest(settings: Settings, catalogue: str | Path | None = None) -> dict[str, Any]:
+    from pipelines.catalogue import ingest_catalogue
+
+    source = Path(catalogue) if catalogue else DEMO_CATALOGUE
+    report = ingest_catalogue(source, settings.warehouse_path, settings.max_reject_share)
+    return report.to_dict()
+
+
+def run_embed(settings: Settings, shard: int = 0, shards: int = 1,
+              progress: bool = False, encoder: Encoder | None = None) -> dict[str, Any]:
+    from pipelines.embed import embed_items
+
+    report = embed_items(settings.warehouse_path, settings.work_dir, encoder or _encoder(settings),
+                         shard, shards, settings.embed_batch_size, progress=progress)
+    return report.to_dict()
+
+
+def run_index(settings: Settings, encoder: Encoder | None = None) -> dict[str, Any]:
+    """Fold embedded shards into the warehouse, then stage a release bundle."""
+    from pipelines.embed import store_vectors
+    from pipelines.index import build_index
+
+    encoder = encoder or _encoder(settings)
+    stored = store_vectors(settings.warehouse_path, settings.work_dir, encoder.version)
+    bundle = build_index(settings.warehouse_path, settings.releases_dir, encoder,
+                         settings.index_seed, settings.index_recall_target)
+    return {"bundle_dir": str(bundle), "vectors_stored": stored}
+
+
+def run_evaluate(settings: Settings, bundle_dir: str | Path, golden: str | Path | None = None,
+                 judgments: str | Path | None = None,
+                 encoder: Encoder | None = None) -> dict[str, Any]:
+    from pipelines.evaluate import evaluate_release
+
+    golden = golden or settings.golden_queries
+    judgments = judgments or settings.judgments
+    result = evaluate_release(Path(bundle_dir), settings, encoder,
+                              Path(golden) if golden else None,
+                              Path(judgments) if judgments else None)
+    return {"bundle_dir": str(bundle_dir), "metrics": result["metrics"], "gate": result["gate"]}
+
+
+def run_publish(settings: Settings, bundle_dir: str | Path) -> dict[str, Any]:
+    from pipelines.publish import publish_release
+
+    return publish_release(Path(bundle_dir), settings.releases_dir).to_dict()
+
+
+def run_register(settings: Settings, release_dir: str | Path) -> dict[str, Any]:
+    from pipelines.registry import register_release
+
+    return register_release(Path(release_dir), settings).to_dict()
+
+
+def run_build(settings: Settings, catalogue: str | Path | None = None,
+              golden: str | Path | None = None, register: bool = True,
+              progress: bool = False) -> dict[str, Any]:
+    """The whole catalogue refresh in one process, as the DAG runs it step by step.
+
+    With the demo catalogue and no golden file given, the demo golden queries gate it.
+    """
+    from pipelines.evaluate import DEMO_GOLDEN
+
+    if golden is None and catalogue is None and settings.golden_queries is None:
+        golden = DEMO_GOLDEN
+    encoder = _encoder(settings)
+    out: dict[str, Any] = {"ingest": run_ingest(settings, catalogue)}
+    out["embed"] = run_embed(settings, progress=progress, encoder=encoder)
+    out["index"] = run_index(settings, encoder)
+    out["evaluate"] = run_evaluate(settings, out["index"]["bundle_dir"], golden, encoder=encoder)
+    out["publish"] = run_publish(settings, out["index"]["bundle_dir"])
+    if register:
+        out["register"] = run_register(settings, out["publish"]["path"])
+    return out

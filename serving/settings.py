@@ -1,0 +1,62 @@
+"""Typed settings, read from the environment (prefix ``INSTANTREC_``) once and passed down.
+
+Nothing here runs at import time; call :func:`load_settings` where a process starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything a deployment may want to change, with embedded defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="INSTANTREC_", extra="ignore")
+
+    home: Path = Field(Path("artefacts"), description="Root of warehouse, releases and registry.")
+    encoder_path: Path | None = Field(
+        None, description="Local transformers encoder directory; None = packaged all-MiniLM-L6-v2."
+    )
+    item_max_tokens: int = Field(128, ge=8, le=512, description="Token budget of an item's text.")
+    embed_batch_size: int = Field(64, ge=1, le=4096)
+    max_reject_share: float = Field(0.05, ge=0.0, le=1.0, description="Ingest fails above this.")
+    index_seed: int = 42
+    index_recall_target: float = Field(0.95, gt=0.0, le=1.0, description="recall@10 vs exact.")
+    gate_min_golden_recall: float = Field(0.9, ge=0.0, le=1.0)
+    gate_min_judged_ndcg: float = Field(0.0, ge=0.0, le=1.0)
+    golden_queries: Path | None = Field(None, description="Golden queries JSON for the gate.")
+    judgments: Path | None = Field(None, description="Judged queries (Parquet/CSV) for the gate.")
+    mlflow_tracking_uri: str | None = Field(None, description="None = SQLite under home/mlflow.")
+    model_name: str = "instantrec"
+    max_query_chars: int = Field(256, ge=1)
+    reload_interval_s: float = Field(1.0, gt=0.0, description="How often serving checks the pointer.")
+
+    @property
+    def warehouse_path(self) -> Path:
+        return self.home / "warehouse.duckdb"
+
+    @property
+    def releases_dir(self) -> Path:
+        return self.home / "releases"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.home / "work"
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        return f"sqlite:///{(self.home / 'mlflow' / 'mlflow.db').resolve()}"
+
+    @property
+    def mlflow_artifact_root(self) -> Path:
+        return (self.home / "mlflow" / "artifacts").resolve()
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment once; keyword overrides (e.g. from CLI flags) win when not None."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
