@@ -75,7 +75,7 @@ def run_register(settings: Settings, release_dir: str | Path) -> dict[str, Any]:
 
 def run_build(settings: Settings, catalogue: str | Path | None = None,
               golden: str | Path | None = None, register: bool = True,
-              progress: bool = False) -> dict[str, Any]:
+              progress: bool = False, encoder: Encoder | None = None) -> dict[str, Any]:
     """The whole catalogue refresh in one process, as the DAG runs it step by step.
 
     With the demo catalogue and no golden file given, the demo golden queries gate it.
@@ -84,7 +84,7 @@ def run_build(settings: Settings, catalogue: str | Path | None = None,
 
     if golden is None and catalogue is None and settings.golden_queries is None:
         golden = DEMO_GOLDEN
-    encoder = _encoder(settings)
+    encoder = encoder or _encoder(settings)
     out: dict[str, Any] = {"ingest": run_ingest(settings, catalogue)}
     out["embed"] = run_embed(settings, progress=progress, encoder=encoder)
     out["index"] = run_index(settings, encoder)

@@ -65,4 +65,4 @@ def connect(path: Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
 def query_frame(con: duckdb.DuckDBPyConnection, sql: str,
                 params: list[object] | None = None) -> pl.DataFrame:
     """Run a parameterised query and return the result as a polars frame (via Arrow)."""
-    return pl.from_arrow(con.execute(sql, params or []).to_arrow_table())
+    return con.sql(sql, params=params or []).pl()

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+DEMO_CATALOGUE = REPO / "pipelines" / "demo" / "catalogue.csv"
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    # CI has ../shared beside the clone; its absence is a broken set-up, not a reason to skip.
+    assert SHARED_DATA.is_dir(), f"judged data not found at {SHARED_DATA}"
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    from serving.encoder import Encoder
+
+    return Encoder(max_length=128)
+
+
+def make_settings(home: Path, **extra):
+    from serving.settings import Settings
+
+    return Settings(home=home, reload_interval_s=0.1, **extra)
+
+
+@pytest.fixture(scope="session")
+def demo_home(tmp_path_factory, encoder) -> Path:
+    """The demo catalogue built once, for real (no registry), shared read-only by tests."""
+    from pipelines.steps import run_build
+
+    home = tmp_path_factory.mktemp("demo-home")
+    run_build(make_settings(home), register=False, encoder=encoder)
+    return home
+
+
+@pytest.fixture
+def demo_copy(demo_home, tmp_path) -> Path:
+    """A private copy of the built demo home, for tests that publish or corrupt releases."""
+    home = tmp_path / "home"
+    shutil.copytree(demo_home, home)
+    return home
+
+
+def read_demo_rows() -> list[dict[str, str]]:
+    with DEMO_CATALOGUE.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def write_rows(path: Path, rows: list[dict[str, str]]) -> Path:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import json
+
+import duckdb
+import pytest
+
+from pipelines.catalogue import ingest_catalogue
+from serving.errors import CatalogueError
+from tests.conftest import write_rows
+
+GOOD = [
+    {"id": "A1", "title": "Cordless Drill 20V", "description": "Drill.", "category": "Tools",
+     "brand": "DeWalt", "price": "99.00", "in_stock": "true"},
+    {"id": "A2", "title": "Cast Iron Skillet 12 in.", "description": "", "category": "Kitchen",
+     "brand": "Lodge", "price": "$34.90", "in_stock": "no"},
+    {"id": "A3", "title": "Yoga Mat", "description": "<b>6 mm</b> thick", "category": "Sports",
+     "brand": "", "price": "", "in_stock": ""},
+]
+
+
+def rows_of(db, sql):
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def test_ingest_normalises_and_upserts(tmp_path):
+    db = tmp_path / "w.duckdb"
+    report = ingest_catalogue(write_rows(tmp_path / "c.csv", GOOD), db)
+    assert (report.rows_read, report.rows_accepted, report.rows_rejected) == (3, 3, 0)
+    assert report.items_new == 3
+    rows = rows_of(db, "SELECT item_id, description, brand, price, in_stock FROM items ORDER BY 1")
+    assert rows == [("A1", "Drill.", "DeWalt", 99.0, True), ("A2", None, "Lodge", 34.9, False),
+                    ("A3", "6 mm thick", None, None, True)]
+
+
+def test_bad_rows_are_rejected_with_reasons_and_kept(tmp_path):
+    bad = GOOD + [
+        {**GOOD[0], "id": ""},
+        {**GOOD[0], "id": "B2", "title": "  "},
+        {**GOOD[0], "id": "B3", "price": "twelve"},
+        {**GOOD[0], "id": "B4", "price": "-3"},
+        {**GOOD[0], "id": "B5", "in_stock": "maybe"},
+        {**GOOD[0], "id": "DUP", "title": "first"},
+        {**GOOD[0], "id": "DUP", "title": "second"},
+    ]
+    db = tmp_path / "w.duckdb"
+    report = ingest_catalogue(write_rows(tmp_path / "c.csv", bad), db, max_reject_share=0.8)
+    assert report.rows_rejected == 7 and report.rows_accepted == 3
+    rejects = rows_of(db, "SELECT row_number, reason, raw FROM rejects ORDER BY row_number")
+    reasons = {r[0]: r[1] for r in rejects}
+    assert reasons[4] == "missing id"
+    assert reasons[5] == "missing title"
+    assert reasons[6] == "price 'twelve' is not a number"
+    assert reasons[7] == "price '-3' is not a finite non-negative number"
+    assert reasons[8] == "in_stock 'maybe' is not true/false"
+    assert reasons[9] == reasons[10] == "duplicate id 'DUP' (2 rows share it)"
+    # nothing is lost: the raw row is kept beside the reason
+    assert json.loads(rejects[2][2])["price"] == "twelve"
+    assert rows_of(db, "SELECT count(*) FROM items")[0][0] == 3
+
+
+def test_ingest_fails_above_the_reject_limit_but_keeps_the_rejects(tmp_path):
+    bad = GOOD + [{**GOOD[0], "id": "", "title": ""}] * 2
+    db = tmp_path / "w.duckdb"
+    with pytest.raises(CatalogueError, match=r"2 of 5 rows rejected \(40.0%\)"):
+        ingest_catalogue(write_rows(tmp_path / "c.csv", bad), db, max_reject_share=0.1)
+    assert rows_of(db, "SELECT count(*) FROM rejects")[0][0] == 2
+    assert rows_of(db, "SELECT count(*) FROM items")[0][0] == 0
+    assert rows_of(db, "SELECT status FROM ingest_runs")[0][0] == "failed"
+
+
+def test_missing_columns_and_files_are_named(tmp_path):
+    with pytest.raises(CatalogueError, match="no 'title' column"):
+        ingest_catalogue(write_rows(tmp_path / "c.csv", [{"id": "1", "name": "x"}]),
+                         tmp_path / "w.duckdb")
+    with pytest.raises(CatalogueError, match="no id column"):
+        ingest_catalogue(write_rows(tmp_path / "d.csv", [{"title": "x"}]), tmp_path / "w.duckdb")
+    with pytest.raises(CatalogueError, match="does not exist"):
+        ingest_catalogue(tmp_path / "nope.csv", tmp_path / "w.duckdb")
+
+
+def test_price_change_keeps_content_hash_and_missing_items_are_delisted(tmp_path):
+    db = tmp_path / "w.duckdb"
+    ingest_catalogue(write_rows(tmp_path / "c1.csv", GOOD), db)
+    before = dict(rows_of(db, "SELECT item_id, content_hash FROM items"))
+    changed = [{**GOOD[0], "price": "79.00"}, {**GOOD[1], "title": "Cast Iron Skillet 10 in."}]
+    report = ingest_catalogue(write_rows(tmp_path / "c2.csv", changed), db)
+    assert (report.items_new, report.items_changed, report.items_delisted) == (0, 2, 1)
+    after = dict(rows_of(db, "SELECT item_id, content_hash FROM items"))
+    assert after["A1"] == before["A1"]  # price only: no re-embedding needed
+    assert after["A2"] != before["A2"]  # title changed: must be re-embedded
+    assert rows_of(db, "SELECT item_id FROM items WHERE NOT active") == [("A3",)]
+
+
+def test_parquet_catalogue_with_product_uid_column(tmp_path):
+    import polars as pl
+
+    path = tmp_path / "p.parquet"
+    pl.DataFrame({"product_uid": [1, 2], "title": ["Drill", "Saw"]}).write_parquet(path)
+    report = ingest_catalogue(path, tmp_path / "w.duckdb")
+    assert report.rows_accepted == 2
+    assert rows_of(tmp_path / "w.duckdb", "SELECT item_id FROM items ORDER BY 1") == [("1",), ("2",)]
