@@ -63,10 +63,10 @@ class Judgments:
 
 
 def default_relevant_threshold(labels: pl.Series) -> float:
-    """Averaged (fractional) labels: max - 0.5 (Home Depot 1..3 -> 2.5); integer labels:
-    max - 1 (CrowdFlower 1..4 -> 3), as in the data README."""
+    """From the raw labels, as in the data README: averaged (fractional) labels -> max - 0.5
+    (Home Depot 1..3 -> 2.5); integer labels -> max - 1 (CrowdFlower 1..4 -> 3)."""
     top = float(labels.max())
-    fractional = bool((labels != labels.round(0)).any())
+    fractional = labels.dtype.is_float() and bool((labels != labels.round(0)).any())
     return top - 0.5 if fractional else top - 1.0
 
 
@@ -86,7 +86,7 @@ def load_judgments(path: Path, relevant_threshold: float | None = None) -> Judgm
     )
     if frame.height == 0:
         raise InvalidInputError(f"judgments {path} has no rows")
-    threshold = (default_relevant_threshold(frame["relevance"]) if relevant_threshold is None
+    threshold = (default_relevant_threshold(df["relevance"]) if relevant_threshold is None
                  else relevant_threshold)
     return Judgments(frame, float(frame["relevance"].min()), threshold)
 

@@ -1,0 +1,59 @@
+# shellcheck shell=bash
+# Embedded (one-machine) defaults for instantrec, Airflow and MLflow.
+#
+#   source infra/local/env.sh        # from the repository root, or from anywhere:
+#   source /path/to/repo/infra/local/env.sh
+#
+# Every path is absolute and derived from this file's location, so the result does not depend
+# on the directory you source it from. A variable that is already set in your environment keeps
+# its value: override any default by setting it first, e.g.
+#
+#   INSTANTREC_HOME=/data/instantrec source infra/local/env.sh
+#
+# Needs bash (it reads ${BASH_SOURCE[0]}). Sourcing it twice is harmless.
+
+if [ -z "${BASH_SOURCE[0]:-}" ]; then
+    echo "infra/local/env.sh: source this file from bash" >&2
+    return 1 2>/dev/null || exit 1
+fi
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+    echo "infra/local/env.sh: source this file (source ${BASH_SOURCE[0]}), do not execute it" >&2
+    exit 1
+fi
+
+_instantrec_repo="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/../.." && pwd -P)"
+
+# --- instantrec (serving/settings.py, prefix INSTANTREC_) -----------------------------------
+# Artefact root: warehouse.duckdb, releases/ (bundles + CURRENT pointer), work/, cache/, and
+# mlflow/mlflow.db + mlflow/artifacts/ (the embedded MLflow registry).
+export INSTANTREC_HOME="${INSTANTREC_HOME:-$_instantrec_repo/artefacts}"
+case "$INSTANTREC_HOME" in
+    /*) ;;
+    *) INSTANTREC_HOME="$PWD/$INSTANTREC_HOME" ;;  # settings would resolve it against each process's cwd
+esac
+# INSTANTREC_MLFLOW_TRACKING_URI is deliberately left unset: the settings then use
+# sqlite:///$INSTANTREC_HOME/mlflow/mlflow.db with artefacts in $INSTANTREC_HOME/mlflow/artifacts.
+# Set it (e.g. to http://127.0.0.1:5000 while mlflow/server.sh runs) to go through a server.
+
+# --- MLflow --------------------------------------------------------------------------------
+# The same store for the `mlflow` CLI (`mlflow ui`, `mlflow run`, `mlflow models ...`) and for
+# mlflow.pyfunc.load_model("models:/instantrec@champion") as the pipeline writes to.
+export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-${INSTANTREC_MLFLOW_TRACKING_URI:-sqlite:///$INSTANTREC_HOME/mlflow/mlflow.db}}"
+export MLFLOW_DISABLE_TELEMETRY="${MLFLOW_DISABLE_TELEMETRY:-true}"
+
+# --- Airflow 3.3 (standalone / LocalExecutor, SQLite metadata in $AIRFLOW_HOME/airflow.db) -----
+export AIRFLOW_HOME="${AIRFLOW_HOME:-$_instantrec_repo/.airflow}"
+export AIRFLOW__CORE__DAGS_FOLDER="${AIRFLOW__CORE__DAGS_FOLDER:-$_instantrec_repo/dags}"
+export AIRFLOW__CORE__LOAD_EXAMPLES="${AIRFLOW__CORE__LOAD_EXAMPLES:-False}"
+export AIRFLOW__CORE__EXECUTOR="${AIRFLOW__CORE__EXECUTOR:-LocalExecutor}"
+# The LocalExecutor otherwise starts [core] parallelism (32) worker processes up front.
+export AIRFLOW__CORE__PARALLELISM="${AIRFLOW__CORE__PARALLELISM:-4}"
+# UI + REST API + execution API (api-server). Loopback only: the embedded set-up uses the
+# SimpleAuthManager, which is for development.
+export AIRFLOW__API__HOST="${AIRFLOW__API__HOST:-127.0.0.1}"
+export AIRFLOW__API__PORT="${AIRFLOW__API__PORT:-8080}"
+# Task processes report to the execution API. Airflow's default URL is always
+# http://localhost:8080/execution/ whatever [api] port says, so follow the port explicitly.
+export AIRFLOW__CORE__EXECUTION_API_SERVER_URL="${AIRFLOW__CORE__EXECUTION_API_SERVER_URL:-http://127.0.0.1:$AIRFLOW__API__PORT/execution/}"
+
+unset _instantrec_repo
