@@ -16,8 +16,8 @@ import duckdb
 import numpy as np
 import polars as pl
 
-from pipelines.warehouse import query_frame
 from pipelines.judged import Judgments, load_judgments, load_products, score_rankings
+from pipelines.warehouse import query_frame
 from serving.encoder import Encoder
 from serving.text import clean_text, item_text, normalise_query
 
