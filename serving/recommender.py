@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,10 +18,22 @@ from typing import Any
 
 import numpy as np
 
+from serving.checkpoint import CheckpointRef, load_latest, read_latest, rankers_dir
 from serving.encoder import Encoder
-from serving.errors import FilterError, InvalidInputError, ReleaseError
+from serving.errors import FilterError, InvalidInputError, QueryError, ReleaseError
+from serving.eventlog import AppendResult, EventLog
+from serving.events import Event, EventError, parse_event
 from serving.manifest import Manifest
+from serving.ranker import Ranker, sigmoid
 from serving.release import Bundle, current_bundle_dir, load_bundle, read_pointer
+from serving.session import (
+    EVENT_WEIGHTS,
+    SessionConfig,
+    SessionState,
+    SessionStore,
+    blend_query,
+    interest_vector,
+)
 from serving.settings import Settings
 from serving.text import normalise_query
 
@@ -119,6 +132,26 @@ class _State:
     bundle: Bundle
     encoder: Encoder
     generation: int
+    ranker: Ranker
+    ranker_seq: int            # 0 = the untrained starting point
+    row_of: dict[str, int]     # item id -> row in the bundle
+
+
+def _make_state(bundle: Bundle, encoder: Encoder, generation: int, home: Path | None) -> _State:
+    """The state for ``bundle``, with the newest ranker checkpoint trained for this release
+    (a checkpoint for another release is never applied to this index)."""
+    ranker, seq = None, 0
+    if home is not None:
+        latest = load_latest(home)
+        if latest is not None and latest[0].release_id == bundle.release_id:
+            ranker, seq = latest[1], latest[0].seq
+    if ranker is None:
+        ranker = Ranker.initial(bundle.release_id, bundle.manifest.encoder.dim, len(bundle.items))
+    if len(ranker.item_bias) != len(bundle.items):
+        raise ReleaseError(f"ranker checkpoint for {bundle.release_id} has {len(ranker.item_bias)} "
+                           f"item biases, the release has {len(bundle.items)} items")
+    row_of = {item: i for i, item in enumerate(bundle.items.item_ids.tolist())}
+    return _State(bundle, encoder, generation, ranker, seq, row_of)
 
 
 class Recommender:
@@ -128,10 +161,18 @@ class Recommender:
     :meth:`from_bundle` for one fixed bundle directory (e.g. inside a registered model).
     """
 
-    def __init__(self, state: _State, settings: Settings, releases_dir: Path | None) -> None:
+    def __init__(self, state: _State, settings: Settings, releases_dir: Path | None,
+                 event_log: EventLog | None = None, sessions: SessionStore | None = None) -> None:
+        from serving.backends import open_session_store
+
         self._state = state
         self._settings = settings
         self._releases_dir = releases_dir
+        self._home = releases_dir.parent if releases_dir is not None else None
+        self._event_log = event_log
+        self._sessions = sessions or open_session_store(settings)
+        self._session_cfg = SessionConfig(ttl_s=settings.session_ttl_s)
+        self._user_key: bytes | None = None
         self._reload_lock = threading.Lock()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -153,8 +194,8 @@ class Recommender:
         releases_dir = settings.releases_dir
         pointer = read_pointer(releases_dir)
         bundle = load_bundle(current_bundle_dir(releases_dir))
-        state = _State(bundle, _encoder_for(bundle, settings, encoder),
-                       pointer.generation if pointer else 0)
+        state = _make_state(bundle, _encoder_for(bundle, settings, encoder),
+                            pointer.generation if pointer else 0, settings.home)
         rec = cls(state, settings, releases_dir)
         if watch:
             rec._watcher = threading.Thread(target=rec._watch, name="instantrec-reload",
@@ -169,7 +210,8 @@ class Recommender:
         """Serve one fixed bundle directory, without following any pointer."""
         settings = settings or Settings()
         bundle = load_bundle(Path(bundle_dir))
-        return cls(_State(bundle, _encoder_for(bundle, settings, encoder), 0), settings, None)
+        return cls(_make_state(bundle, _encoder_for(bundle, settings, encoder), 0, None),
+                   settings, None)
 
     # -- requests -----------------------------------------------------------------------
 
@@ -190,37 +232,120 @@ class Recommender:
     def settings(self) -> Settings:
         return self._settings
 
-    def recommend(self, query: str, k: int = 10,
-                  filters: Filters | Mapping[str, Any] | None = None) -> list[Recommendation]:
+    @property
+    def ranker_seq(self) -> int:
+        """Sequence number of the ranker checkpoint in use (0 = untrained)."""
+        return self._state.ranker_seq
+
+    def recommend(self, query: str | None = None, k: int = 10,
+                  filters: Filters | Mapping[str, Any] | None = None,
+                  session_id: str | None = None) -> list[Recommendation]:
         """Top ``k`` items for ``query`` after ``filters``, best first.
 
-        Raises :class:`InvalidInputError` (QueryError / FilterError) naming the problem;
-        rejected requests are counted in :attr:`counters`.
+        With ``session_id``, the session's recent interactions shape the results; with no
+        query, they alone do ("keep browsing"). Raises :class:`InvalidInputError`
+        (QueryError / FilterError) naming the problem; rejected requests are counted in
+        :attr:`counters`.
         """
         try:
-            text = normalise_query(query, self._settings.max_query_chars)
+            text = None
+            if query is not None or session_id is None:
+                text = normalise_query(query, self._settings.max_query_chars)
             if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
                 raise InvalidInputError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
             parsed = Filters.parse(filters)
+            if session_id is not None and (not isinstance(session_id, str) or not session_id):
+                raise InvalidInputError("session_id must be a non-empty string")
         except InvalidInputError as exc:
             self.counters[f"rejected_{type(exc).__name__}"] += 1
             raise
         state = self._state  # one consistent snapshot for the whole request
-        qvec = state.encoder.encode_query(text)
-        rows, sims = _search(state.bundle, qvec, k, parsed)
+        qvec = state.encoder.encode_query(text) if text is not None else None
+        now = time.time()
+        session = self._sessions.get(session_id) if session_id is not None else None
+        interest = interest_vector(session, state.bundle.vectors, state.row_of, now,
+                                   self._session_cfg)
+        if qvec is None and interest is None:
+            self.counters["rejected_QueryError"] += 1
+            raise QueryError(f"no query given and session {session_id!r} has no recent "
+                             "interactions to recommend from")
+        vec, shifted = blend_query(qvec, interest, self._session_cfg)
+        if shifted and session is not None:
+            # the shopper moved on: the old intent stops steering at once
+            self._sessions.put(session_id, SessionState(session.interactions, shift_ts=now,
+                                                        last_ts=session.last_ts))
+            interest = interest_vector(self._sessions.get(session_id), state.bundle.vectors,
+                                       state.row_of, now, self._session_cfg)
+            vec, _ = blend_query(qvec, interest, self._session_cfg)
+            self.counters["intent_shifts"] += 1
+        depth = max(k, self._settings.candidates)
+        rows, _ = _search(state.bundle, vec, depth, parsed)
         self.counters["requests"] += 1
+        if not rows:
+            return []
+        rows_arr = np.asarray(rows)
+        X = np.asarray(state.bundle.vectors[rows_arr], dtype=np.float64)
+        s_unit = None
+        if interest is not None and np.any(interest):
+            s_unit = interest / np.linalg.norm(interest)
+        z, feats = state.ranker.logits(vec.astype(np.float64), X, s_unit, rows_arr)
+        order = np.argsort(-z, kind="stable")[:k]
         items = state.bundle.items
         out = []
-        for rank, (row, sim) in enumerate(zip(rows, sims, strict=True), start=1):
+        for rank, j in enumerate(order, start=1):
+            row = rows[j]
             price = float(items.prices[row])
+            signals = {name: float(v[j]) for name, v in feats.items()}
+            signals["logit"] = float(z[j])
             out.append(Recommendation(
                 item_id=str(items.item_ids[row]), title=str(items.titles[row]),
-                score=float(sim), rank=rank, category=items.categories[row],
+                score=float(sigmoid(z[j])), rank=rank, category=items.categories[row],
                 brand=items.brands[row], price=None if np.isnan(price) else price,
-                in_stock=bool(items.in_stock[row]),
-                signals={"dense_cosine": float(sim)},
+                in_stock=bool(items.in_stock[row]), signals=signals,
             ))
         return out
+
+    # -- feedback -----------------------------------------------------------------------
+
+    def _log(self) -> EventLog:
+        if self._event_log is None:
+            from serving.backends import open_event_log
+
+            self._event_log = open_event_log(self._settings)
+        return self._event_log
+
+    def record(self, event: Mapping[str, Any] | Event) -> Event:
+        """Validate, store durably and apply one feedback event; returns the stored form.
+
+        Raises :class:`EventError` naming the bad field (the rejection is counted). Re-sending
+        an event id is a no-op. A click, add-to-cart or purchase shapes the same session's
+        next request at once.
+        """
+        return self.record_many([event])[0]
+
+    def record_many(self, events: list[Mapping[str, Any] | Event]) -> list[Event]:
+        """Record several events in one durable write (all or none are validated first)."""
+        if self._user_key is None:
+            self._user_key = self._settings.user_key()
+        parsed = []
+        for raw in events:
+            try:
+                parsed.append(parse_event(raw, self._user_key, self._settings.max_query_chars))
+            except EventError:
+                self.counters["rejected_events"] += 1
+                raise
+        result: AppendResult = self._log().append(parsed)
+        self.counters["events_recorded"] += result.accepted
+        self.counters["events_duplicate"] += result.duplicates
+        state = self._state
+        for ev in parsed:
+            weight = EVENT_WEIGHTS.get(ev.type)
+            if weight is None or ev.item_id not in state.row_of:
+                continue
+            current = self._sessions.get(ev.session_id) or SessionState()
+            self._sessions.put(ev.session_id, current.add(ev.item_id, weight, ev.ts,
+                                                          self._session_cfg))
+        return parsed
 
     # -- hot reload ---------------------------------------------------------------------
 
@@ -232,21 +357,44 @@ class Recommender:
         if self._releases_dir is None:
             return False
         with self._reload_lock:
+            current = self._state
             try:
                 pointer = read_pointer(self._releases_dir)
-                if pointer is None or pointer.release_id == self._state.bundle.release_id:
-                    return False
-                bundle = load_bundle(self._releases_dir / pointer.release_id)
-                encoder = _encoder_for(bundle, self._settings, self._state.encoder)
+                if pointer is not None and pointer.release_id != current.bundle.release_id:
+                    bundle = load_bundle(self._releases_dir / pointer.release_id)
+                    encoder = _encoder_for(bundle, self._settings, current.encoder)
+                    self._state = _make_state(bundle, encoder, pointer.generation, self._home)
+                    self.counters["reloads"] += 1
+                    log.info("now serving release %s", bundle.release_id)
+                    return True
             except Exception as exc:  # noqa: BLE001 - a bad release must never stop serving
                 self.counters["reload_failures"] += 1
                 log.error("keeping release %s: new release failed to load: %s",
-                          self._state.bundle.release_id, exc)
+                          current.bundle.release_id, exc)
                 return False
-            self._state = _State(bundle, encoder, pointer.generation)
-            self.counters["reloads"] += 1
-            log.info("now serving release %s", bundle.release_id)
-            return True
+            return self._reload_ranker()
+
+    def _reload_ranker(self) -> bool:
+        """Swap in a newer ranker checkpoint trained for the live release, if there is one."""
+        current = self._state
+        try:
+            ref: CheckpointRef | None = read_latest(self._home)
+            if (ref is None or ref.seq == current.ranker_seq
+                    or ref.release_id != current.bundle.release_id):
+                return False
+            ranker = Ranker.load(rankers_dir(self._home) / ref.file)
+            if ranker.release_id != current.bundle.release_id or len(ranker.item_bias) != len(
+                    current.bundle.items):
+                raise ReleaseError(f"checkpoint {ref.file} does not fit release "
+                                   f"{current.bundle.release_id}")
+        except Exception as exc:  # noqa: BLE001 - a bad checkpoint must never stop serving
+            self.counters["ranker_reload_failures"] += 1
+            log.error("keeping ranker %d: checkpoint failed to load: %s", current.ranker_seq, exc)
+            return False
+        self._state = _State(current.bundle, current.encoder, current.generation, ranker,
+                             ref.seq, current.row_of)
+        self.counters["ranker_reloads"] += 1
+        return True
 
     def _watch(self) -> None:
         while not self._stop.wait(self._settings.reload_interval_s):

@@ -5,9 +5,12 @@ Nothing here runs at import time; call :func:`load_settings` where a process sta
 
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -33,6 +36,19 @@ class Settings(BaseSettings):
     model_name: str = "instantrec"
     max_query_chars: int = Field(256, ge=1)
     reload_interval_s: float = Field(1.0, gt=0.0, description="How often serving checks the pointer.")
+    candidates: int = Field(100, ge=1, le=1000, description="Retrieval depth the ranker re-scores.")
+    user_id_key: SecretStr | None = Field(
+        None, description="Key of the user-id hash; None = a random key kept under home/secrets.")
+    events_backend: Literal["sqlite", "redis"] = "sqlite"
+    sessions_backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "instantrec"
+    session_max: int = Field(100_000, ge=1, description="Sessions kept in memory (LRU).")
+    session_ttl_s: float = Field(1800.0, gt=0.0)
+    checkpoint_every_events: int = Field(500, ge=1)
+    checkpoint_every_s: float = Field(0.5, gt=0.0)
+    abuse_max_clicks: int = Field(10, ge=1, description="Positive events per window per session/user.")
+    abuse_window_s: float = Field(10.0, gt=0.0)
 
     @property
     def warehouse_path(self) -> Path:
@@ -45,6 +61,31 @@ class Settings(BaseSettings):
     @property
     def work_dir(self) -> Path:
         return self.home / "work"
+
+    @property
+    def events_path(self) -> Path:
+        return self.home / "events" / "events.db"
+
+    def user_key(self) -> bytes:
+        """The user-id hashing key: configured, or created once (0600) under home/secrets."""
+        if self.user_id_key is not None:
+            return self.user_id_key.get_secret_value().encode()
+        path = self.home / "secrets" / "user_id_key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".key-{os.getpid()}-{secrets.token_hex(4)}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(32))
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)  # atomic: of several racing processes, exactly one wins
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+        return path.read_text().strip().encode()
 
     @property
     def tracking_uri(self) -> str:

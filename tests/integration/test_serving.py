@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import threading
 import time
@@ -40,7 +41,11 @@ def test_results_are_typed_ranked_and_explained(rec):
     assert all(a.score >= b.score for a, b in zip(results, results[1:], strict=False))
     top = results[0]
     assert "skillet" in top.title.lower()
-    assert top.signals["dense_cosine"] == pytest.approx(top.score)
+    # untrained ranker: identity adapter, no session, zero item bias -> 10 * cos - 5
+    sig = top.signals
+    assert sig["adapter"] == 0.0 and sig["session_affinity"] == 0.0 and sig["item_bias"] == 0.0
+    assert sig["logit"] == pytest.approx(10.0 * sig["dense_cosine"] - 5.0)
+    assert top.score == pytest.approx(1.0 / (1.0 + math.exp(-sig["logit"])))
     assert top.item_id in ROWS and top.price == pytest.approx(float(ROWS[top.item_id]["price"]))
 
 

@@ -1,0 +1,77 @@
+"""Ranker checkpoints on disk, tied to the release they were trained against.
+
+Layout under ``<home>/rankers``::
+
+    LATEST                          {"release_id", "file", "offset", "seq"}
+    <release_id>/ckpt-<offset>.npz  parameters + AdaGrad state + updater metadata
+
+A checkpoint records the last event-log offset it has applied (``meta.offset``), so a
+restarted updater continues exactly where the checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from serving.errors import ReleaseError
+from serving.manifest import write_json_atomic
+from serving.ranker import Ranker
+
+log = logging.getLogger(__name__)
+
+LATEST = "LATEST"
+KEEP = 5
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    release_id: str
+    file: str
+    offset: int
+    seq: int
+
+
+def rankers_dir(home: Path) -> Path:
+    return home / "rankers"
+
+
+def read_latest(home: Path) -> CheckpointRef | None:
+    path = rankers_dir(home) / LATEST
+    if not path.exists():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        return CheckpointRef(str(raw["release_id"]), str(raw["file"]), int(raw["offset"]),
+                             int(raw["seq"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ReleaseError(f"ranker pointer {path} is corrupt: {exc}") from exc
+
+
+def load_latest(home: Path) -> tuple[CheckpointRef, Ranker] | None:
+    ref = read_latest(home)
+    if ref is None:
+        return None
+    return ref, Ranker.load(rankers_dir(home) / ref.file)
+
+
+def publish_checkpoint(home: Path, ranker: Ranker, offset: int) -> CheckpointRef:
+    """Write ``ranker`` (having applied every event up to ``offset``) and move LATEST to it.
+
+    The checkpoint file is complete and renamed into place before the pointer moves, so a
+    kill at any instant leaves either the old or the new checkpoint live, never a torn one.
+    """
+    folder = rankers_dir(home) / ranker.release_id
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"ckpt-{offset:012d}.npz"
+    ranker.meta["offset"] = offset
+    ranker.save(folder / name)
+    previous = read_latest(home)
+    ref = CheckpointRef(ranker.release_id, f"{ranker.release_id}/{name}", offset,
+                        (previous.seq + 1) if previous else 1)
+    write_json_atomic(rankers_dir(home) / LATEST, ref.__dict__)
+    for old in sorted(folder.glob("ckpt-*.npz"))[:-KEEP]:
+        old.unlink(missing_ok=True)
+    return ref

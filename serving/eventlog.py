@@ -1,0 +1,130 @@
+"""Durable feedback-event logs: an embedded SQLite log and a Redis Streams log.
+
+Both give every accepted event a monotonically increasing integer ``offset`` in commit order,
+acknowledge an append only once it is durable, and ignore an event id they have seen before.
+Readers (the nearline updater) consume ``read(after=offset)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from serving.events import Event
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoggedEvent:
+    offset: int
+    event: Event
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    accepted: int      # newly stored
+    duplicates: int    # event ids already in the log: a no-op
+
+
+class EventLog(Protocol):
+    def append(self, events: Sequence[Event]) -> AppendResult: ...
+    def read(self, after: int, limit: int = 1000) -> list[LoggedEvent]: ...
+    def last_offset(self) -> int: ...
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    offset     INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id   TEXT NOT NULL UNIQUE,
+    ts         REAL NOT NULL,
+    session_id TEXT NOT NULL,
+    user       TEXT,
+    query      TEXT,
+    item_id    TEXT NOT NULL,
+    type       TEXT NOT NULL,
+    position   INTEGER
+);
+"""
+
+
+class SqliteEventLog:
+    """The embedded default: one SQLite file in WAL mode, safe for many writer processes.
+
+    ``synchronous=FULL`` makes a commit durable before ``append`` returns. SQLite serialises
+    writers, so offsets (AUTOINCREMENT row ids) appear to readers in commit order and a reader
+    never skips an event that commits later with a smaller offset.
+    """
+
+    def __init__(self, path: Path, timeout_s: float = 30.0) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._timeout = timeout_s
+        con = self._con()
+        con.execute("PRAGMA journal_mode=WAL")
+        with con:
+            con.executescript(_SCHEMA)
+
+    def _con(self) -> sqlite3.Connection:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None)
+            con.execute("PRAGMA synchronous=FULL")
+            con.execute("PRAGMA busy_timeout=%d" % int(self._timeout * 1000))
+            self._local.con = con
+        return con
+
+    def append(self, events: Sequence[Event]) -> AppendResult:
+        if not events:
+            return AppendResult(0, 0)
+        con = self._con()
+        rows = [(e.event_id, e.ts, e.session_id, e.user, e.query, e.item_id, e.type, e.position)
+                for e in events]
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            before = con.total_changes
+            con.executemany(
+                "INSERT OR IGNORE INTO events (event_id, ts, session_id, user, query, item_id, "
+                "type, position) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            accepted = con.total_changes - before
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        return AppendResult(accepted, len(rows) - accepted)
+
+    def read(self, after: int, limit: int = 1000) -> list[LoggedEvent]:
+        cur = self._con().execute(
+            "SELECT offset, event_id, ts, session_id, user, query, item_id, type, position "
+            "FROM events WHERE offset > ? ORDER BY offset LIMIT ?", (after, limit))
+        return [LoggedEvent(r[0], Event(*r[1:])) for r in cur.fetchall()]
+
+    def last_offset(self) -> int:
+        row = self._con().execute("SELECT max(offset) FROM events").fetchone()
+        return int(row[0] or 0)
+
+    def count(self) -> int:
+        return int(self._con().execute("SELECT count(*) FROM events").fetchone()[0])
+
+    def close(self) -> None:
+        con = getattr(self._local, "con", None)
+        if con is not None:
+            con.close()
+            self._local.con = None
+
+
+def iter_all(log_: EventLog, after: int = 0, batch: int = 5000) -> Iterable[LoggedEvent]:
+    """Every event after ``after``, in offset order."""
+    while True:
+        chunk = log_.read(after, batch)
+        if not chunk:
+            return
+        yield from chunk
+        after = chunk[-1].offset

@@ -1,0 +1,124 @@
+"""Feedback events: schema, validation and pseudonymisation.
+
+A user id never leaves this module in the clear: :func:`pseudonymise` turns it into a keyed
+hash (HMAC-SHA256 with a deployment secret) before an event is built, stored or logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from serving.errors import InvalidInputError
+from serving.text import normalise_query
+
+EventType = Literal["impression", "click", "add_to_cart", "purchase"]
+EVENT_TYPES: tuple[str, ...] = ("impression", "click", "add_to_cart", "purchase")
+POSITIVE_TYPES = frozenset({"click", "add_to_cart", "purchase"})
+MAX_ID_CHARS = 128
+MAX_POSITION = 10_000
+# Events from further than this in the future are refused (clock skew allowance, seconds).
+MAX_FUTURE_S = 300.0
+
+
+class EventError(InvalidInputError):
+    """An event is malformed; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One feedback event, as stored in the durable log.
+
+    ``user`` is already pseudonymous (see :func:`pseudonymise`); ``query`` is normalised;
+    ``position`` is the 1-based rank the item was shown at (None if not from a result list).
+    """
+
+    event_id: str
+    ts: float                   # unix seconds
+    session_id: str
+    user: str | None            # keyed hash of the user id, never the raw id
+    query: str | None
+    item_id: str
+    type: str
+    position: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def pseudonymise(user_id: str, key: bytes) -> str:
+    """Keyed hash of a raw user id: stable per deployment key, not reversible without it."""
+    return "u_" + hmac.new(key, user_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _text_id(raw: Mapping[str, Any], name: str, required: bool = True) -> str | None:
+    value = raw.get(name)
+    if value is None or value == "":
+        if required:
+            raise EventError(f"event field '{name}' is missing")
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise EventError(f"event field '{name}' must be a string, got {type(value).__name__}")
+    if len(value) > MAX_ID_CHARS or not value.isprintable():
+        raise EventError(f"event field '{name}' must be printable and at most {MAX_ID_CHARS} chars")
+    return value
+
+
+FIELDS = frozenset({"event_id", "ts", "timestamp", "session_id", "user_id", "query", "item_id",
+                    "type", "event_type", "position"})
+
+
+def parse_event(raw: Mapping[str, Any] | Event, user_key: bytes, max_query_chars: int = 256,
+                now: float | None = None) -> Event:
+    """Validate a raw event mapping and return an :class:`Event`.
+
+    Accepts ``user_id`` (raw, pseudonymised here), ``type`` or ``event_type``, ``ts`` or
+    ``timestamp`` (unix seconds; default now), and ``event_id`` (default a new UUID: give your
+    own so that re-sending is a no-op). Raises :class:`EventError` naming the field.
+    """
+    if isinstance(raw, Event):
+        return raw
+    if not isinstance(raw, Mapping):
+        raise EventError(f"event must be a mapping, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - FIELDS)
+    if unknown:
+        raise EventError(f"unknown event field(s) {unknown}")
+    etype = raw.get("type", raw.get("event_type"))
+    if etype not in EVENT_TYPES:
+        raise EventError(f"event type {etype!r} is not one of {list(EVENT_TYPES)}")
+    now = time.time() if now is None else now
+    ts = raw.get("ts", raw.get("timestamp", now))
+    if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts) or ts <= 0:
+        raise EventError(f"event timestamp must be positive unix seconds, got {ts!r}")
+    if ts > now + MAX_FUTURE_S:
+        raise EventError(f"event timestamp {ts} is in the future")
+    position = raw.get("position")
+    if position is not None and (isinstance(position, bool) or not isinstance(position, int)
+                                 or not 1 <= position <= MAX_POSITION):
+        raise EventError(f"event position must be an integer from 1 to {MAX_POSITION}, "
+                         f"got {position!r}")
+    query = raw.get("query")
+    if query is not None:
+        try:
+            query = normalise_query(query, max_query_chars)
+        except InvalidInputError as exc:
+            raise EventError(f"event query: {exc}") from exc
+    user_id = _text_id(raw, "user_id", required=False)
+    return Event(
+        event_id=_text_id(raw, "event_id", required=False) or uuid.uuid4().hex,
+        ts=float(ts),
+        session_id=_text_id(raw, "session_id"),
+        user=pseudonymise(user_id, user_key) if user_id else None,
+        query=query,
+        item_id=_text_id(raw, "item_id"),
+        type=etype,
+        position=position,
+    )

@@ -1,0 +1,191 @@
+"""The learned ranker: a small logistic model over retrieval candidates, trained online.
+
+For query vector q, candidate item x (both unit vectors) and session interest direction s::
+
+    dense(q, x)  = q.x + (V^T q).(U^T x)          low-rank query adapter, identity at U = 0
+    z            = w_dense * dense + w_session * (s.x) + b_item + b0
+    p(click)     = sigmoid(z)
+
+Trained with binary cross-entropy; each online step is
+``theta <- theta - eta_t * (grad L + lambda * (theta - theta0))`` with AdaGrad per-coordinate
+step sizes ``eta_t = eta / sqrt(G_t + eps)``, regularised toward the starting point theta0 (the
+zero-shot model), so sparse feedback cannot drag it far from what retrieval already knows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving.errors import ReleaseError
+
+PARAMS = ("U", "V", "w", "b0", "item_bias")
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    rank: int = 8
+    lr: float = 0.05
+    l2: float = 1e-4
+    eps: float = 1e-8
+    init_w_dense: float = 10.0
+    init_w_session: float = 3.0
+    init_b0: float = -5.0
+    seed: int = 0
+
+
+@dataclass
+class Ranker:
+    """Parameters, their starting point and AdaGrad accumulators, for one release's items."""
+
+    release_id: str
+    U: np.ndarray          # (d, r)
+    V: np.ndarray          # (d, r)
+    w: np.ndarray          # (2,) [dense, session]
+    b0: np.ndarray         # (1,)
+    item_bias: np.ndarray  # (n_items,)
+    init: dict[str, np.ndarray]
+    accum: dict[str, np.ndarray]
+    config: RankerConfig = field(default_factory=RankerConfig)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def initial(cls, release_id: str, dim: int, n_items: int,
+                config: RankerConfig | None = None) -> Ranker:
+        cfg = config or RankerConfig()
+        rng = np.random.default_rng(cfg.seed)
+        params = {
+            "U": np.zeros((dim, cfg.rank)),
+            "V": rng.normal(0.0, 1.0 / np.sqrt(dim), size=(dim, cfg.rank)),
+            "w": np.array([cfg.init_w_dense, cfg.init_w_session]),
+            "b0": np.array([cfg.init_b0]),
+            "item_bias": np.zeros(n_items),
+        }
+        return cls(release_id=release_id, **params,
+                   init={k: v.copy() for k, v in params.items()},
+                   accum={k: np.zeros_like(v) for k, v in params.items()}, config=cfg)
+
+    # -- scoring ------------------------------------------------------------------------
+
+    def features(self, q: np.ndarray, X: np.ndarray, s: np.ndarray | None) -> dict[str, np.ndarray]:
+        """Per-candidate signals for query ``q`` (d,), candidates ``X`` (n, d), session ``s``."""
+        cos = X @ q
+        adapter = (X @ self.U) @ (self.V.T @ q)
+        session = X @ s if s is not None else np.zeros(len(X))
+        return {"dense_cosine": cos, "adapter": adapter, "session_affinity": session}
+
+    def logits(self, q: np.ndarray, X: np.ndarray, s: np.ndarray | None,
+               rows: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        f = self.features(q, X, s)
+        z = (self.w[0] * (f["dense_cosine"] + f["adapter"]) + self.w[1] * f["session_affinity"]
+             + self.item_bias[rows] + self.b0[0])
+        f["item_bias"] = self.item_bias[rows]
+        return z, f
+
+    # -- learning -----------------------------------------------------------------------
+
+    def gradients(self, q: np.ndarray, x: np.ndarray, s: np.ndarray | None, row: int,
+                  label: float, weight: float = 1.0) -> tuple[float, dict[str, np.ndarray]]:
+        """Weighted BCE loss of one example and its gradient w.r.t. each parameter
+        (item_bias as the scalar for ``row``)."""
+        a = self.V.T @ q
+        b = self.U.T @ x
+        dense = float(x @ q + a @ b)
+        sess = float(x @ s) if s is not None else 0.0
+        z = self.w[0] * dense + self.w[1] * sess + self.item_bias[row] + self.b0[0]
+        p = 1.0 / (1.0 + np.exp(-z))
+        loss = -weight * (label * np.log(p + 1e-12) + (1 - label) * np.log(1 - p + 1e-12))
+        g = weight * (p - label)
+        return float(loss), {
+            "U": g * self.w[0] * np.outer(x, a),
+            "V": g * self.w[0] * np.outer(q, b),
+            "w": g * np.array([dense, sess]),
+            "b0": np.array([g]),
+            "item_bias": np.array([g]),
+        }
+
+    def step(self, q: np.ndarray, x: np.ndarray, s: np.ndarray | None, row: int,
+             label: float, weight: float = 1.0) -> float:
+        """One online AdaGrad step on one example; returns its loss before the step."""
+        loss, grads = self.gradients(q, x, s, row, label, weight)
+        cfg = self.config
+        for name, g in grads.items():
+            if name == "item_bias":
+                g = g[0] + cfg.l2 * (self.item_bias[row] - self.init["item_bias"][row])
+                self.accum[name][row] += g * g
+                self.item_bias[row] -= cfg.lr * g / np.sqrt(self.accum[name][row] + cfg.eps)
+                continue
+            param = getattr(self, name)
+            g = g + cfg.l2 * (param - self.init[name])
+            acc = self.accum[name]
+            acc += g * g
+            param -= cfg.lr * g / np.sqrt(acc + cfg.eps)
+        return loss
+
+    # -- persistence --------------------------------------------------------------------
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        out = {k: getattr(self, k) for k in PARAMS}
+        out.update({f"init_{k}": v for k, v in self.init.items()})
+        out.update({f"accum_{k}": v for k, v in self.accum.items()})
+        return out
+
+    def save(self, path: Path) -> None:
+        """Write atomically (temporary file, fsync, rename)."""
+        meta = {**self.meta, "release_id": self.release_id, "format": CHECKPOINT_FORMAT,
+                "config": self.config.__dict__}
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with tmp.open("wb") as fh:
+            np.savez(fh, meta=np.array(json.dumps(meta, sort_keys=True)), **self.to_arrays())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Ranker:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                arrays = {k: data[k].copy() for k in data.files if k != "meta"}
+        except (OSError, ValueError, KeyError) as exc:
+            raise ReleaseError(f"ranker checkpoint {path} cannot be read: {exc}") from exc
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ReleaseError(f"ranker checkpoint {path} has format {meta.get('format')}")
+        config = RankerConfig(**meta.pop("config"))
+        release_id = meta.pop("release_id")
+        meta.pop("format")
+        return cls(release_id=release_id, **{k: arrays[k] for k in PARAMS},
+                   init={k: arrays[f"init_{k}"] for k in PARAMS},
+                   accum={k: arrays[f"accum_{k}"] for k in PARAMS}, config=config, meta=meta)
+
+    def for_release(self, release_id: str, old_ids: np.ndarray, new_ids: np.ndarray) -> Ranker:
+        """The same model carried over to another release: item biases follow item ids; items
+        new to the catalogue start at zero."""
+        pos = {item: i for i, item in enumerate(old_ids.tolist())}
+        idx = np.array([pos.get(item, -1) for item in new_ids.tolist()], dtype=np.int64)
+        known = idx >= 0
+
+        def remap(arr: np.ndarray) -> np.ndarray:
+            out = np.zeros(len(new_ids))
+            out[known] = arr[idx[known]]
+            return out
+
+        shared = {k: getattr(self, k).copy() for k in ("U", "V", "w", "b0")}
+        return Ranker(
+            release_id=release_id, **shared, item_bias=remap(self.item_bias),
+            init={**{k: self.init[k].copy() for k in ("U", "V", "w", "b0")},
+                  "item_bias": np.zeros(len(new_ids))},
+            accum={**{k: self.accum[k].copy() for k in ("U", "V", "w", "b0")},
+                   "item_bias": remap(self.accum["item_bias"])},
+            config=self.config, meta=dict(self.meta),
+        )
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))

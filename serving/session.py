@@ -1,0 +1,129 @@
+"""In-session intent: what a session just did shapes its very next request.
+
+A session keeps its last few positive interactions (item, weight, time). Its interest vector
+is computed on demand as a time-decayed, weighted sum of those items' vectors, so the state is
+small, bounded and a pure function of recent events. A new query far from the current
+interest marks an intent shift: older interactions are down-weighted at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+import numpy as np
+
+EVENT_WEIGHTS = {"click": 1.0, "add_to_cart": 2.0, "purchase": 3.0}
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    half_life_s: float = 600.0        # interest halves every 10 minutes
+    ttl_s: float = 1800.0             # interactions older than 30 minutes no longer count
+    max_interactions: int = 10
+    blend: float = 0.5                # weight of the session interest in a query's vector
+    shift_threshold: float = 0.25     # cos(query, interest) below this = the shopper moved on
+    shift_factor: float = 0.1         # what an abandoned intent keeps of its weight
+
+
+@dataclass(frozen=True)
+class Interaction:
+    item_id: str
+    weight: float
+    ts: float
+
+
+@dataclass(frozen=True)
+class SessionState:
+    interactions: tuple[Interaction, ...] = ()
+    shift_ts: float = 0.0             # interactions before this were abandoned
+    last_ts: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def add(self, item_id: str, weight: float, ts: float, cfg: SessionConfig) -> SessionState:
+        items = (*self.interactions, Interaction(item_id, weight, ts))[-cfg.max_interactions:]
+        return replace(self, interactions=items, last_ts=max(self.last_ts, ts))
+
+
+def interest_vector(state: SessionState | None, vectors: np.ndarray, row_of: dict[str, int],
+                    now: float, cfg: SessionConfig) -> np.ndarray | None:
+    """Decayed, weighted sum of the session's recent item vectors (not normalised), or None.
+
+    Its norm says how strong and recent the interest is: one fresh click gives norm ~1.
+    """
+    if state is None:
+        return None
+    total = None
+    for it in state.interactions:
+        age = now - it.ts
+        row = row_of.get(it.item_id)
+        if row is None or age > cfg.ttl_s:
+            continue
+        w = it.weight * 0.5 ** (max(age, 0.0) / cfg.half_life_s)
+        if it.ts < state.shift_ts:
+            w *= cfg.shift_factor
+        v = w * np.asarray(vectors[row], dtype=np.float32)
+        total = v if total is None else total + v
+    return total
+
+
+def blend_query(qvec: np.ndarray | None, interest: np.ndarray | None,
+                cfg: SessionConfig) -> tuple[np.ndarray, bool]:
+    """The vector to retrieve with, and whether the query marks an intent shift.
+
+    With no query, the session interest alone; with no interest, the query alone.
+    """
+    if interest is None or not np.any(interest):
+        if qvec is None:
+            raise ValueError("no query and no session interest")
+        return qvec, False
+    strength = float(np.linalg.norm(interest))
+    unit = interest / strength
+    if qvec is None:
+        return unit.astype(np.float32), False
+    if float(unit @ qvec) < cfg.shift_threshold:
+        strength *= cfg.shift_factor
+        shifted = True
+    else:
+        shifted = False
+    mixed = qvec + cfg.blend * min(strength, 1.0) * unit
+    return (mixed / np.linalg.norm(mixed)).astype(np.float32), shifted
+
+
+class SessionStore(Protocol):
+    def get(self, session_id: str) -> SessionState | None: ...
+    def put(self, session_id: str, state: SessionState) -> None: ...
+
+
+class MemorySessionStore:
+    """In-process, bounded (LRU) and expiring session store; thread-safe."""
+
+    def __init__(self, max_sessions: int = 100_000, ttl_s: float = 1800.0) -> None:
+        self._data: OrderedDict[str, tuple[float, SessionState]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.max_sessions = max_sessions
+        self.ttl_s = ttl_s
+
+    def get(self, session_id: str) -> SessionState | None:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._data.get(session_id)
+            if hit is None:
+                return None
+            if now - hit[0] > self.ttl_s:
+                del self._data[session_id]
+                return None
+            return hit[1]
+
+    def put(self, session_id: str, state: SessionState) -> None:
+        with self._lock:
+            self._data[session_id] = (time.monotonic(), state)
+            self._data.move_to_end(session_id)
+            while len(self._data) > self.max_sessions:
+                self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
