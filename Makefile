@@ -14,7 +14,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-unit test-integration lint clean
+.PHONY: install system-deps demo test test-unit test-integration lint clean
 
 install: $(STAMP)
 
@@ -23,6 +23,18 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
+
+# The Redis backend tests run a real redis-server on loopback (Debian/Ubuntu package).
+system-deps:
+	@if ! command -v redis-server >/dev/null 2>&1; then \
+		if [ "$$(id -u)" -ne 0 ]; then \
+			echo "redis-server is not installed and this is not root: install the redis-server" \
+				"package (e.g. sudo apt-get install redis-server), then run make again" >&2; \
+			exit 1; \
+		fi; \
+		apt-get update && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y --no-install-recommends redis-server; \
+	fi
 
 demo: install
 	$(BIN)/airflow db migrate > /dev/null
@@ -34,13 +46,13 @@ demo: install
 	@$(BIN)/instantrec recommend "running shoes" --k 5 --max-price 100 --in-stock 2>/dev/null
 	@echo "MLflow registry: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(INSTANTREC_HOME)/mlflow/mlflow.db --host 127.0.0.1"
 
-test: install
+test: install system-deps
 	$(BIN)/pytest -q
 
 test-unit: install
 	$(BIN)/pytest -q tests/unit
 
-test-integration: install
+test-integration: install system-deps
 	$(BIN)/pytest -q tests/integration
 
 lint: install

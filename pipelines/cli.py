@@ -80,17 +80,67 @@ def cmd_recommend(args: argparse.Namespace) -> None:
     if args.in_stock:
         filters["in_stock"] = True
     rec = Recommender.load(settings=_settings(args), watch=False)
-    results = rec.recommend(args.query, k=args.k, filters=filters or None)
+    if args.session:
+        _replay_session(rec, args.session)
+    results = rec.recommend(args.query, k=args.k, filters=filters or None,
+                            session_id=args.session)
     if args.json:
-        _emit({"query": args.query, "release_id": rec.release_id,
-               "results": [r.to_dict() for r in results]})
+        _emit({"query": args.query, "session": args.session, "release_id": rec.release_id,
+               "ranker_checkpoint": rec.ranker_seq, "results": [r.to_dict() for r in results]})
         return
-    print(f"{args.query!r}  (release {rec.release_id})")
+    label = repr(args.query) if args.query is not None else f"browsing session {args.session!r}"
+    print(f"{label}  (release {rec.release_id}, ranker checkpoint {rec.ranker_seq})")
     for r in results:
         price = f"${r.price:,.2f}" if r.price is not None else "-"
         stock = "" if r.in_stock else "  [out of stock]"
         print(f"  {r.rank:>2}. {r.score:.3f}  {r.item_id:<12} {r.title}  ({r.category}, "
               f"{price}){stock}")
+
+
+def _replay_session(rec, session_id: str) -> None:
+    """A one-shot CLI process has no session memory: rebuild it from the session's recent
+    events in the durable log (an app process keeps it in memory or in Redis)."""
+    import time
+
+    from serving.eventlog import iter_all
+    from serving.session import EVENT_WEIGHTS, SessionConfig, SessionState
+
+    cfg = SessionConfig(ttl_s=rec.settings.session_ttl_s)
+    state = SessionState()
+    for logged in iter_all(rec._log()):
+        ev = logged.event
+        if (ev.session_id == session_id and ev.type in EVENT_WEIGHTS
+                and ev.ts >= time.time() - cfg.ttl_s):
+            state = state.add(ev.item_id, EVENT_WEIGHTS[ev.type], ev.ts, cfg)
+    if state.interactions:
+        rec._sessions.put(session_id, state)
+
+
+def cmd_record(args: argparse.Namespace) -> None:
+    from serving.recommender import Recommender
+
+    rec = Recommender.load(settings=_settings(args), watch=False)
+    if args.file:
+        raw = [json.loads(line) for line in Path(args.file).read_text().splitlines() if line.strip()]
+    else:
+        if not (args.session and args.item and args.type):
+            raise ValueError("record needs --session, --item and --type (or --file)")
+        one = {"session_id": args.session, "item_id": args.item, "type": args.type}
+        for key, value in (("query", args.query), ("position", args.position),
+                           ("user_id", args.user), ("event_id", args.event_id)):
+            if value is not None:
+                one[key] = value
+        raw = [one]
+    stored = rec.record_many(raw)
+    _emit({"recorded": rec.counters["events_recorded"],
+           "duplicates": rec.counters["events_duplicate"],
+           "event_ids": [e.event_id for e in stored]})
+
+
+def cmd_nearline(args: argparse.Namespace) -> None:
+    from pipelines.nearline import run_nearline
+
+    _emit(run_nearline(_settings(args), once=args.once, max_seconds=args.max_seconds))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -153,14 +203,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("recommend", help="recommendations for a query from the live release")
-    p.add_argument("query")
+    p.add_argument("query", nargs="?", default=None,
+                   help="the query (omit with --session to browse from session interest)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--category", action="append", default=None)
     p.add_argument("--min-price", type=float, default=None)
     p.add_argument("--max-price", type=float, default=None)
     p.add_argument("--in-stock", action="store_true")
+    p.add_argument("--session", default=None, help="session id: its recent events shape results")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser("record", help="record feedback events (one, or a JSON-lines file)")
+    p.add_argument("--file", type=Path, default=None, help="JSON lines, one event per line")
+    p.add_argument("--session", default=None)
+    p.add_argument("--item", default=None)
+    p.add_argument("--type", choices=["impression", "click", "add_to_cart", "purchase"])
+    p.add_argument("--query", default=None)
+    p.add_argument("--position", type=int, default=None)
+    p.add_argument("--user", default=None, help="raw user id; only its keyed hash is stored")
+    p.add_argument("--event-id", default=None, help="re-sending the same id is a no-op")
+    p.set_defaults(func=cmd_record)
+
+    p = sub.add_parser("nearline", help="fold feedback events into the ranker continuously")
+    p.add_argument("--once", action="store_true", help="process what is pending, then exit")
+    p.add_argument("--max-seconds", type=float, default=None, help="stop after this long")
+    p.set_defaults(func=cmd_nearline)
 
     p = sub.add_parser("eval", help="offline evaluation on judged product-search data")
     p.add_argument("--products", type=Path, required=True)

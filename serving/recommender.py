@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.checkpoint import CheckpointRef, load_latest, read_latest, rankers_dir
+from serving.checkpoint import CheckpointRef, load_latest, rankers_dir, read_latest
 from serving.encoder import Encoder
 from serving.errors import FilterError, InvalidInputError, QueryError, ReleaseError
 from serving.eventlog import AppendResult, EventLog

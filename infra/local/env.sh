@@ -35,6 +35,11 @@ esac
 # sqlite:///$INSTANTREC_HOME/mlflow/mlflow.db with artefacts in $INSTANTREC_HOME/mlflow/artifacts.
 # Set it (e.g. to http://127.0.0.1:5000 while mlflow/server.sh runs) to go through a server.
 
+# The encoder ships inside a Python package: never reach for a model hub at run time.
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+# Tokenizer threads inside forked Airflow task processes only contend with torch's.
+export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
+
 # --- MLflow --------------------------------------------------------------------------------
 # The same store for the `mlflow` CLI (`mlflow ui`, `mlflow run`, `mlflow models ...`) and for
 # mlflow.pyfunc.load_model("models:/instantrec@champion") as the pipeline writes to.

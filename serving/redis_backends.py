@@ -1,0 +1,283 @@
+"""Scale-out backends on Redis: a feedback-event log on a Redis Stream and a shared session store.
+
+Both implement the same contracts as the embedded defaults (:class:`serving.eventlog.SqliteEventLog`
+and :class:`serving.session.MemorySessionStore`), so several serving replicas and the nearline
+updater can share one Redis instead of one machine's files and memory.
+
+Keys (``prefix`` defaults to ``instantrec``)::
+
+    {prefix}:events               stream of feedback events, one entry per accepted event
+    {prefix}:event-id:{event_id}  dedupe marker of an event id (expires after ``dedupe_ttl_s``)
+    {prefix}:session:{session_id} JSON session state (expires ``ttl_s`` after its last write)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis import exceptions as rexc
+
+from serving.errors import InstantrecError
+from serving.eventlog import AppendResult, LoggedEvent
+from serving.events import Event
+from serving.session import Interaction, SessionState
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SEQ_BITS = 20
+SEQ_LIMIT = 1 << SEQ_BITS           # stream-id sequence numbers must stay below this
+DEDUPE_TTL_S = 7 * 24 * 3600        # how long a seen event id is remembered
+MIN_SERVER = (6, 2)                 # exclusive XRANGE starts "(ms-seq"
+
+# Field order of a stream entry; a None value is stored as an absent field.
+_FIELDS = ("event_id", "ts", "session_id", "user", "query", "item_id", "type", "position")
+
+# KEYS[1] = stream, KEYS[1 + i] = dedupe key of event i.
+# ARGV[1] = dedupe ttl (s), then per event: n (number of field/value pairs), then 2n strings.
+# All in one script, so Redis runs it atomically: no other client sees a dedupe key set without
+# its stream entry, and two writers racing on one event id cannot both add it.
+_APPEND_LUA = """
+local ttl = tonumber(ARGV[1])
+local accepted, duplicates = 0, 0
+local a = 2
+for i = 2, #KEYS do
+  local n = tonumber(ARGV[a])
+  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ttl) then
+    local fields = {}
+    for j = a + 1, a + 2 * n do fields[#fields + 1] = ARGV[j] end
+    redis.call('XADD', KEYS[1], '*', unpack(fields))
+    accepted = accepted + 1
+  else
+    duplicates = duplicates + 1
+  end
+  a = a + 1 + 2 * n
+end
+return {accepted, duplicates}
+"""
+
+
+def _redact(url: str) -> str:
+    """``url`` without its password, for error messages and logs."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.hostname or ""
+        netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return "<unparsable redis url>"
+
+
+def _connect(url: str) -> redis.Redis:
+    """A client for ``url``, checked with a PING; raises InstantrecError when unreachable."""
+    try:
+        client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5,
+                                      socket_timeout=30, health_check_interval=30)
+    except ValueError as exc:
+        raise InstantrecError(f"invalid Redis URL {_redact(url)}: {exc}") from exc
+    _call(url, "PING", client.ping)
+    return client
+
+
+def _call(url: str, what: str, fn: Callable[[], T]) -> T:
+    """Run one Redis operation, turning client errors into InstantrecError naming the server."""
+    try:
+        return fn()
+    except (rexc.ConnectionError, rexc.TimeoutError) as exc:
+        raise InstantrecError(f"cannot reach Redis at {_redact(url)} ({what}): {exc}") from exc
+    except rexc.RedisError as exc:
+        raise InstantrecError(f"Redis at {_redact(url)} failed {what}: {exc}") from exc
+
+
+def encode_offset(stream_id: str) -> int:
+    """Stream id ``ms-seq`` -> integer offset ``ms * 2**20 + seq`` (order-preserving)."""
+    ms, _, seq = stream_id.partition("-")
+    ms_i, seq_i = int(ms), int(seq or 0)
+    assert 0 <= seq_i < SEQ_LIMIT, f"stream id {stream_id} has a sequence number >= 2**{SEQ_BITS}"
+    return (ms_i << SEQ_BITS) | seq_i
+
+
+def decode_offset(offset: int) -> str:
+    """Integer offset -> stream id ``ms-seq``; the inverse of :func:`encode_offset`."""
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    return f"{offset >> SEQ_BITS}-{offset & (SEQ_LIMIT - 1)}"
+
+
+def _event_fields(e: Event) -> list[str]:
+    out: list[str] = []
+    for name in _FIELDS:
+        value = getattr(e, name)
+        if value is None:
+            continue
+        if name == "ts":
+            value = repr(float(value))      # repr round-trips a float exactly
+        out += [name, str(value)]
+    return out
+
+
+def _event_from(fields: dict[str, str]) -> Event:
+    position = fields.get("position")
+    return Event(
+        event_id=fields["event_id"],
+        ts=float(fields["ts"]),
+        session_id=fields["session_id"],
+        user=fields.get("user"),
+        query=fields.get("query"),
+        item_id=fields["item_id"],
+        type=fields["type"],
+        position=int(position) if position is not None else None,
+    )
+
+
+class RedisEventLog:
+    """The feedback-event log on a Redis Stream (``{prefix}:events``); safe for many processes.
+
+    The stream carries the same event schema as the SQLite log (:class:`SqliteEventLog`): one
+    entry per event with the fields of :class:`serving.events.Event`, a None value stored as an
+    absent field. An entry's stream id ``ms-seq`` is exposed as the integer offset
+    ``ms * 2**20 + seq``, so offsets increase strictly in stream order, and Redis assigns ids in
+    the order the (atomic) appends run, so a reader of ``read(after=offset)`` never skips an
+    event that lands later with a smaller offset.
+
+    Re-sending an event id is a no-op: each append runs one Lua script that, per event, sets
+    ``{prefix}:event-id:{event_id}`` with NX and adds the entry only if that key was new. The
+    marker expires after ``dedupe_ttl_s`` (7 days by default): an id re-sent later than that is
+    stored again. The script is idempotent, so retrying an append whose reply was lost (e.g. a
+    connection dropped) is safe; such a retry counts the events already stored as duplicates.
+
+    Durability: Redis acknowledges a write once it is in memory. An acknowledged append is
+    durable (survives a crash or restart of the server) only when the server runs with
+    ``appendonly yes`` and ``appendfsync always``, as the tests start it; with ``everysec`` up
+    to a second of acknowledged events can be lost, and without the AOF everything since the
+    last snapshot. A warning is logged at start-up when the server reports no AOF.
+
+    The stream is never trimmed here: retention (``XTRIM ... MINID``) is an operator's decision,
+    made after every consumer has checkpointed past the trimmed offsets.
+    """
+
+    def __init__(self, url: str, prefix: str = "instantrec",
+                 dedupe_ttl_s: int = DEDUPE_TTL_S) -> None:
+        if dedupe_ttl_s < 1:
+            raise ValueError(f"dedupe_ttl_s must be at least 1 second, got {dedupe_ttl_s}")
+        self.url = url
+        self.prefix = prefix
+        self.stream = f"{prefix}:events"
+        self._id_prefix = f"{prefix}:event-id:"
+        self.dedupe_ttl_s = int(dedupe_ttl_s)
+        self._r = _connect(url)
+        self._check_server()
+        self._append = self._r.register_script(_APPEND_LUA)
+
+    def _check_server(self) -> None:
+        info = _call(self.url, "INFO server", lambda: self._r.info("server"))
+        version = str(info.get("redis_version", "0"))
+        parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+        if parts < MIN_SERVER:
+            raise InstantrecError(
+                f"Redis at {_redact(self.url)} is version {version}; the event log needs "
+                f"{'.'.join(map(str, MIN_SERVER))} or newer (exclusive XRANGE)")
+        persistence = _call(self.url, "INFO persistence", lambda: self._r.info("persistence"))
+        if not int(persistence.get("aof_enabled", 0)):
+            log.warning("Redis at %s runs without appendonly: acknowledged events are not durable "
+                        "(set appendonly yes, appendfsync always)", _redact(self.url))
+
+    def append(self, events: Sequence[Event]) -> AppendResult:
+        if not events:
+            return AppendResult(0, 0)
+        keys = [self.stream]
+        args: list[Any] = [self.dedupe_ttl_s]
+        for e in events:
+            fields = _event_fields(e)
+            keys.append(self._id_prefix + e.event_id)
+            args.append(len(fields) // 2)
+            args += fields
+        accepted, duplicates = _call(self.url, "append",
+                                     lambda: self._append(keys=keys, args=args))
+        return AppendResult(int(accepted), int(duplicates))
+
+    def read(self, after: int, limit: int = 1000) -> list[LoggedEvent]:
+        if limit <= 0:
+            return []
+        start = "-" if after < 0 else "(" + decode_offset(int(after))
+        entries = _call(self.url, "XRANGE",
+                        lambda: self._r.xrange(self.stream, min=start, max="+", count=limit))
+        return [LoggedEvent(encode_offset(sid), _event_from(fields)) for sid, fields in entries]
+
+    def last_offset(self) -> int:
+        entries = _call(self.url, "XREVRANGE",
+                        lambda: self._r.xrevrange(self.stream, max="+", min="-", count=1))
+        return encode_offset(entries[0][0]) if entries else 0
+
+    def count(self) -> int:
+        return int(_call(self.url, "XLEN", lambda: self._r.xlen(self.stream)))
+
+    def close(self) -> None:
+        self._r.close()
+
+
+class RedisSessionStore:
+    """Session state shared by every serving replica, one JSON value per session.
+
+    ``{prefix}:session:{session_id}`` holds the :class:`SessionState` (interactions as
+    ``[item_id, weight, ts]`` lists, ``shift_ts``, ``last_ts``, ``extra``), written with
+    ``SET ... PX`` so it expires ``ttl_s`` after its last write, like the in-memory store.
+    The store is bounded by that expiry alone (no LRU cap of its own): its size is the number of
+    sessions active within ``ttl_s``. For a hard memory cap, configure the server's
+    ``maxmemory`` with ``maxmemory-policy volatile-lru`` (every session key has a TTL).
+
+    ``get`` then ``put`` is not atomic: two replicas updating one session at the same instant
+    keep the last write, as with any read-modify-write session cache.
+    """
+
+    def __init__(self, url: str, prefix: str = "instantrec", ttl_s: float = 1800.0) -> None:
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+        self.url = url
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+        self._ttl_ms = max(1, int(round(ttl_s * 1000)))
+        self._r = _connect(url)
+
+    def _key(self, session_id: str) -> str:
+        return f"{self.prefix}:session:{session_id}"
+
+    def get(self, session_id: str) -> SessionState | None:
+        raw = _call(self.url, "GET session", lambda: self._r.get(self._key(session_id)))
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+            return SessionState(
+                interactions=tuple(Interaction(str(i), float(w), float(t))
+                                   for i, w, t in data["interactions"]),
+                shift_ts=float(data["shift_ts"]),
+                last_ts=float(data["last_ts"]),
+                extra={str(k): float(v) for k, v in data.get("extra", {}).items()},
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            # a corrupt entry must not break serving: the session restarts empty
+            log.warning("ignoring unreadable session state %s: %s", self._key(session_id), exc)
+            return None
+
+    def put(self, session_id: str, state: SessionState) -> None:
+        payload = json.dumps({
+            "interactions": [[it.item_id, it.weight, it.ts] for it in state.interactions],
+            "shift_ts": state.shift_ts,
+            "last_ts": state.last_ts,
+            "extra": dict(state.extra),
+        }, separators=(",", ":"))
+        _call(self.url, "SET session",
+              lambda: self._r.set(self._key(session_id), payload, px=self._ttl_ms))
+
+    def close(self) -> None:
+        self._r.close()

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from serving.events import EventError, parse_event, pseudonymise
+
+KEY = b"test-key"
+BASE = {"session_id": "s1", "item_id": "SKU-1", "type": "click"}
+
+
+def test_valid_event_is_normalised_and_pseudonymous():
+    ev = parse_event({**BASE, "user_id": "alice@example.com", "query": " Cordless  DRILL",
+                      "position": 3, "ts": 1_700_000_000, "event_id": "e1"}, KEY)
+    assert ev.query == "cordless drill" and ev.position == 3 and ev.ts == 1_700_000_000.0
+    assert ev.user == pseudonymise("alice@example.com", KEY)
+    assert "alice" not in repr(ev)
+    assert ev.user != pseudonymise("alice@example.com", b"other-key")
+
+
+def test_defaults_give_a_fresh_id_and_now():
+    a, b = parse_event(BASE, KEY, now=1000.0), parse_event(BASE, KEY, now=1000.0)
+    assert a.event_id != b.event_id and a.ts == 1000.0 and a.user is None
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"type": "like"}, "event type 'like' is not one of"),
+    ({"session_id": None}, "'session_id' is missing"),
+    ({"item_id": ""}, "'item_id' is missing"),
+    ({"item_id": 3.5}, "'item_id' must be a string"),
+    ({"position": 0}, "position must be an integer from 1"),
+    ({"position": True}, "position must be an integer"),
+    ({"ts": -1}, "timestamp must be positive"),
+    ({"ts": 10_000.0}, "is in the future"),
+    ({"query": "a\x00b"}, "event query: query contains control character"),
+    ({"colour": "red"}, "unknown event field(s) ['colour']"),
+    ({"session_id": "x" * 200}, "at most 128 chars"),
+])
+def test_invalid_events_name_the_problem(patch, message):
+    with pytest.raises(EventError, match=re.escape(message)):
+        parse_event({**BASE, **patch}, KEY, now=1000.0)
+
+
+def test_non_mapping_is_rejected():
+    with pytest.raises(EventError, match="must be a mapping"):
+        parse_event(["click"], KEY)
