@@ -52,7 +52,8 @@ def catalogue_refresh():
         shards = int(get_current_context()["params"]["shards"])
         return [{"shard": i, "shards": shards} for i in range(shards)]
 
-    @task(max_active_tis_per_dagrun=2)
+    # Shards run as wide as the executor allows (AIRFLOW__CORE__PARALLELISM / worker slots).
+    @task
     def embed(shard: int, shards: int) -> dict:
         from pipelines.steps import run_embed
 

@@ -34,7 +34,14 @@ from serving.eventlog import EventLog, LoggedEvent
 from serving.events import POSITIVE_TYPES, Event
 from serving.ranker import Ranker
 from serving.release import Bundle, current_bundle_dir, load_bundle, read_pointer
-from serving.session import EVENT_WEIGHTS, SessionConfig, SessionState, blend_query, interest_vector
+from serving.session import (
+    EVENT_WEIGHTS,
+    SessionConfig,
+    SessionState,
+    blend_query,
+    interest_vector,
+    session_signal,
+)
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -224,8 +231,7 @@ class NearlineUpdater:
                                            self.session_cfg)
                 vec, _ = blend_query(qvec, interest, self.session_cfg)
             q = vec.astype(np.float64)
-            s_unit = (interest / np.linalg.norm(interest)
-                      if interest is not None and np.any(interest) else None)
+            s_unit = session_signal(interest)
             vectors = self.bundle.vectors
             if learn:
                 self.ranker.step(q, np.asarray(vectors[row], np.float64), s_unit, row, 1.0,

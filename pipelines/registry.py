@@ -72,6 +72,7 @@ class RegisterResult:
 def configure_mlflow(settings: Settings) -> str:
     """Point MLflow at the settings' tracking/registry store; returns the experiment id."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout is JSON
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.tracking_uri)
     if settings.tracking_uri.startswith("sqlite:///"):

@@ -77,7 +77,7 @@ class SqliteEventLog:
         if con is None:
             con = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None)
             con.execute("PRAGMA synchronous=FULL")
-            con.execute("PRAGMA busy_timeout=%d" % int(self._timeout * 1000))
+            con.execute(f"PRAGMA busy_timeout={int(self._timeout * 1000)}")
             self._local.con = con
         return con
 

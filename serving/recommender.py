@@ -33,6 +33,7 @@ from serving.session import (
     SessionStore,
     blend_query,
     interest_vector,
+    session_signal,
 )
 from serving.settings import Settings
 from serving.text import normalise_query
@@ -285,10 +286,8 @@ class Recommender:
             return []
         rows_arr = np.asarray(rows)
         X = np.asarray(state.bundle.vectors[rows_arr], dtype=np.float64)
-        s_unit = None
-        if interest is not None and np.any(interest):
-            s_unit = interest / np.linalg.norm(interest)
-        z, feats = state.ranker.logits(vec.astype(np.float64), X, s_unit, rows_arr)
+        z, feats = state.ranker.logits(vec.astype(np.float64), X, session_signal(interest),
+                                       rows_arr)
         order = np.argsort(-z, kind="stable")[:k]
         items = state.bundle.items
         out = []

@@ -127,3 +127,12 @@ class MemorySessionStore:
 
     def __len__(self) -> int:
         return len(self._data)
+
+
+def session_signal(interest: np.ndarray | None) -> np.ndarray | None:
+    """The session vector the ranker sees: the interest direction, scaled by its strength
+    (capped at 1), so a faded or abandoned intent pulls only as much as it still weighs."""
+    if interest is None or not np.any(interest):
+        return None
+    norm = float(np.linalg.norm(interest))
+    return (interest / max(norm, 1.0)).astype(np.float64)

@@ -45,6 +45,9 @@ export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
 # mlflow.pyfunc.load_model("models:/instantrec@champion") as the pipeline writes to.
 export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-${INSTANTREC_MLFLOW_TRACKING_URI:-sqlite:///$INSTANTREC_HOME/mlflow/mlflow.db}}"
 export MLFLOW_DISABLE_TELEMETRY="${MLFLOW_DISABLE_TELEMETRY:-true}"
+# Against a tracking server MLflow prints "View run ... at: URL" lines on stdout, where the
+# instantrec CLI writes its JSON results.
+export MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="${MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT:-true}"
 
 # --- Airflow 3.3 (standalone / LocalExecutor, SQLite metadata in $AIRFLOW_HOME/airflow.db) -----
 export AIRFLOW_HOME="${AIRFLOW_HOME:-$_instantrec_repo/.airflow}"

@@ -1,0 +1,226 @@
+"""The real-time loop on a real demo release: events -> session intent -> nearline -> serving."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.nearline import NearlineUpdater
+from serving import Recommender
+from serving.checkpoint import read_latest
+from serving.eventlog import SqliteEventLog
+from serving.events import parse_event
+from serving.ranker import Ranker
+from tests.conftest import make_settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load(home, encoder, **extra):
+    return Recommender.load(home, settings=make_settings(home, **extra), encoder=encoder,
+                            watch=False)
+
+
+def rank_of(results, item_id):
+    ids = [r.item_id for r in results]
+    return ids.index(item_id) + 1 if item_id in ids else None
+
+
+def test_a_click_moves_the_item_up_in_that_session_only(demo_copy, encoder):
+    rec = load(demo_copy, encoder)
+    before = rec.recommend("headphones", k=10)
+    target = before[5]
+    rec.record({"session_id": "s1", "user_id": "alice", "query": "headphones",
+                "item_id": target.item_id, "type": "click", "position": 6})
+    mine = rec.recommend("headphones", k=10, session_id="s1")
+    other = rec.recommend("headphones", k=10, session_id="s2")
+    assert rank_of(mine, target.item_id) < 6
+    assert mine[rank_of(mine, target.item_id) - 1].signals["session_affinity"] > 0.9
+    assert [r.item_id for r in other] == [r.item_id for r in before]
+    assert [r.item_id for r in rec.recommend("headphones", k=10)] == [r.item_id for r in before]
+    # "keep browsing": no query, the session's interest alone
+    browse = rec.recommend(None, k=5, session_id="s1")
+    assert browse[0].item_id == target.item_id
+
+
+def test_a_new_far_away_query_drops_the_old_intent(demo_copy, encoder):
+    rec = load(demo_copy, encoder)
+    skillet = rec.recommend("cast iron skillet", k=1)[0]
+    for i in range(3):
+        rec.record({"session_id": "s", "query": "cast iron skillet", "item_id": skillet.item_id,
+                    "type": "click", "position": 1, "event_id": f"e{i}"})
+    fresh = [r.item_id for r in rec.recommend("kids building blocks", k=10)]
+    shifted = [r.item_id for r in rec.recommend("kids building blocks", k=10, session_id="s")]
+    assert rec.counters["intent_shifts"] == 1
+    assert skillet.item_id not in shifted
+    assert len(set(fresh) & set(shifted)) >= 8
+
+
+def test_record_rejects_bad_events_and_ignores_resends(demo_copy, encoder):
+    rec = load(demo_copy, encoder)
+    event = {"event_id": "same", "session_id": "s", "item_id": "SKU-10001", "type": "click"}
+    rec.record(event)
+    rec.record(event)
+    assert rec.counters["events_recorded"] == 1 and rec.counters["events_duplicate"] == 1
+    with pytest.raises(ValueError, match="event type 'view'"):
+        rec.record({**event, "type": "view", "event_id": "other"})
+    assert rec.counters["rejected_events"] == 1
+    log = SqliteEventLog(demo_copy / "events" / "events.db")
+    assert log.count() == 1
+
+
+def test_user_ids_are_never_stored_in_the_clear(demo_copy, encoder):
+    rec = load(demo_copy, encoder)
+    rec.record({"session_id": "s", "item_id": "SKU-10001", "type": "click",
+                "user_id": "jane.doe@example.com"})
+    raw = (demo_copy / "events" / "events.db").read_bytes()
+    for wal in (demo_copy / "events").glob("events.db-wal"):
+        raw += wal.read_bytes()
+    assert b"jane.doe" not in raw
+    assert SqliteEventLog(demo_copy / "events" / "events.db").read(0)[0].event.user.startswith("u_")
+
+
+def test_events_from_many_threads_are_all_recorded(demo_copy, encoder):
+    rec = load(demo_copy, encoder)
+
+    def worker(t):
+        for i in range(50):
+            rec.record({"event_id": f"t{t}-{i}", "session_id": f"s{t}", "item_id": "SKU-10001",
+                        "type": "impression", "query": "drill", "position": 1 + i % 10})
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert SqliteEventLog(demo_copy / "events" / "events.db").count() == 400
+
+
+def click_stream(rec, query, target, n_sessions, start_id=0):
+    """Sessions that see the current top results and click ``target`` below the others."""
+    shown = [r.item_id for r in rec.recommend(query, k=10)]
+    pos = shown.index(target) + 1 if target in shown else 10
+    events = []
+    for s in range(start_id, start_id + n_sessions):
+        for p, item in enumerate(shown[:pos], start=1):
+            events.append({"event_id": f"i{s}-{p}", "session_id": f"sess{s}", "query": query,
+                           "item_id": item if p < pos else target, "type": "impression",
+                           "position": p})
+        events.append({"event_id": f"c{s}", "session_id": f"sess{s}", "query": query,
+                       "item_id": target, "type": "click", "position": pos})
+    return events
+
+
+def test_a_stream_of_clicks_improves_the_query_for_everyone(demo_copy, encoder):
+    settings = make_settings(demo_copy)
+    rec = load(demo_copy, encoder)
+    query = "coffee maker"
+    before = rec.recommend(query, k=10)
+    target = before[6].item_id
+    rec.record_many(click_stream(rec, query, target, 30))
+    summary = NearlineUpdater(settings, encoder).run_once()
+    assert summary["counters"]["positives"] == 30
+    assert summary["counters"]["negatives"] == 30 * 6  # the six skipped items above it
+    assert rec.reload() is True and rec.ranker_seq == 1
+    after = rec.recommend(query, k=10)  # no session: the shared ranker changed
+    assert rank_of(after, target) < 7
+    assert after[rank_of(after, target) - 1].signals["item_bias"] > 0
+    # the skipped items were taught as negatives
+    assert all(r.signals["item_bias"] < 0 for r in after if r.item_id in
+               {b.item_id for b in before[:6]})
+
+
+def test_serving_never_applies_a_checkpoint_trained_for_another_release(demo_copy, encoder):
+    rec = load(demo_copy, encoder)
+    from serving.checkpoint import publish_checkpoint
+
+    foreign = Ranker.initial("some-other-release", 384, len(rec.bundle.items))
+    foreign.item_bias[:] = 5.0
+    publish_checkpoint(demo_copy, foreign, offset=10)
+    assert rec.reload() is False and rec.ranker_seq == 0
+    assert all(r.signals["item_bias"] == 0.0 for r in rec.recommend("yoga mat", k=5))
+
+
+def synthetic_events(rec, n_rounds):
+    queries = ["coffee maker", "yoga mat", "headphones", "cordless drill", "office chair"]
+    rng = random.Random(11)
+    events, t0 = [], 1_700_000_000.0
+    for r in range(n_rounds):
+        q = queries[r % len(queries)]
+        shown = [x.item_id for x in rec.recommend(q, k=8)]
+        click = rng.randrange(1, 9)
+        for p, item in enumerate(shown, start=1):
+            events.append({"event_id": f"i{r}-{p}", "session_id": f"s{r % 37}", "query": q,
+                           "item_id": item, "type": "impression", "position": p,
+                           "ts": t0 + r, "user_id": f"user{r % 11}"})
+        events.append({"event_id": f"c{r}", "session_id": f"s{r % 37}", "query": q,
+                       "item_id": shown[click - 1], "type": "click", "position": click,
+                       "ts": t0 + r + 0.5, "user_id": f"user{r % 11}"})
+        if r % 5 == 0:
+            events.append({"event_id": f"p{r}", "session_id": f"s{r % 37}",
+                           "item_id": shown[click - 1], "type": "purchase", "ts": t0 + r + 0.7})
+    return [parse_event(e, b"k", now=t0 + 10 * n_rounds) for e in events]
+
+
+def test_killed_at_any_instant_the_updater_loses_nothing_and_applies_nothing_twice(
+        demo_copy, encoder, tmp_path):
+    import shutil
+
+    reference_home = tmp_path / "reference"
+    shutil.copytree(demo_copy, reference_home)
+    rec = load(demo_copy, encoder)
+    events = synthetic_events(rec, 360)             # ~3,700 events
+    parts = np.array_split(np.arange(len(events)), 5)
+
+    # Reference: one uninterrupted run over the whole stream.
+    SqliteEventLog(reference_home / "events" / "events.db").append(events)
+    reference = NearlineUpdater(make_settings(reference_home), encoder).run_once()
+
+    # Under test: the continuous updater, fed part by part and SIGKILLed mid-stream each time.
+    log = SqliteEventLog(demo_copy / "events" / "events.db")
+    env = {**os.environ, "INSTANTREC_HOME": str(demo_copy),
+           "INSTANTREC_CHECKPOINT_EVERY_EVENTS": "25", "INSTANTREC_CHECKPOINT_EVERY_S": "0.05"}
+    mid_stream_kills = 0
+    rng = random.Random(5)
+    for part in parts:
+        start_offset = log.last_offset()
+        log.append([events[i] for i in part])
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "nearline"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            latest = read_latest(demo_copy)
+            if latest is not None and latest.offset > start_offset:
+                break
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.05))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        latest = read_latest(demo_copy)
+        assert latest is not None
+        if start_offset < latest.offset < log.last_offset():
+            mid_stream_kills += 1
+    assert mid_stream_kills >= 3
+
+    final = subprocess.run([sys.executable, "-m", "pipelines.cli", "nearline", "--once"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr[-2000:]
+    resumed = json.loads(final.stdout)
+    assert resumed["offset"] == reference["offset"] == log.last_offset()
+    assert resumed["applied_total"] == reference["applied_total"]
+    assert resumed["ledger"] == reference["ledger"]          # same events, same order, once each
+    assert resumed["counters"] == reference["counters"]
+    a = Ranker.load(demo_copy / "rankers" / read_latest(demo_copy).file)
+    b = Ranker.load(reference_home / "rankers" / read_latest(reference_home).file)
+    for name in ("U", "V", "w", "b0", "item_bias"):
+        np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-9, atol=1e-12)
