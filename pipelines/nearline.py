@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from serving.backends import open_event_log
-from serving.checkpoint import load_latest, publish_checkpoint
+from serving.checkpoint import load_latest, publish_checkpoint, read_latest
 from serving.encoder import Encoder
 from serving.eventlog import EventLog, LoggedEvent
 from serving.events import POSITIVE_TYPES, Event
@@ -60,6 +60,19 @@ class _Shown:
     used: bool = False      # already taught as a skipped negative, or clicked
 
 
+@dataclass(frozen=True)
+class Example:
+    """One labelled example: the event-log offset it came from and the ranker's inputs."""
+
+    offset: int
+    q: np.ndarray
+    x: np.ndarray
+    s: np.ndarray | None
+    row: int
+    label: float
+    weight: float
+
+
 @dataclass
 class UpdaterStats:
     counters: Counter[str] = field(default_factory=Counter)
@@ -71,7 +84,7 @@ class NearlineUpdater:
     """Consumes the event log and trains the ranker of the live release."""
 
     def __init__(self, settings: Settings, encoder: Encoder | None = None,
-                 event_log: EventLog | None = None) -> None:
+                 event_log: EventLog | None = None, restore: bool = True) -> None:
         self.settings = settings
         self.home = settings.home
         self.log = event_log or open_event_log(settings)
@@ -83,7 +96,15 @@ class NearlineUpdater:
         self.row_of = {i: r for r, i in enumerate(self.bundle.items.item_ids.tolist())}
         self.stats = UpdaterStats()
         self.offset = 0
-        self.ranker = self._restore()
+        # With a sink, examples are collected (for batch training) instead of applied.
+        self.sink: list[Example] | None = None
+        self._published_seq = 0
+        if restore:
+            self.ranker = self._restore()
+        else:
+            self._reset_transient()
+            self.ranker = Ranker.initial(self.bundle.release_id, self.bundle.manifest.encoder.dim,
+                                         len(self.bundle.items))
         self._since_publish = 0
         self._last_publish = time.monotonic()
 
@@ -106,6 +127,7 @@ class NearlineUpdater:
                                     len(items))
             return ranker
         ref, ranker = latest
+        self._published_seq = ref.seq
         meta = ranker.meta
         self.offset = int(meta.get("offset", ref.offset))
         self.stats = UpdaterStats(Counter(meta.get("counters", {})), int(meta.get("applied", 0)),
@@ -153,6 +175,20 @@ class NearlineUpdater:
         self.ranker = self.ranker.for_release(self.bundle.release_id, old.items.item_ids,
                                               self.bundle.items.item_ids)
         self.publish()
+        return True
+
+    def follow_checkpoint(self) -> bool:
+        """Continue from a checkpoint someone else published (the batch retrain): its state
+        replaces ours and the events after its offset are applied again on top of it."""
+        latest = read_latest(self.home)
+        if latest is None or latest.seq == self._published_seq:
+            return False
+        log.info("continuing from externally published checkpoint %s (offset %d)",
+                 latest.file, latest.offset)
+        self.stats = UpdaterStats()
+        self.offset = 0
+        self.ranker = self._restore()
+        self._since_publish = 0
         return True
 
     # -- events -> examples -> steps ------------------------------------------------------
@@ -234,8 +270,8 @@ class NearlineUpdater:
             s_unit = session_signal(interest)
             vectors = self.bundle.vectors
             if learn:
-                self.ranker.step(q, np.asarray(vectors[row], np.float64), s_unit, row, 1.0,
-                                 EVENT_WEIGHTS[ev.type])
+                self._learn(logged.offset, q, vectors[row], s_unit, row, 1.0,
+                            EVENT_WEIGHTS[ev.type])
                 counters["positives"] += 1
             if ev.type == "click" and ev.query is not None and ev.position is not None:
                 for shown in self.shown.get((ev.session_id, ev.query), []):
@@ -246,8 +282,7 @@ class NearlineUpdater:
                         shown.used = True
                         neg = self.row_of.get(shown.item_id)
                         if learn and neg is not None:
-                            self.ranker.step(q, np.asarray(vectors[neg], np.float64), s_unit,
-                                             neg, 0.0, 1.0)
+                            self._learn(logged.offset, q, vectors[neg], s_unit, neg, 0.0, 1.0)
                             counters["negatives"] += 1
         else:
             counters["no_context"] += 1
@@ -258,6 +293,14 @@ class NearlineUpdater:
         while len(self.sessions) > MAX_KEYS:
             self.sessions.popitem(last=False)
         self._applied(ev, learn)
+
+    def _learn(self, offset: int, q: np.ndarray, x: np.ndarray, s: np.ndarray | None, row: int,
+               label: float, weight: float) -> None:
+        x = np.asarray(x, dtype=np.float64)
+        if self.sink is not None:
+            self.sink.append(Example(offset, q, x, s, row, label, weight))
+        else:
+            self.ranker.step(q, x, s, row, label, weight)
 
     def _applied(self, ev: Event, learn: bool) -> None:
         if learn:
@@ -274,7 +317,8 @@ class NearlineUpdater:
             "counters": dict(self.stats.counters), "warm_from": warm_from,
             "published_at": time.time(),
         })
-        publish_checkpoint(self.home, self.ranker, self.offset)
+        ref = publish_checkpoint(self.home, self.ranker, self.offset)
+        self._published_seq = ref.seq
         self._since_publish = 0
         self._last_publish = time.monotonic()
 
@@ -309,6 +353,7 @@ class NearlineUpdater:
         while max_seconds is None or time.monotonic() - start < max_seconds:
             now = time.monotonic()
             if now >= next_release_check:
+                self.follow_checkpoint()
                 self.follow_release()
                 next_release_check = now + 1.0
             n = self.poll()
