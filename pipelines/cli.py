@@ -143,6 +143,26 @@ def cmd_nearline(args: argparse.Namespace) -> None:
     _emit(run_nearline(_settings(args), once=args.once, max_seconds=args.max_seconds))
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    if args.what == "nearline":
+        from pipelines.bench import bench_nearline
+
+        result = bench_nearline(_settings(args), n_lists=args.lists, probes=args.probes)
+    else:  # pragma: no cover - argparse restricts the choices
+        raise ValueError(f"unknown benchmark {args.what}")
+    if args.json:
+        _emit(result)
+    else:
+        for key, value in result.items():
+            print(f"{key:>24}: {value}")
+
+
+def cmd_retrain(args: argparse.Namespace) -> None:
+    from pipelines.steps import run_retrain
+
+    _emit(run_retrain(_settings(args), holdout=args.holdout, epochs=args.epochs))
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from pipelines.evaluation import evaluate_judged
     from serving.encoder import Encoder
@@ -229,6 +249,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="process what is pending, then exit")
     p.add_argument("--max-seconds", type=float, default=None, help="stop after this long")
     p.set_defaults(func=cmd_nearline)
+
+    p = sub.add_parser("retrain", help="retrain the ranker on all feedback; promote it if better")
+    p.add_argument("--epochs", type=int, default=5, help="passes over the examples")
+    p.add_argument("--holdout", type=float, default=0.2,
+                   help="share of the most recent events held out to compare with the champion")
+    p.set_defaults(func=cmd_retrain)
+
+    p = sub.add_parser("bench", help="benchmarks that print figures")
+    p.add_argument("what", choices=["nearline"])
+    p.add_argument("--lists", type=int, default=2000, help="result lists in the backlog")
+    p.add_argument("--probes", type=int, default=20, help="freshness probes")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval", help="offline evaluation on judged product-search data")
     p.add_argument("--products", type=Path, required=True)
