@@ -129,7 +129,7 @@ def bench_nearline(settings: Settings, n_lists: int = 2000, probes: int = 20) ->
         # 1. throughput over a backlog
         events = synthetic_feedback(rec, n_lists)
         SqliteEventLog(env_settings.events_path).append(events)
-        updater = NearlineUpdater(env_settings, encoder=rec._state.encoder)
+        updater = NearlineUpdater(env_settings, encoder=rec.encoder)
         for q in QUERIES:  # query encodings are cached in serving too; time the learning
             updater.encoder.encode_query(q)
         summary = updater.run_once()

@@ -226,6 +226,10 @@ class Recommender:
         return self._state.bundle
 
     @property
+    def encoder(self) -> Encoder:
+        return self._state.encoder
+
+    @property
     def manifest(self) -> Manifest:
         return self._state.bundle.manifest
 
