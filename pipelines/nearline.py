@@ -329,7 +329,8 @@ class NearlineUpdater:
             self._process(logged, learn=True)
             self.offset = logged.offset
             self._since_publish += 1
-            if self._since_publish >= self.settings.checkpoint_every_events:
+            # a collecting updater (sink set, for batch training) never publishes
+            if self.sink is None and self._since_publish >= self.settings.checkpoint_every_events:
                 self.publish()
         return len(batch)
 

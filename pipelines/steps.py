@@ -93,3 +93,12 @@ def run_build(settings: Settings, catalogue: str | Path | None = None,
     if register:
         out["register"] = run_register(settings, out["publish"]["path"])
     return out
+
+
+def run_retrain(settings: Settings, holdout: float = 0.2, epochs: int = 5,
+                encoder: Encoder | None = None) -> dict[str, Any]:
+    """Retrain the ranker on the whole event log; publish and register it as champion only if
+    it beats the live one on the most recent ``holdout`` share of events."""
+    from pipelines.retrain import retrain_ranker
+
+    return retrain_ranker(settings, holdout=holdout, epochs=epochs, encoder=encoder)

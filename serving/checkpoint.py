@@ -16,6 +16,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from filelock import FileLock
+
 from serving.errors import ReleaseError
 from serving.manifest import write_json_atomic
 from serving.ranker import Ranker
@@ -68,10 +70,13 @@ def publish_checkpoint(home: Path, ranker: Ranker, offset: int) -> CheckpointRef
     name = f"ckpt-{offset:012d}.npz"
     ranker.meta["offset"] = offset
     ranker.save(folder / name)
-    previous = read_latest(home)
-    ref = CheckpointRef(ranker.release_id, f"{ranker.release_id}/{name}", offset,
-                        (previous.seq + 1) if previous else 1)
-    write_json_atomic(rankers_dir(home) / LATEST, ref.__dict__)
+    # The nearline updater and the batch retrain both publish: the lock makes every
+    # sequence number unique, so a reader can tell whose checkpoint is live.
+    with FileLock(str(rankers_dir(home) / ".latest.lock"), timeout=60):
+        previous = read_latest(home)
+        ref = CheckpointRef(ranker.release_id, f"{ranker.release_id}/{name}", offset,
+                            (previous.seq + 1) if previous else 1)
+        write_json_atomic(rankers_dir(home) / LATEST, ref.__dict__)
     for old in sorted(folder.glob("ckpt-*.npz"))[:-KEEP]:
         old.unlink(missing_ok=True)
     return ref

@@ -1,0 +1,400 @@
+"""Batch retrain of the learned ranker on all the feedback in the event log, with a champion gate.
+
+The nearline updater takes one online step per example as events arrive. This retrain reads
+the same log from the beginning, turns it into exactly the examples the updater would learn
+from (a fresh updater with a sink instead of steps), and trains a ranker with the same loss,
+regulariser and AdaGrad steps, but several shuffled passes over everything instead of one pass
+in arrival order.
+
+Gate: the last ``holdout`` share of distinct event offsets (the most recent feedback) is held
+out; a candidate trained on the rest is compared with the current champion (the live
+checkpoint) on it. The candidate wins when its weighted held-out log-loss is lower by at least
+:data:`MIN_GAIN`. Log-loss and not pairwise accuracy decides, because it is what both models
+were trained to minimise and it uses every example, not only clicks with skipped items above.
+
+What is published is not that candidate but the same recipe (same epochs, same seed) trained
+on *all* examples: a checkpoint says "every event up to ``offset`` is in here", and the
+nearline updater continues after that offset, so a model that never saw the held-out events
+would lose them for good. The held-out score measures the recipe; the published model is the
+recipe applied to all the data.
+
+Known bias: the champion has usually been trained on the held-out events already (the nearline
+updater applied them online, and a previous retrain saw everything up to its offset), so the
+gate favours the incumbent. That errs on the safe side: a candidate is promoted only when it is
+clearly better.
+
+Every retrain (with enough feedback) is registered in MLflow as a version of
+``<model_name>-ranker``; the alias ``champion`` moves only when the candidate won, and only then
+is the checkpoint published for serving and the nearline updater.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from importlib.metadata import version as pkg_version
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types.schema import Array, ColSpec, DataType, Schema
+
+from pipelines.nearline import Example, NearlineUpdater
+from serving.checkpoint import load_latest, read_latest
+from serving.encoder import Encoder
+from serving.ranker import Ranker, RankerConfig, sigmoid
+from serving.release import Bundle
+from serving.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "instantrec-ranker"
+CHAMPION = "champion"
+MIN_EXAMPLES = 20
+MIN_GAIN = 1e-4     # held-out log-loss (nats per unit weight) the candidate must win by
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+def _collect(settings: Settings, encoder: Encoder | None) -> NearlineUpdater:
+    """A fresh updater that has read the whole log into its sink, learning nothing."""
+    updater = NearlineUpdater(settings, encoder, restore=False)
+    updater.sink = []  # with a sink the updater collects examples and never publishes
+    try:
+        while updater.poll():
+            pass
+    except BaseException:
+        updater.log.close()
+        raise
+    return updater
+
+
+def collect_examples(settings: Settings, encoder: Encoder | None = None,
+                     ) -> tuple[list[Example], int, dict[str, int]]:
+    """Every labelled example in the event log, as the nearline updater derives them.
+
+    Returns the examples in log order, the last offset read (0 for an empty log) and the
+    updater's counters (impressions, positives, negatives, drops by reason).
+    """
+    updater = _collect(settings, encoder)
+    updater.log.close()
+    return list(updater.sink or []), updater.offset, dict(updater.stats.counters)
+
+
+def split_by_offset(examples: Sequence[Example], holdout: float,
+                    ) -> tuple[list[Example], list[Example]]:
+    """Split in time: the last ``holdout`` share (0 < holdout < 1, rounded up to whole events)
+    of distinct event offsets is held out. Examples of one event never straddle the split."""
+    if not 0.0 < holdout < 1.0:
+        raise ValueError(f"holdout must be between 0 and 1 (exclusive), got {holdout}")
+    offsets = sorted({e.offset for e in examples})
+    if not offsets:
+        return [], []
+    n_held = math.ceil(holdout * len(offsets))
+    if n_held >= len(offsets):
+        return [], list(examples)
+    cut = offsets[-n_held]
+    return ([e for e in examples if e.offset < cut], [e for e in examples if e.offset >= cut])
+
+
+# -- training and evaluation ------------------------------------------------------------------
+
+
+def train_ranker(examples: Sequence[Example], release_id: str, dim: int, n_items: int,
+                 epochs: int = 5, seed: int = 0, config: RankerConfig | None = None) -> Ranker:
+    """A ranker trained from the zero-shot start with ``epochs`` passes over ``examples``.
+
+    Each pass visits every example once in an order shuffled by ``seed`` and takes the online
+    AdaGrad step (:meth:`Ranker.step`), so loss, regulariser and step sizes are the nearline
+    updater's. ``dim`` is the encoder dimension, ``n_items`` the release's item count.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    ranker = Ranker.initial(release_id, dim, n_items, config)
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        for i in rng.permutation(len(examples)):
+            e = examples[i]
+            ranker.step(e.q, e.x, e.s, e.row, e.label, e.weight)
+    return ranker
+
+
+def _logit(ranker: Ranker, e: Example) -> float:
+    z, _ = ranker.logits(e.q, np.asarray(e.x, dtype=np.float64)[None, :], e.s,
+                         np.array([e.row]))
+    return float(z[0])
+
+
+def evaluate_ranker(ranker: Ranker, examples: Sequence[Example]) -> dict[str, Any]:
+    """Held-out quality of ``ranker`` on ``examples``.
+
+    ``log_loss``: binary cross-entropy averaged with the example weights (sum w*loss / sum w),
+    in nats. ``pairwise_accuracy``: over every (positive, negative) pair from the same event
+    offset (a click and the results skipped above it), the share where the positive scores
+    higher, ties counting half; None when there are no such pairs. ``pairs`` and
+    ``examples`` are the counts behind them.
+    """
+    if not examples:
+        return {"log_loss": None, "pairwise_accuracy": None, "pairs": 0, "examples": 0}
+    z = np.array([_logit(ranker, e) for e in examples])
+    y = np.array([e.label for e in examples], dtype=np.float64)
+    w = np.array([e.weight for e in examples], dtype=np.float64)
+    losses = np.logaddexp(0.0, z) - y * z      # BCE from the logit, exact for large |z|
+    groups: dict[int, tuple[list[float], list[float]]] = {}
+    for e, zi in zip(examples, z, strict=True):
+        pos, neg = groups.setdefault(e.offset, ([], []))
+        (pos if e.label > 0.5 else neg).append(float(zi))
+    wins = 0.0
+    pairs = 0
+    for pos, neg in groups.values():
+        if not pos or not neg:
+            continue
+        p = np.asarray(pos)[:, None]
+        n = np.asarray(neg)[None, :]
+        wins += float(np.sum(p > n) + 0.5 * np.sum(p == n))
+        pairs += p.size * n.size
+    return {"log_loss": float(np.sum(w * losses) / np.sum(w)),
+            "pairwise_accuracy": wins / pairs if pairs else None,
+            "pairs": pairs, "examples": len(examples)}
+
+
+def _champion(settings: Settings, bundle: Bundle) -> tuple[Ranker, int]:
+    """The live ranker for ``bundle`` and its checkpoint seq; the zero-shot start (seq 0) when
+    there is no checkpoint for this release, as serving would use."""
+    latest = load_latest(settings.home)
+    if latest is not None:
+        ref, ranker = latest
+        if ref.release_id == bundle.release_id and len(ranker.item_bias) == len(bundle.items):
+            return ranker, ref.seq
+    return Ranker.initial(bundle.release_id, bundle.manifest.encoder.dim, len(bundle.items)), 0
+
+
+# -- MLflow -----------------------------------------------------------------------------------
+
+
+class RankerModel(mlflow.pyfunc.PythonModel):
+    """A ranker checkpoint as an MLflow pyfunc.
+
+    Input rows: ``query_vector`` (the blended query vector the recommender searches with),
+    ``item_vector`` (the candidate's vector from the release), ``row`` (the candidate's row in
+    the release, for its item bias) and optionally ``session_vector`` (the session signal, or
+    missing/None for no session). Output per row: ``logit`` (as :meth:`Ranker.logits`) and
+    ``score`` (its sigmoid, the click probability).
+    """
+
+    def load_context(self, context: Any) -> None:
+        self._ranker = Ranker.load(Path(context.artifacts["checkpoint"]))
+
+    def predict(self, context: Any, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
+        logits = []
+        for rec in model_input.to_dict("records"):
+            s = rec.get("session_vector")
+            s = None if s is None or np.ndim(s) == 0 else np.asarray(s, dtype=np.float64)
+            z, _ = self._ranker.logits(np.asarray(rec["query_vector"], dtype=np.float64),
+                                       np.asarray(rec["item_vector"], dtype=np.float64)[None, :],
+                                       s, np.array([int(rec["row"])]))
+            logits.append(float(z[0]))
+        z = np.asarray(logits, dtype=np.float64)
+        return pd.DataFrame({"logit": z, "score": sigmoid(z)})
+
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec(Array(DataType.double), "query_vector"),
+                   ColSpec(Array(DataType.double), "item_vector"),
+                   ColSpec("long", "row"),
+                   ColSpec(Array(DataType.double), "session_vector", required=False)]),
+    outputs=Schema([ColSpec("double", "logit"), ColSpec("double", "score")]),
+)
+
+
+def configure_ranker_mlflow(settings: Settings) -> str:
+    """Point MLflow at the settings' tracking/registry store and return the id of the
+    ranker experiment, created beside the catalogue's (as pipelines.registry does)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout is JSON
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.tracking_uri)
+    if settings.tracking_uri.startswith("sqlite:///"):
+        Path(settings.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True,
+                                                                          exist_ok=True)
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if not settings.mlflow_tracking_uri:  # embedded default: artefacts beside the database
+        settings.mlflow_artifact_root.mkdir(parents=True, exist_ok=True)
+        location = settings.mlflow_artifact_root.as_uri()
+    return mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+
+
+def ranker_model_name(settings: Settings) -> str:
+    return f"{settings.model_name}-ranker"
+
+
+def _requirements() -> list[str]:
+    # Explicit requirements: inferring them makes log_model load the model. Loading the model
+    # imports pipelines.retrain, hence these; scoring itself needs only numpy.
+    names = ("mlflow", "numpy", "pandas", "pydantic", "pydantic-settings")
+    return [f"{n}=={pkg_version(n)}" for n in names]
+
+
+def _metrics(prefix: str, m: dict[str, Any]) -> dict[str, float]:
+    return {f"{prefix}_{k}": float(v) for k, v in m.items() if v is not None}
+
+
+def _existing_version(client: mlflow.MlflowClient, name: str, tags: dict[str, str]) -> Any:
+    """The model version already registered for these inputs (a retried run), or None."""
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        return None
+    where = " and ".join(f"tag.{k} = '{v}'" for k, v in tags.items())
+    found = client.search_model_versions(filter_string=f"name = '{name}' and {where}")
+    return found[0] if found else None
+
+
+def _register(settings: Settings, ranker: Ranker, params: dict[str, Any],
+              metrics: dict[str, float], tags: dict[str, str]) -> tuple[int, str]:
+    """Log a run with the checkpoint and register it as a pyfunc version; returns
+    (version, run id). A version registered earlier for the same ``tags`` is reused."""
+    experiment_id = configure_ranker_mlflow(settings)
+    client = mlflow.MlflowClient()
+    name = ranker_model_name(settings)
+    existing = _existing_version(client, name, tags)
+    if existing is not None:
+        log.info("reusing %s v%s registered for the same feedback", name, existing.version)
+        return int(existing.version), str(existing.run_id)
+    with tempfile.TemporaryDirectory(prefix="ranker-") as tmp:
+        path = Path(tmp) / f"ckpt-{int(tags['offset']):012d}.npz"
+        ranker.save(path)
+        with mlflow.start_run(experiment_id=experiment_id,
+                              run_name=f"ranker-{tags['release_id']}-{tags['offset']}") as run:
+            mlflow.log_params(params)
+            mlflow.log_metrics(metrics)
+            mlflow.set_tags(tags)
+            mlflow.log_artifact(str(path), artifact_path="checkpoint")
+            info = mlflow.pyfunc.log_model(
+                name="ranker", python_model=RankerModel(), artifacts={"checkpoint": str(path)},
+                signature=SIGNATURE, pip_requirements=_requirements(),
+                registered_model_name=name,
+            )
+    version = int(info.registered_model_version)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    return version, run.info.run_id
+
+
+# -- the retrain ------------------------------------------------------------------------------
+
+
+def retrain_ranker(settings: Settings, holdout: float = 0.2, epochs: int = 5,
+                   encoder: Encoder | None = None) -> dict[str, Any]:
+    """Retrain the ranker on the whole event log; promote it if it beats the champion.
+
+    ``holdout`` is the share of the most recent events held out for the gate, ``epochs`` the
+    passes over the data. Returns a small JSON-able summary: ``promoted``, and either a
+    ``reason`` (too little feedback, nothing new) or the candidate's and champion's held-out
+    metrics, the registered ``version`` and the checkpoint ``offset``.
+
+    Safe to retry: the same log and champion reuse the version registered before, and a
+    retrain checkpoint already live at the log's end is not retrained.
+    """
+    if not 0.0 < holdout < 1.0:
+        raise ValueError(f"holdout must be between 0 and 1 (exclusive), got {holdout}")
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    updater = _collect(settings, encoder)
+    try:
+        return _retrain(settings, updater, holdout, epochs)
+    finally:
+        updater.log.close()
+
+
+def _retrain(settings: Settings, updater: NearlineUpdater, holdout: float,
+             epochs: int) -> dict[str, Any]:
+    examples: list[Example] = updater.sink or []
+    offset = updater.offset
+    bundle = updater.bundle
+    release_id = bundle.release_id
+    base = {"release_id": release_id, "offset": offset, "n_examples": len(examples)}
+    if len(examples) < MIN_EXAMPLES:
+        log.info("not retraining: %d examples (need %d)", len(examples), MIN_EXAMPLES)
+        return {"promoted": False, "reason": f"not enough feedback: {len(examples)} examples",
+                **base}
+    done = _live_retrain(settings, release_id, offset)
+    if done is not None:
+        return {**done, **base}
+    train, held = split_by_offset(examples, holdout)
+    if not train:
+        return {"promoted": False, "reason": f"not enough feedback: {len(examples)} examples "
+                f"from too few events to hold {holdout:.0%} out", **base}
+
+    dim, n_items = bundle.manifest.encoder.dim, len(bundle.items)
+    candidate = train_ranker(train, release_id, dim, n_items, epochs)
+    champion, champion_seq = _champion(settings, bundle)
+    cand_m = evaluate_ranker(candidate, held)
+    champ_m = evaluate_ranker(champion, held)
+    gain = champ_m["log_loss"] - cand_m["log_loss"]
+    promoted = gain >= MIN_GAIN
+    log.info("held-out log-loss: candidate %.4f, champion (seq %d) %.4f -> %s",
+             cand_m["log_loss"], champion_seq, champ_m["log_loss"],
+             "promote" if promoted else "keep the champion")
+
+    final = train_ranker(examples, release_id, dim, n_items, epochs)
+    final.meta.update({"offset": offset, "retrain_offset": offset,
+                       "retrain_examples": len(examples)})
+    version, run_id = _register(
+        settings, final,
+        params={"epochs": epochs, "examples": len(examples), "holdout": holdout,
+                "release_id": release_id, "train_examples": len(train),
+                "holdout_examples": len(held), "offset": offset, "champion_seq": champion_seq,
+                "min_gain": MIN_GAIN},
+        metrics={**_metrics("candidate", cand_m), **_metrics("champion", champ_m),
+                 "log_loss_gain": gain},
+        tags={"release_id": release_id, "offset": str(offset), "epochs": str(epochs),
+              "holdout": str(holdout), "champion_seq": str(champion_seq),
+              "promoted": str(promoted).lower()},
+    )
+    out: dict[str, Any] = {
+        "promoted": promoted, **base, "n_train": len(train), "n_holdout": len(held),
+        "epochs": epochs, "holdout": holdout, "candidate": cand_m,
+        "champion": {**champ_m, "seq": champion_seq}, "log_loss_gain": gain,
+        "model_name": ranker_model_name(settings), "version": version, "run_id": run_id,
+    }
+    if promoted:
+        final.meta["retrain_version"] = version
+        # The collecting updater holds exactly the transient state (sessions, impressions,
+        # replay window) and counters at ``offset``: its own publish() writes the warm-up
+        # metadata a restarted updater needs to continue from this checkpoint.
+        updater.ranker = final
+        updater.publish()
+        ref = read_latest(settings.home)
+        out["checkpoint_seq"] = ref.seq if ref else None
+        mlflow.MlflowClient().set_registered_model_alias(out["model_name"], CHAMPION,
+                                                         str(version))
+        log.info("published retrained ranker v%d at offset %d", version, offset)
+    return out
+
+
+def _live_retrain(settings: Settings, release_id: str, offset: int) -> dict[str, Any] | None:
+    """If the live checkpoint is a retrain at exactly this offset, nothing new has arrived
+    since: finish its promotion (a retry after a failure) and say so; else None."""
+    latest = load_latest(settings.home)
+    if latest is None:
+        return None
+    ref, ranker = latest
+    if (ref.release_id != release_id or ref.offset != offset
+            or ranker.meta.get("retrain_offset") != offset or "retrain_version" not in ranker.meta):
+        return None
+    version = int(ranker.meta["retrain_version"])
+    configure_ranker_mlflow(settings)
+    name = ranker_model_name(settings)
+    mlflow.MlflowClient().set_registered_model_alias(name, CHAMPION, str(version))
+    return {"promoted": False, "model_name": name, "version": version, "checkpoint_seq": ref.seq,
+            "reason": f"no new feedback since the retrain registered as version {version}"}
