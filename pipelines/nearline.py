@@ -21,7 +21,7 @@ import hashlib
 import logging
 import time
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -261,8 +261,7 @@ class NearlineUpdater:
         if qvec is not None or interest is not None:
             vec, shifted = blend_query(qvec, interest, self.session_cfg)
             if shifted and session is not None:
-                session = SessionState(session.interactions, shift_ts=ev.ts,
-                                       last_ts=session.last_ts)
+                session = replace(session, shift_ts=ev.ts)
                 interest = interest_vector(session, self.bundle.vectors, self.row_of, ev.ts,
                                            self.session_cfg)
                 vec, _ = blend_query(qvec, interest, self.session_cfg)

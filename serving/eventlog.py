@@ -30,6 +30,7 @@ class LoggedEvent:
 class AppendResult:
     accepted: int      # newly stored
     duplicates: int    # event ids already in the log: a no-op
+    new_ids: frozenset[str] = frozenset()  # the ids of the newly stored events
 
 
 class EventLog(Protocol):
@@ -87,18 +88,21 @@ class SqliteEventLog:
         con = self._con()
         rows = [(e.event_id, e.ts, e.session_id, e.user, e.query, e.item_id, e.type, e.position)
                 for e in events]
+        new_ids = set()
         con.execute("BEGIN IMMEDIATE")
         try:
-            before = con.total_changes
-            con.executemany(
-                "INSERT OR IGNORE INTO events (event_id, ts, session_id, user, query, item_id, "
-                "type, position) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            accepted = con.total_changes - before
+            for row in rows:
+                before = con.total_changes
+                con.execute(
+                    "INSERT OR IGNORE INTO events (event_id, ts, session_id, user, query, "
+                    "item_id, type, position) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+                if con.total_changes > before:
+                    new_ids.add(row[0])
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
             raise
-        return AppendResult(accepted, len(rows) - accepted)
+        return AppendResult(len(new_ids), len(rows) - len(new_ids), frozenset(new_ids))
 
     def read(self, after: int, limit: int = 1000) -> list[LoggedEvent]:
         cur = self._con().execute(

@@ -12,7 +12,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -277,8 +277,7 @@ class Recommender:
         vec, shifted = blend_query(qvec, interest, self._session_cfg)
         if shifted and session is not None:
             # the shopper moved on: the old intent stops steering at once
-            self._sessions.put(session_id, SessionState(session.interactions, shift_ts=now,
-                                                        last_ts=session.last_ts))
+            self._sessions.put(session_id, replace(session, shift_ts=now))
             interest = interest_vector(self._sessions.get(session_id), state.bundle.vectors,
                                        state.row_of, now, self._session_cfg)
             vec, _ = blend_query(qvec, interest, self._session_cfg)
@@ -343,8 +342,8 @@ class Recommender:
         state = self._state
         for ev in parsed:
             weight = EVENT_WEIGHTS.get(ev.type)
-            if weight is None or ev.item_id not in state.row_of:
-                continue
+            if weight is None or ev.item_id not in state.row_of or ev.event_id not in result.new_ids:
+                continue  # a re-sent event changes nothing, in the log or in the session
             current = self._sessions.get(ev.session_id) or SessionState()
             self._sessions.put(ev.session_id, current.add(ev.item_id, weight, ev.ts,
                                                           self._session_cfg))
@@ -404,10 +403,13 @@ class Recommender:
             self.reload()
 
     def close(self) -> None:
-        """Stop following the pointer (requests keep working on the current release)."""
+        """Stop following the pointer and close the event log (requests keep working on the
+        current release)."""
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join(timeout=5)
+        if self._event_log is not None:
+            self._event_log.close()
 
     def __enter__(self) -> Recommender:
         return self

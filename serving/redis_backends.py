@@ -46,6 +46,7 @@ _FIELDS = ("event_id", "ts", "session_id", "user", "query", "item_id", "type", "
 _APPEND_LUA = """
 local ttl = tonumber(ARGV[1])
 local accepted, duplicates = 0, 0
+local flags = {}
 local a = 2
 for i = 2, #KEYS do
   local n = tonumber(ARGV[a])
@@ -54,12 +55,14 @@ for i = 2, #KEYS do
     for j = a + 1, a + 2 * n do fields[#fields + 1] = ARGV[j] end
     redis.call('XADD', KEYS[1], '*', unpack(fields))
     accepted = accepted + 1
+    flags[#flags + 1] = 1
   else
     duplicates = duplicates + 1
+    flags[#flags + 1] = 0
   end
   a = a + 1 + 2 * n
 end
-return {accepted, duplicates}
+return {accepted, duplicates, flags}
 """
 
 
@@ -201,9 +204,10 @@ class RedisEventLog:
             keys.append(self._id_prefix + e.event_id)
             args.append(len(fields) // 2)
             args += fields
-        accepted, duplicates = _call(self.url, "append",
-                                     lambda: self._append(keys=keys, args=args))
-        return AppendResult(int(accepted), int(duplicates))
+        accepted, duplicates, flags = _call(self.url, "append",
+                                            lambda: self._append(keys=keys, args=args))
+        new_ids = frozenset(e.event_id for e, f in zip(events, flags, strict=True) if int(f))
+        return AppendResult(int(accepted), int(duplicates), new_ids)
 
     def read(self, after: int, limit: int = 1000) -> list[LoggedEvent]:
         if limit <= 0:

@@ -72,6 +72,7 @@ def test_record_rejects_bad_events_and_ignores_resends(demo_copy, encoder):
     rec.record(event)
     rec.record(event)
     assert rec.counters["events_recorded"] == 1 and rec.counters["events_duplicate"] == 1
+    assert len(rec._sessions.get("s").interactions) == 1  # the re-send did not count twice
     with pytest.raises(ValueError, match="event type 'view'"):
         rec.record({**event, "type": "view", "event_id": "other"})
     assert rec.counters["rejected_events"] == 1
