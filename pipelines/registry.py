@@ -69,8 +69,9 @@ class RegisterResult:
         return asdict(self)
 
 
-def configure_mlflow(settings: Settings) -> str:
-    """Point MLflow at the settings' tracking/registry store; returns the experiment id."""
+def configure_mlflow(settings: Settings, experiment_name: str = EXPERIMENT) -> str:
+    """Point MLflow at the settings' tracking/registry store; returns the id of
+    ``experiment_name``, created with its artefacts beside the database by default."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout is JSON
     mlflow.set_tracking_uri(settings.tracking_uri)
@@ -78,14 +79,14 @@ def configure_mlflow(settings: Settings) -> str:
     if settings.tracking_uri.startswith("sqlite:///"):
         Path(settings.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True,
                                                                           exist_ok=True)
-    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    experiment = mlflow.get_experiment_by_name(experiment_name)
     if experiment is not None:
         return experiment.experiment_id
     location = None
     if not settings.mlflow_tracking_uri:  # embedded default: artefacts beside the database
         settings.mlflow_artifact_root.mkdir(parents=True, exist_ok=True)
         location = settings.mlflow_artifact_root.as_uri()
-    return mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+    return mlflow.create_experiment(experiment_name, artifact_location=location)
 
 
 def _requirements() -> list[str]:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import tempfile
 from collections.abc import Sequence
 from importlib.metadata import version as pkg_version
@@ -216,23 +215,10 @@ SIGNATURE = ModelSignature(
 
 
 def configure_ranker_mlflow(settings: Settings) -> str:
-    """Point MLflow at the settings' tracking/registry store and return the id of the
-    ranker experiment, created beside the catalogue's (as pipelines.registry does)."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout is JSON
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    mlflow.set_registry_uri(settings.tracking_uri)
-    if settings.tracking_uri.startswith("sqlite:///"):
-        Path(settings.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True,
-                                                                          exist_ok=True)
-    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None
-    if not settings.mlflow_tracking_uri:  # embedded default: artefacts beside the database
-        settings.mlflow_artifact_root.mkdir(parents=True, exist_ok=True)
-        location = settings.mlflow_artifact_root.as_uri()
-    return mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+    """The ranker experiment's id, beside the catalogue's in the same store."""
+    from pipelines.registry import configure_mlflow
+
+    return configure_mlflow(settings, EXPERIMENT)
 
 
 def ranker_model_name(settings: Settings) -> str:

@@ -40,13 +40,14 @@ def test_eval_runs_both_protocols_on_real_data(shared_data, tmp_path, name, id_c
     products, judgments = slice_dataset(shared_data, name, id_col, 6, tmp_path)
     retrieval = run_eval(tmp_path, products, judgments, "retrieval", "--per-query")
     assert retrieval["protocol"] == "retrieval"
-    dense = retrieval["methods"]["dense"]
-    assert set(dense) == {"ndcg@10", "recall@100", "mrr"}
-    assert 0.0 < dense["ndcg@10"] <= 1.0 and 0.0 < dense["recall@100"] <= 1.0
+    assert set(retrieval["methods"]) == {"bm25", "dense", "fusion", "hybrid"}
+    for metrics in retrieval["methods"].values():
+        assert set(metrics) == {"ndcg@10", "recall@100", "mrr"}
+        assert 0.0 < metrics["ndcg@10"] <= 1.0 and 0.0 < metrics["recall@100"] <= 1.0
     assert retrieval["n_queries"] == len(retrieval["per_query"]["dense"]) <= 6
     rerank = run_eval(tmp_path, products, judgments, "rerank")
     assert rerank["n_queries"] == 6
-    assert 0.0 < rerank["methods"]["dense"]["ndcg@10"] <= 1.0
+    assert all(0.0 < m["ndcg@10"] <= 1.0 for m in rerank["methods"].values())
 
 
 def test_embeddings_are_cached_by_content(shared_data, tmp_path):
@@ -77,10 +78,21 @@ def test_relevance_threshold_follows_the_label_scale(shared_data):
     assert repeated.height == 73
 
 
-def test_eval_names_bad_input(tmp_path):
-    bad = tmp_path / "judgments.csv"
-    bad.write_text("query,product_id\nx,1\n")
-    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "eval", "--products", str(bad),
-                          "--judgments", str(bad)], capture_output=True, text=True, timeout=120)
+def run_cli_error(*args):
+    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "eval", *map(str, args)],
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
-    assert "lacks column(s) ['query_id', 'relevance']" in out.stderr
+    return out.stderr
+
+
+def test_eval_names_bad_input(tmp_path):
+    products = tmp_path / "products.csv"
+    products.write_text("product_id,title\n1,drill\n")
+    bad_judgments = tmp_path / "judgments.csv"
+    bad_judgments.write_text("query,product_id\nx,1\n")
+    assert "lacks column(s) ['query_id', 'relevance']" in run_cli_error(
+        "--products", products, "--judgments", bad_judgments)
+    assert "has no 'title' column" in run_cli_error(
+        "--products", bad_judgments, "--judgments", bad_judgments)
+    assert "does not exist" in run_cli_error(
+        "--products", tmp_path / "nope.parquet", "--judgments", bad_judgments)
