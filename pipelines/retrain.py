@@ -41,6 +41,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+import polars as pl
 from mlflow.models import ModelSignature
 from mlflow.types.schema import Array, ColSpec, DataType, Schema
 
@@ -50,6 +51,7 @@ from serving.encoder import Encoder
 from serving.ranker import Ranker, RankerConfig, sigmoid
 from serving.release import Bundle
 from serving.settings import Settings
+from serving.text import normalise_query
 
 log = logging.getLogger(__name__)
 
@@ -302,9 +304,34 @@ def retrain_ranker(settings: Settings, holdout: float = 0.2, epochs: int = 5,
         updater.log.close()
 
 
+def judged_examples(settings: Settings, updater: NearlineUpdater) -> list[Example]:
+    """Examples from human judgments (``settings.judgments``), for the items of the live
+    release: relevant pairs are positives, the rest negatives. They carry offset 0, so the
+    time split always puts them in training and the gate is decided on feedback alone."""
+    if settings.judgments is None:
+        return []
+    from pipelines.judged import load_judgments
+
+    judgments = load_judgments(Path(settings.judgments))
+    row_of, vectors = updater.row_of, updater.bundle.vectors
+    out: list[Example] = []
+    known = judgments.frame.filter(pl.col("item_id").is_in(list(row_of)))
+    queries: dict[str, np.ndarray] = {}
+    for query, item, rel in known.select("query", "item_id", "relevance").iter_rows():
+        text = normalise_query(query, 10_000)
+        if text not in queries:
+            queries[text] = updater.encoder.encode_query(text).astype(np.float64)
+        row = row_of[item]
+        out.append(Example(0, queries[text], np.asarray(vectors[row], np.float64), None, row,
+                           1.0 if rel >= judgments.relevant_threshold else 0.0, 1.0))
+    log.info("%d judged examples from %s (%d pairs name items of this release)", len(out),
+             settings.judgments, known.height)
+    return out
+
+
 def _retrain(settings: Settings, updater: NearlineUpdater, holdout: float,
              epochs: int) -> dict[str, Any]:
-    examples: list[Example] = updater.sink or []
+    examples: list[Example] = judged_examples(settings, updater) + (updater.sink or [])
     offset = updater.offset
     bundle = updater.bundle
     release_id = bundle.release_id

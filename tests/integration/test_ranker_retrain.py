@@ -158,3 +158,22 @@ def test_retrain_dag_promotes_a_better_ranker_that_nearline_and_serving_continue
     assert summary["applied_total"] == last + 3
     assert summary["counters"]["positives"] == 31 and summary["counters"]["negatives"] == 181
     assert rec.reload() is True and rec.ranker_seq == 2
+
+
+def test_judged_pairs_become_training_examples(demo_copy, encoder, tmp_path):
+    from pipelines.retrain import judged_examples
+
+    rec = Recommender.load(demo_copy, settings=make_settings(demo_copy), encoder=encoder,
+                           watch=False)
+    top = [r.item_id for r in rec.recommend("coffee maker", k=3)]
+    judgments = tmp_path / "judgments.csv"
+    judgments.write_text("query_id,query,product_id,relevance\n"
+                         f"1,Coffee Maker,{top[0]},4\n1,Coffee Maker,{top[1]},1\n"
+                         "1,Coffee Maker,NOT-IN-CATALOGUE,4\n")
+    settings = make_settings(demo_copy, judgments=judgments)
+    updater = NearlineUpdater(settings, encoder, restore=False)
+    examples = judged_examples(settings, updater)
+    assert [(e.row, e.label, e.offset) for e in examples] == [
+        (updater.row_of[top[0]], 1.0, 0), (updater.row_of[top[1]], 0.0, 0)]
+    np.testing.assert_allclose(examples[0].q, encoder.encode_query("coffee maker"), rtol=1e-6)
+    assert judged_examples(make_settings(demo_copy), updater) == []
