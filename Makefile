@@ -20,8 +20,10 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	@echo "installing into $(VENV) (log: $(VENV)/install.log)"
+	@$(BIN)/pip install --upgrade pip > $(VENV)/install.log 2>&1 \
+		&& $(BIN)/pip install -c constraints.txt -e ".[dev]" >> $(VENV)/install.log 2>&1 \
+		|| (grep -v "^WARNING: Location" $(VENV)/install.log | tail -40; exit 1)
 	@touch $(STAMP)
 
 # The Redis backend tests run a real redis-server on loopback (Debian/Ubuntu package).

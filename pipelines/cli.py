@@ -172,13 +172,36 @@ def cmd_eval(args: argparse.Namespace) -> None:
     report = evaluate_judged(Path(args.products), Path(args.judgments), args.protocol, encoder,
                              settings.home / "cache" / "embeddings.duckdb",
                              per_query=args.per_query,
-                             relevant_threshold=args.relevant_threshold)
+                             relevant_threshold=args.relevant_threshold,
+                             query_steps=args.query_steps)
     if args.json:
         _emit(report)
         return
     print(f"protocol {report['protocol']}, {report['n_queries']} queries")
     for method, metrics in report["methods"].items():
         print(f"  {method:<8} " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    from pipelines.simulate import simulate
+
+    report = simulate(_settings(args), args.products, args.judgments, sessions=args.sessions,
+                      rounds=args.rounds, seed=args.seed, max_queries=args.max_queries,
+                      shift_sessions=args.shift_sessions, chart=args.chart)
+    if args.json:
+        _emit(report)
+        return
+    print(f"{report['n_seen_queries']} seen / {report['n_unseen_queries']} unseen queries, "
+          f"{report['events']['learning']} events, chart {report['chart']}")
+    for name in ("seen", "unseen"):
+        before, after = report[name]["before"], report[name]["after"]
+        print(f"  {name:<7} " + "  ".join(f"{m} {before[m]:.3f} -> {after[m]:.3f}"
+                                          for m in ("ndcg@10", "recall@100", "mrr")))
+    shift = report["intent_shift"]
+    if shift.get("sessions"):
+        print(f"  intent shift: recovers after {shift['interactions_to_recover']} interaction(s) "
+              f"(mean {shift['interactions_to_recover_mean']}), old need's share of the top 10 "
+              f"{shift['old_need_share_top10']:.3f} (fresh {shift['old_need_share_top10_fresh']:.3f})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,8 +293,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relevant-threshold", type=float, default=None,
                    help="label counted as relevant (default: from the label scale)")
     p.add_argument("--per-query", action="store_true")
+    p.add_argument("--query-steps", default=None,
+                   help="query-understanding steps, comma-separated (units, dimensions, "
+                        "compounds, spelling), or 'none' (default: the serving defaults)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("simulate", help="simulated shoppers on judged queries through the real "
+                                        "feedback loop; nDCG@10 of seen and unseen queries")
+    p.add_argument("--products", type=Path, required=True)
+    p.add_argument("--judgments", type=Path, required=True)
+    p.add_argument("--sessions", type=int, default=1000, help="simulated sessions per round")
+    p.add_argument("--rounds", type=int, default=6,
+                   help="rounds of sessions, each followed by a nearline update and a measurement")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-queries", type=int, default=None,
+                   help="use only the first M judged queries (by query id) with a relevant product")
+    p.add_argument("--shift-sessions", type=int, default=60, help="intent-shift sessions")
+    p.add_argument("--chart", type=Path, default=None,
+                   help="PNG of the learning curve (default: <home>/simulate.png)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_simulate)
     return parser
 
 

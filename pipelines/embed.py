@@ -127,7 +127,7 @@ def load_vectors(warehouse: Path, encoder_version: str) -> tuple[pl.DataFrame, n
     con = connect(warehouse, read_only=True)
     try:
         table = query_frame(con, """
-            SELECT i.item_id, i.title, i.category, i.brand, i.price, i.in_stock,
+            SELECT i.item_id, i.title, i.description, i.category, i.brand, i.price, i.in_stock,
                    i.content_hash, v.vector, v.content_hash = i.content_hash AS fresh
             FROM items i LEFT JOIN item_vectors v
               ON v.item_id = i.item_id AND v.encoder_version = ?

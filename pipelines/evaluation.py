@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,7 @@ from pipelines.judged import Judgments, load_judgments, load_products, score_ran
 from pipelines.warehouse import query_frame
 from serving.encoder import Encoder
 from serving.lexical import LexicalIndex
+from serving.query import DEFAULT_STEPS, Step, Vocabulary, parse_steps, understand_query
 from serving.text import clean_text, item_text, normalise_query
 
 log = logging.getLogger(__name__)
@@ -81,10 +83,14 @@ class Candidates:
 
 
 def candidate_signals(encoder: Encoder, lexical: LexicalIndex, products: pl.DataFrame,
-                      item_vecs: np.ndarray, judgments: Judgments,
-                      protocol: Protocol) -> Candidates:
+                      item_vecs: np.ndarray, judgments: Judgments, protocol: Protocol,
+                      query_steps: Sequence[Step] = (),
+                      vocabulary: Vocabulary | None = None) -> Candidates:
     """Candidates per query (judged products for ``rerank``; the union of the dense and BM25
     top 100 for ``retrieval``) with their dense and lexical signals.
+
+    Each query is normalised, then rewritten by ``query_steps`` (see
+    :func:`serving.query.understand_query`) before both channels see it.
 
     Query-level signals (how many terms, the best cosine and BM25 score any candidate gets)
     let a learned fusion decide per query which channel to trust.
@@ -93,7 +99,8 @@ def candidate_signals(encoder: Encoder, lexical: LexicalIndex, products: pl.Data
     row_of = {item: i for i, item in enumerate(ids)}
     queries = judgments.queries()
     qids = queries["query_id"].to_list()
-    texts = [normalise_query(q, 10_000) for q in queries["query"].to_list()]
+    texts = [understand_query(normalise_query(q, 10_000), query_steps, vocabulary)
+             for q in queries["query"].to_list()]
     qvecs = encoder.encode(texts)
     judged = dict(judgments.frame.group_by("query_id").agg(pl.col("item_id")).iter_rows())
     rows: dict[int, np.ndarray] = {}
@@ -176,14 +183,22 @@ def learned_fusion(c: Candidates, ids: list[str], judgments: Judgments,
 
 
 def method_rankings(encoder: Encoder, products: pl.DataFrame, judgments: Judgments,
-                    protocol: Protocol, cache_path: Path) -> dict[str, dict[int, list[str]]]:
+                    protocol: Protocol, cache_path: Path,
+                    query_steps: Sequence[Step] = DEFAULT_STEPS) -> dict[str, dict[int, list[str]]]:
     """query_id -> ranked item ids, for every method: ``bm25``, ``dense``, ``fusion`` (the
-    data README's plain 50/50 min-max fusion) and ``hybrid`` (learned fusion)."""
+    data README's plain 50/50 min-max fusion) and ``hybrid`` (learned fusion).
+
+    With the ``units`` step the lexical index spells units one way in item text too; item
+    embeddings are never affected (the dense channel rewrites queries only).
+    """
     texts = product_texts(products)
     item_vecs = embed_cached(encoder, texts, cache_path)
-    lexical = LexicalIndex.build(texts)
+    lexical = LexicalIndex.build(texts, units="units" in query_steps)
+    vocabulary = (Vocabulary(lexical.words, stem=lexical.stem)
+                  if {"spelling", "compounds"} & set(query_steps) else None)
     ids = products["item_id"].to_list()
-    c = candidate_signals(encoder, lexical, products, item_vecs, judgments, protocol)
+    c = candidate_signals(encoder, lexical, products, item_vecs, judgments, protocol,
+                          query_steps, vocabulary)
     depth = RETRIEVE_DEPTH
     learned = learned_fusion(c, ids, judgments)
     out: dict[str, dict[int, list[str]]] = {m: {} for m in ("bm25", "dense", "fusion", "hybrid")}
@@ -208,8 +223,14 @@ def _scores_of(c: Candidates, q: int, ranked: list[str], ids: list[str]) -> list
 
 def evaluate_judged(products_path: Path, judgments_path: Path, protocol: Protocol,
                     encoder: Encoder, cache_path: Path, per_query: bool = False,
-                    relevant_threshold: float | None = None) -> dict[str, Any]:
-    """Run every available method under ``protocol``; returns the JSON-able report."""
+                    relevant_threshold: float | None = None,
+                    query_steps: str | Sequence[str] | None = None) -> dict[str, Any]:
+    """Run every available method under ``protocol``; returns the JSON-able report.
+
+    ``query_steps``: the query-understanding steps to apply (a comma list or names; ``"none"``
+    for none; ``None`` for :data:`serving.query.DEFAULT_STEPS`).
+    """
+    steps = parse_steps(query_steps)
     products = load_products(products_path)
     judgments = load_judgments(judgments_path, relevant_threshold)
     unknown = judgments.frame.join(products, on="item_id", how="anti")
@@ -220,7 +241,7 @@ def evaluate_judged(products_path: Path, judgments_path: Path, protocol: Protoco
     details: dict[str, Any] = {}
     n_queries = 0
     for method, rankings in method_rankings(encoder, products, judgments, protocol,
-                                            cache_path).items():
+                                            cache_path, steps).items():
         means, by_query = score_rankings(rankings, judgments, protocol)
         methods[method] = means
         details[method] = {str(q): m for q, m in by_query.items()}
@@ -230,6 +251,7 @@ def evaluate_judged(products_path: Path, judgments_path: Path, protocol: Protoco
         "n_queries": n_queries,
         "relevant_threshold": judgments.relevant_threshold,
         "encoder": encoder.version,
+        "query_steps": list(steps),
         "methods": methods,
     }
     if per_query:

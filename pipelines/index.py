@@ -21,8 +21,17 @@ import polars as pl
 
 from pipelines.embed import load_vectors
 from serving.encoder import Encoder
-from serving.manifest import EncoderSpec, IndexSpec, Manifest, file_entries, write_manifest
-from serving.release import INDEX_FILE, ITEMS_FILE, VECTORS_FILE
+from serving.lexical import LexicalIndex
+from serving.manifest import (
+    EncoderSpec,
+    IndexSpec,
+    LexicalSpec,
+    Manifest,
+    file_entries,
+    write_manifest,
+)
+from serving.release import INDEX_FILE, ITEMS_FILE, LEXICAL_DIR, VECTORS_FILE
+from serving.text import item_text
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +125,16 @@ def library_versions() -> dict[str, str]:
                                                   "torch", "transformers")}
 
 
+def build_lexical(items: pl.DataFrame, directory: Path) -> list[str]:
+    """BM25 over the same item text the vectors were computed from; returns the bundle-relative
+    names of the files written."""
+    texts = [item_text(t, b, c, d) for t, b, c, d in
+             items.select("title", "brand", "category", "description").iter_rows()]
+    directory.mkdir(parents=True)
+    LexicalIndex.build(texts).save(directory)
+    return sorted(f"{directory.name}/{p.name}" for p in directory.iterdir())
+
+
 def build_index(warehouse: Path, releases_dir: Path, encoder: Encoder, seed: int = 42,
                 recall_target: float = 0.95) -> Path:
     """Build a release bundle for the current catalogue into ``releases_dir/.staging``.
@@ -138,6 +157,7 @@ def build_index(warehouse: Path, releases_dir: Path, encoder: Encoder, seed: int
     index, choice = tune_index(vectors, seed, recall_target)
     index.save(str(staged / INDEX_FILE))
     np.save(staged / VECTORS_FILE, vectors)
+    lexical_files = build_lexical(items, staged / LEXICAL_DIR)
     items.select("item_id", "title", "category", "brand", "price", "in_stock",
                  "content_hash").write_parquet(staged / ITEMS_FILE)
     digest = hashlib.sha256(b"".join(
@@ -153,7 +173,8 @@ def build_index(warehouse: Path, releases_dir: Path, encoder: Encoder, seed: int
         index=IndexSpec(n_trees=choice.n_trees, search_k=choice.search_k, seed=seed,
                         recall_at_10=choice.recall_at_10, recall_target=recall_target,
                         tuning=choice.tuning),
-        files=file_entries(staged, [INDEX_FILE, VECTORS_FILE, ITEMS_FILE]),
+        lexical=LexicalSpec(),
+        files=file_entries(staged, [INDEX_FILE, VECTORS_FILE, ITEMS_FILE, *lexical_files]),
         libraries=library_versions(),
     )
     write_manifest(staged, manifest)

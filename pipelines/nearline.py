@@ -33,6 +33,7 @@ from serving.encoder import Encoder
 from serving.eventlog import EventLog, LoggedEvent
 from serving.events import POSITIVE_TYPES, Event
 from serving.ranker import Ranker
+from serving.recommender import LexicalCache
 from serving.release import Bundle, current_bundle_dir, load_bundle, read_pointer
 from serving.session import (
     EVENT_WEIGHTS,
@@ -71,6 +72,11 @@ class Example:
     row: int
     label: float
     weight: float
+    lex: float = 0.0      # relative BM25 score of the item for the query
+
+
+def _at(rel: np.ndarray | None, row: int) -> float:
+    return float(rel[row]) if rel is not None else 0.0
 
 
 @dataclass
@@ -96,6 +102,7 @@ class NearlineUpdater:
         self.row_of = {i: r for r, i in enumerate(self.bundle.items.item_ids.tolist())}
         self.stats = UpdaterStats()
         self.offset = 0
+        self._lexical = LexicalCache()
         # With a sink, examples are collected (for batch training) instead of applied.
         self.sink: list[Example] | None = None
         self._published_seq = 0
@@ -268,9 +275,10 @@ class NearlineUpdater:
             q = vec.astype(np.float64)
             s_unit = session_signal(interest)
             vectors = self.bundle.vectors
+            lex = self._lexical.relative(self.bundle, ev.query) if ev.query else None
             if learn:
                 self._learn(logged.offset, q, vectors[row], s_unit, row, 1.0,
-                            EVENT_WEIGHTS[ev.type])
+                            EVENT_WEIGHTS[ev.type], _at(lex, row))
                 counters["positives"] += 1
             if ev.type == "click" and ev.query is not None and ev.position is not None:
                 for shown in self.shown.get((ev.session_id, ev.query), []):
@@ -281,7 +289,8 @@ class NearlineUpdater:
                         shown.used = True
                         neg = self.row_of.get(shown.item_id)
                         if learn and neg is not None:
-                            self._learn(logged.offset, q, vectors[neg], s_unit, neg, 0.0, 1.0)
+                            self._learn(logged.offset, q, vectors[neg], s_unit, neg, 0.0, 1.0,
+                                        _at(lex, neg))
                             counters["negatives"] += 1
         else:
             counters["no_context"] += 1
@@ -294,12 +303,12 @@ class NearlineUpdater:
         self._applied(ev, learn)
 
     def _learn(self, offset: int, q: np.ndarray, x: np.ndarray, s: np.ndarray | None, row: int,
-               label: float, weight: float) -> None:
+               label: float, weight: float, lex: float) -> None:
         x = np.asarray(x, dtype=np.float64)
         if self.sink is not None:
-            self.sink.append(Example(offset, q, x, s, row, label, weight))
+            self.sink.append(Example(offset, q, x, s, row, label, weight, lex))
         else:
-            self.ranker.step(q, x, s, row, label, weight)
+            self.ranker.step(q, x, s, row, label, weight, lex)
 
     def _applied(self, ev: Event, learn: bool) -> None:
         if learn:

@@ -49,6 +49,7 @@ from pipelines.nearline import Example, NearlineUpdater
 from serving.checkpoint import load_latest, read_latest
 from serving.encoder import Encoder
 from serving.ranker import Ranker, RankerConfig, sigmoid
+from serving.recommender import LexicalCache
 from serving.release import Bundle
 from serving.settings import Settings
 from serving.text import normalise_query
@@ -123,13 +124,13 @@ def train_ranker(examples: Sequence[Example], release_id: str, dim: int, n_items
     for _ in range(epochs):
         for i in rng.permutation(len(examples)):
             e = examples[i]
-            ranker.step(e.q, e.x, e.s, e.row, e.label, e.weight)
+            ranker.step(e.q, e.x, e.s, e.row, e.label, e.weight, e.lex)
     return ranker
 
 
 def _logit(ranker: Ranker, e: Example) -> float:
     z, _ = ranker.logits(e.q, np.asarray(e.x, dtype=np.float64)[None, :], e.s,
-                         np.array([e.row]))
+                         np.array([e.row]), np.array([e.lex]))
     return float(z[0])
 
 
@@ -199,9 +200,11 @@ class RankerModel(mlflow.pyfunc.PythonModel):
         for rec in model_input.to_dict("records"):
             s = rec.get("session_vector")
             s = None if s is None or np.ndim(s) == 0 else np.asarray(s, dtype=np.float64)
+            lex = rec.get("lexical")
+            lex = None if lex is None or pd.isna(lex) else np.array([float(lex)])
             z, _ = self._ranker.logits(np.asarray(rec["query_vector"], dtype=np.float64),
                                        np.asarray(rec["item_vector"], dtype=np.float64)[None, :],
-                                       s, np.array([int(rec["row"])]))
+                                       s, np.array([int(rec["row"])]), lex)
             logits.append(float(z[0]))
         z = np.asarray(logits, dtype=np.float64)
         return pd.DataFrame({"logit": z, "score": sigmoid(z)})
@@ -211,7 +214,8 @@ SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec(Array(DataType.double), "query_vector"),
                    ColSpec(Array(DataType.double), "item_vector"),
                    ColSpec("long", "row"),
-                   ColSpec(Array(DataType.double), "session_vector", required=False)]),
+                   ColSpec(Array(DataType.double), "session_vector", required=False),
+                   ColSpec("double", "lexical", required=False)]),
     outputs=Schema([ColSpec("double", "logit"), ColSpec("double", "score")]),
 )
 
@@ -317,13 +321,16 @@ def judged_examples(settings: Settings, updater: NearlineUpdater) -> list[Exampl
     out: list[Example] = []
     known = judgments.frame.filter(pl.col("item_id").is_in(list(row_of)))
     queries: dict[str, np.ndarray] = {}
+    lexical = LexicalCache()
     for query, item, rel in known.select("query", "item_id", "relevance").iter_rows():
         text = normalise_query(query, 10_000)
         if text not in queries:
             queries[text] = updater.encoder.encode_query(text).astype(np.float64)
         row = row_of[item]
+        lex = lexical.relative(updater.bundle, text)
         out.append(Example(0, queries[text], np.asarray(vectors[row], np.float64), None, row,
-                           1.0 if rel >= judgments.relevant_threshold else 0.0, 1.0))
+                           1.0 if rel >= judgments.relevant_threshold else 0.0, 1.0,
+                           float(lex[row]) if lex is not None else 0.0))
     log.info("%d judged examples from %s (%d pairs name items of this release)", len(out),
              settings.judgments, known.height)
     return out

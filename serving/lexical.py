@@ -2,14 +2,30 @@
 
 Catches what embeddings blur: exact terms, brands, model numbers. Scores are raw BM25
 (k1 1.5, b 0.75); callers normalise per query before fusing with dense similarity.
+
+Documents and queries go through the same preparation: case folding, then (``units``) the
+unit rewrite of :func:`serving.query.normalise_units`, so "1-gal." in a title and "1 gallon"
+in a query are the same terms. The token pattern keeps numbers of any length, decimals and
+fractions ("3", "7.2", "3/4"), which bm25s' default pattern (two word characters or more)
+drops.
 """
 
 from __future__ import annotations
 
+import json
+import re
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from serving.query import normalise_units
+
+#: bm25s' default: words of two or more characters ("3/4" -> nothing, "7.2" -> nothing).
+LEGACY_TOKEN_PATTERN = r"(?u)\b\w\w+\b"
+#: Numbers (with decimals and fractions) of any length, then words of two or more characters.
+TOKEN_PATTERN = r"(?u)\d+(?:[./]\d+)*\b|\w\w+"
 
 
 def _stemmer():
@@ -19,39 +35,71 @@ def _stemmer():
 
 
 class LexicalIndex:
-    """BM25 over a fixed list of documents; row i is document i."""
+    """BM25 over a fixed list of documents; row i is document i.
 
-    def __init__(self, retriever, n_docs: int) -> None:
+    ``token_pattern`` and ``units`` fix how documents and queries are tokenised; they are
+    saved with the index. ``words`` maps each surface word (case-folded, before stop-word
+    removal and stemming) to the number of documents containing it: the vocabulary that
+    spelling correction draws on.
+    """
+
+    def __init__(self, retriever, n_docs: int, token_pattern: str = TOKEN_PATTERN,
+                 units: bool = True, words: dict[str, int] | None = None) -> None:
         self._retriever = retriever
         self._stemmer = _stemmer()
         self.n_docs = n_docs
+        self.token_pattern = token_pattern
+        self.units = units
+        self.words = words if words is not None else {}
+        self._split = re.compile(token_pattern).findall
 
     @classmethod
-    def build(cls, texts: Sequence[str]) -> LexicalIndex:
+    def build(cls, texts: Sequence[str], token_pattern: str = TOKEN_PATTERN,
+              units: bool = True) -> LexicalIndex:
         import bm25s
 
-        tokens = bm25s.tokenize(list(texts), stopwords="en", stemmer=_stemmer(),
-                                show_progress=False)
+        prepared = [_prepare(t, units) for t in texts]
+        split = re.compile(token_pattern).findall
+        words: Counter[str] = Counter()
+        for text in prepared:
+            words.update(set(split(text)))
+        tokens = bm25s.tokenize(prepared, token_pattern=token_pattern, stopwords="en",
+                                stemmer=_stemmer(), show_progress=False)
         retriever = bm25s.BM25(k1=1.5, b=0.75)
         retriever.index(tokens, show_progress=False)
-        return cls(retriever, len(texts))
+        return cls(retriever, len(texts), token_pattern, units, dict(words))
 
     def save(self, directory: Path) -> None:
         self._retriever.save(str(directory), show_progress=False)
         (directory / "n_docs.txt").write_text(str(self.n_docs))
+        (directory / "tokenisation.json").write_text(json.dumps(
+            {"token_pattern": self.token_pattern, "units": self.units}))
+        (directory / "words.json").write_text(json.dumps(self.words))
 
     @classmethod
     def load(cls, directory: Path) -> LexicalIndex:
         import bm25s
 
         retriever = bm25s.BM25.load(str(directory), show_progress=False)
-        return cls(retriever, int((directory / "n_docs.txt").read_text()))
+        settings_path = directory / "tokenisation.json"
+        # An index saved before tokenisation was configurable used bm25s' defaults.
+        settings = (json.loads(settings_path.read_text()) if settings_path.is_file()
+                    else {"token_pattern": LEGACY_TOKEN_PATTERN, "units": False})
+        words_path = directory / "words.json"
+        words = json.loads(words_path.read_text()) if words_path.is_file() else {}
+        return cls(retriever, int((directory / "n_docs.txt").read_text()),
+                   settings["token_pattern"], bool(settings["units"]), words)
 
     def tokens(self, query: str) -> list[str]:
         import bm25s
 
-        return bm25s.tokenize([query], stopwords="en", stemmer=self._stemmer,
-                              return_ids=False, show_progress=False)[0]
+        return bm25s.tokenize([_prepare(query, self.units)], token_pattern=self.token_pattern,
+                              stopwords="en", stemmer=self._stemmer, return_ids=False,
+                              show_progress=False)[0]
+
+    def stem(self, words: list[str]) -> list[str]:
+        """The index's stems of ``words`` (case-folded surface words)."""
+        return self._stemmer.stemWords(words)
 
     @property
     def vocab(self) -> dict[str, int]:
@@ -76,3 +124,8 @@ class LexicalIndex:
         top = top[np.argsort(-scores[top], kind="stable")]
         keep = scores[top] > 0
         return top[keep], scores[top][keep]
+
+
+def _prepare(text: str, units: bool) -> str:
+    text = text.casefold()
+    return normalise_units(text) if units else text

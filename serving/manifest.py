@@ -41,6 +41,18 @@ class IndexSpec(BaseModel):
     tuning: list[dict[str, float]] = []
 
 
+class LexicalSpec(BaseModel):
+    """The BM25 channel's settings (item text = the text the vectors were computed from)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    library: Literal["bm25s"] = "bm25s"
+    variant: Literal["lucene"] = "lucene"
+    k1: float = 1.5
+    b: float = 0.75
+    stemmer: str = "english"
+    stopwords: str = "en"
+
+
 class FileEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     sha256: str
@@ -56,6 +68,7 @@ class Manifest(BaseModel):
     catalogue_digest: str
     encoder: EncoderSpec
     index: IndexSpec
+    lexical: LexicalSpec | None = None
     files: dict[str, FileEntry]
     id_map: str = "items.parquet"
     libraries: dict[str, str]

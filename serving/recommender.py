@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -174,6 +174,7 @@ class Recommender:
         self._sessions = sessions or open_session_store(settings)
         self._session_cfg = SessionConfig(ttl_s=settings.session_ttl_s)
         self._user_key: bytes | None = None
+        self._lexical = LexicalCache()
         self._reload_lock = threading.Lock()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -284,13 +285,16 @@ class Recommender:
             self.counters["intent_shifts"] += 1
         depth = max(k, self._settings.candidates)
         rows, _ = _search(state.bundle, vec, depth, parsed)
+        lex = self._lexical.relative(state.bundle, text) if text is not None else None
+        if lex is not None:
+            rows = _union(rows, _lexical_top(lex, depth, parsed, state.bundle))
         self.counters["requests"] += 1
         if not rows:
             return []
         rows_arr = np.asarray(rows)
         X = np.asarray(state.bundle.vectors[rows_arr], dtype=np.float64)
         z, feats = state.ranker.logits(vec.astype(np.float64), X, session_signal(interest),
-                                       rows_arr)
+                                       rows_arr, lex[rows_arr] if lex is not None else None)
         order = np.argsort(-z, kind="stable")[:k]
         items = state.bundle.items
         out = []
@@ -430,6 +434,50 @@ def _encoder_for(bundle: Bundle, settings: Settings, current: Encoder | None) ->
             f"(dim {spec.dim}); the configured encoder is rev {encoder.revision} (dim {encoder.dim})"
         )
     return encoder
+
+
+class LexicalCache:
+    """Relative BM25 scores (each query's scores over its best score, in [0, 1]) of recent
+    queries, per release; bounded, thread-safe."""
+
+    def __init__(self, size: int = 128) -> None:
+        self._data: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self._size = size
+
+    def relative(self, bundle: Bundle, text: str) -> np.ndarray | None:
+        if bundle.lexical is None:
+            return None
+        key = (bundle.release_id, text)
+        with self._lock:
+            hit = self._data.get(key)
+            if hit is not None:
+                self._data.move_to_end(key)
+                return hit
+        scores = bundle.lexical.scores(text)
+        top = float(scores.max()) if len(scores) else 0.0
+        rel = scores / top if top > 0 else scores
+        rel.setflags(write=False)
+        with self._lock:
+            self._data[key] = rel
+            if len(self._data) > self._size:
+                self._data.popitem(last=False)
+        return rel
+
+
+def _lexical_top(rel: np.ndarray, depth: int, filters: Filters | None,
+                 bundle: Bundle) -> list[int]:
+    """The lexical channel's candidates: the ``depth`` best-scoring allowed items."""
+    if filters is not None:
+        rel = np.where(filters.mask(bundle), rel, 0.0)
+    depth = min(depth, len(rel))
+    top = np.argpartition(-rel, depth - 1)[:depth]
+    return [int(r) for r in top[np.argsort(-rel[top], kind="stable")] if rel[r] > 0]
+
+
+def _union(first: list[int], second: list[int]) -> list[int]:
+    seen = set(first)
+    return first + [r for r in second if r not in seen]
 
 
 def _search(bundle: Bundle, qvec: np.ndarray, k: int,

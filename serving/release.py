@@ -7,6 +7,7 @@ Layout under ``<home>/releases``::
         index.ann             Annoy index (angular), item i == row i of items.parquet
         vectors.npy           float32 (n, dim) unit vectors, same order
         items.parquet         the id map and the item table serving filters on
+        lexical/              BM25 index over the same item texts (bm25s)
         manifest.json         written last
     .staging/<release_id>/    bundles being built; never read by serving
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.errors import ReleaseError
+from serving.lexical import LexicalIndex
 from serving.manifest import Manifest, read_manifest, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,7 @@ POINTER_NAME = "CURRENT"
 INDEX_FILE = "index.ann"
 VECTORS_FILE = "vectors.npy"
 ITEMS_FILE = "items.parquet"
+LEXICAL_DIR = "lexical"
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class Bundle:
     index: object             # annoy.AnnoyIndex (memory-mapped)
     vectors: np.ndarray       # float32 (n, dim), memory-mapped
     items: ItemTable
+    lexical: LexicalIndex | None = None
 
     @property
     def release_id(self) -> str:
@@ -118,15 +122,21 @@ def load_bundle(bundle_dir: Path, verify_files: bool = True) -> Bundle:
         vectors = np.load(bundle_dir / VECTORS_FILE, mmap_mode="r")
         index = annoy.AnnoyIndex(manifest.encoder.dim, manifest.index.metric)
         index.load(str(bundle_dir / INDEX_FILE))
+        lexical = (LexicalIndex.load(bundle_dir / LEXICAL_DIR) if manifest.lexical is not None
+                   else None)
     except (OSError, ValueError) as exc:
         raise ReleaseError(f"release {bundle_dir} cannot be loaded: {exc}") from exc
     n = manifest.item_count
+    if lexical is not None and lexical.n_docs != n:
+        raise ReleaseError(f"release {manifest.release_id}: lexical index has {lexical.n_docs} "
+                           f"documents, the release {n} items")
     if len(items) != n or vectors.shape != (n, manifest.encoder.dim) or index.get_n_items() != n:
         raise ReleaseError(
             f"release {manifest.release_id} is inconsistent: manifest says {n} items, "
             f"items table has {len(items)}, vectors {vectors.shape}, index {index.get_n_items()}"
         )
-    return Bundle(path=bundle_dir, manifest=manifest, index=index, vectors=vectors, items=items)
+    return Bundle(path=bundle_dir, manifest=manifest, index=index, vectors=vectors, items=items,
+                  lexical=lexical)
 
 
 def current_bundle_dir(releases_dir: Path) -> Path:

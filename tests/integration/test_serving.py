@@ -41,10 +41,11 @@ def test_results_are_typed_ranked_and_explained(rec):
     assert all(a.score >= b.score for a, b in zip(results, results[1:], strict=False))
     top = results[0]
     assert "skillet" in top.title.lower()
-    # untrained ranker: identity adapter, no session, zero item bias -> 10 * cos - 5
+    # untrained ranker: identity adapter, no session, zero item bias -> 10 cos + 4 lex - 5
     sig = top.signals
     assert sig["adapter"] == 0.0 and sig["session_affinity"] == 0.0 and sig["item_bias"] == 0.0
-    assert sig["logit"] == pytest.approx(10.0 * sig["dense_cosine"] - 5.0)
+    assert 0.0 < sig["lexical"] <= 1.0  # the lexical channel matched "skillet"
+    assert sig["logit"] == pytest.approx(10.0 * sig["dense_cosine"] + 4.0 * sig["lexical"] - 5.0)
     assert top.score == pytest.approx(1.0 / (1.0 + math.exp(-sig["logit"])))
     assert top.item_id in ROWS and top.price == pytest.approx(float(ROWS[top.item_id]["price"]))
 

@@ -27,14 +27,14 @@ def test_gradients_match_torch_autograd(trained_ranker, label, session):
     q, x = unit(rng.normal(size=16)), unit(rng.normal(size=16))
     s = unit(rng.normal(size=16)) if session else None
     r = trained_ranker
-    loss, grads = r.gradients(q, x, s, row=2, label=label, weight=2.0)
+    loss, grads = r.gradients(q, x, s, row=2, label=label, weight=2.0, lex=0.6)
 
     t = {k: torch.tensor(getattr(r, k), requires_grad=True) for k in ("U", "V", "w", "b0")}
     bias = torch.tensor(r.item_bias, requires_grad=True)
     tq, tx = torch.tensor(q), torch.tensor(x)
     dense = tx @ tq + (t["V"].T @ tq) @ (t["U"].T @ tx)
     sess = tx @ torch.tensor(s) if s is not None else torch.tensor(0.0, dtype=torch.float64)
-    z = t["w"][0] * dense + t["w"][1] * sess + bias[2] + t["b0"][0]
+    z = t["w"][0] * dense + t["w"][1] * sess + t["w"][2] * 0.6 + bias[2] + t["b0"][0]
     tloss = 2.0 * torch.nn.functional.binary_cross_entropy_with_logits(
         z, torch.tensor(label, dtype=torch.float64))
     tloss.backward()
@@ -70,6 +70,9 @@ def test_initial_ranker_is_the_identity_adapter():
     z, f = r.logits(q, X, None, np.arange(4))
     np.testing.assert_allclose(f["adapter"], 0.0)
     np.testing.assert_allclose(z, 10.0 * (X @ q) - 5.0)
+    lex = np.array([0.0, 0.5, 1.0, 0.25])
+    z, f = r.logits(q, X, None, np.arange(4), lex)
+    np.testing.assert_allclose(z, 10.0 * (X @ q) + 4.0 * lex - 5.0)
 
 
 def test_clicks_raise_the_clicked_items_score():
@@ -82,6 +85,21 @@ def test_clicks_raise_the_clicked_items_score():
         r.step(q, X[0], None, 0, 0.0)
     after, _ = r.logits(q, X, None, np.arange(4))
     assert after[3] - after[0] > before[3] - before[0]
+
+
+def test_checkpoints_from_before_the_lexical_channel_still_load(tmp_path):
+    r = Ranker.initial("rel", dim=4, n_items=2)
+    arrays = r.to_arrays()
+    for key in ("w", "init_w", "accum_w"):
+        arrays[key] = arrays[key][:2]
+    meta = {"release_id": "rel", "format": 1, "config": {k: v for k, v in r.config.__dict__.items()
+                                                         if k != "init_w_lexical"}}
+    import json
+
+    np.savez(tmp_path / "old.npz", meta=np.array(json.dumps(meta)), **arrays)
+    old = Ranker.load(tmp_path / "old.npz")
+    np.testing.assert_allclose(old.w, [10.0, 3.0, 4.0])
+    np.testing.assert_allclose(old.accum["w"], [0.0, 0.0, 0.0])
 
 
 def test_save_load_round_trip_and_release_carry_over(tmp_path):

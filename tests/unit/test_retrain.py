@@ -36,7 +36,7 @@ def synthetic(n_events: int, seed: int = 0) -> list[Example]:
 def fixed_ranker(biases: list[float]) -> Ranker:
     """logit = dense + item bias, with dense = q.x (no adapter) and no intercept."""
     r = Ranker.initial("rel", DIM, len(biases), RankerConfig(rank=2))
-    r.w = np.array([1.0, 0.0])
+    r.w = np.array([1.0, 0.0, 0.0])
     r.b0 = np.array([0.0])
     r.item_bias = np.array(biases, dtype=np.float64)
     return r
