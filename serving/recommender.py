@@ -278,9 +278,10 @@ class Recommender:
         vec, shifted = blend_query(qvec, interest, self._session_cfg)
         if shifted and session is not None:
             # the shopper moved on: the old intent stops steering at once
-            self._sessions.put(session_id, replace(session, shift_ts=now))
-            interest = interest_vector(self._sessions.get(session_id), state.bundle.vectors,
-                                       state.row_of, now, self._session_cfg)
+            session = replace(session, shift_ts=now)
+            self._sessions.put(session_id, session)
+            interest = interest_vector(session, state.bundle.vectors, state.row_of, now,
+                                       self._session_cfg)
             vec, _ = blend_query(qvec, interest, self._session_cfg)
             self.counters["intent_shifts"] += 1
         depth = max(k, self._settings.candidates)
