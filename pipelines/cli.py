@@ -197,11 +197,14 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         before, after = report[name]["before"], report[name]["after"]
         print(f"  {name:<7} " + "  ".join(f"{m} {before[m]:.3f} -> {after[m]:.3f}"
                                           for m in ("ndcg@10", "recall@100", "mrr")))
-    shift = report["intent_shift"]
-    if shift.get("sessions"):
-        print(f"  intent shift: recovers after {shift['interactions_to_recover']} interaction(s) "
-              f"(mean {shift['interactions_to_recover_mean']}), old need's share of the top 10 "
-              f"{shift['old_need_share_top10']:.3f} (fresh {shift['old_need_share_top10_fresh']:.3f})")
+    for key, label in (("intent_shift", "trained"), ("intent_shift_untrained", "untrained")):
+        shift = report[key]
+        if shift.get("sessions"):
+            print(f"  intent shift ({label} ranker): recovers after "
+                  f"{shift['interactions_to_recover']} interaction(s) (mean "
+                  f"{shift['interactions_to_recover_mean']}), old need's share of the top 10 "
+                  f"{shift['old_need_share_top10']:.3f} (fresh "
+                  f"{shift['old_need_share_top10_fresh']:.3f})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,13 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
                                         "feedback loop; nDCG@10 of seen and unseen queries")
     p.add_argument("--products", type=Path, required=True)
     p.add_argument("--judgments", type=Path, required=True)
-    p.add_argument("--sessions", type=int, default=1000, help="simulated sessions per round")
-    p.add_argument("--rounds", type=int, default=6,
+    p.add_argument("--sessions", type=int, default=2500, help="simulated sessions per round")
+    p.add_argument("--rounds", type=int, default=8,
                    help="rounds of sessions, each followed by a nearline update and a measurement")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-queries", type=int, default=None,
                    help="use only the first M judged queries (by query id) with a relevant product")
-    p.add_argument("--shift-sessions", type=int, default=60, help="intent-shift sessions")
+    p.add_argument("--shift-sessions", type=int, default=200, help="intent-shift sessions")
     p.add_argument("--chart", type=Path, default=None,
                    help="PNG of the learning curve (default: <home>/simulate.png)")
     p.add_argument("--json", action="store_true")

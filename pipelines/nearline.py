@@ -21,8 +21,7 @@ import hashlib
 import logging
 import time
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -268,7 +267,7 @@ class NearlineUpdater:
         if qvec is not None or interest is not None:
             vec, shifted = blend_query(qvec, interest, self.session_cfg)
             if shifted and session is not None:
-                session = replace(session, shift_ts=ev.ts)
+                session = session.shifted(ev.ts, self.session_cfg)
                 interest = interest_vector(session, self.bundle.vectors, self.row_of, ev.ts,
                                            self.session_cfg)
                 vec, _ = blend_query(qvec, interest, self.session_cfg)
@@ -381,8 +380,8 @@ class NearlineUpdater:
                 "counters": dict(self.stats.counters), "ledger": self.stats.ledger}
 
 
-def run_nearline(settings: Settings, once: bool, max_seconds: float | None = None,
-                 home: Path | None = None) -> dict[str, Any]:
+def run_nearline(settings: Settings, once: bool,
+                 max_seconds: float | None = None) -> dict[str, Any]:
     updater = NearlineUpdater(settings)
     if once:
         return updater.run_once()

@@ -10,17 +10,19 @@ and search quality is measured in the full-catalogue retrieval protocol after ev
 * ``unseen`` queries never get feedback: they show whether learning on some queries helps or
   hurts the others (the item biases and the query adapter are shared by all queries).
 
-The split is a hash of ``query_id``, so it is the same on every run and every machine.
+The split orders the queries by a hash of ``query_id``: it depends on the ids alone, so it is
+the same on every run and every machine.
 
 A second experiment measures intent shift in the real session path: a shopper interacts with
 the products of one need (A), then searches a different need (B, whose relevant products are
 disjoint from A's); how far is the in-session ranking for B from a fresh session's, and how
 many interactions with B's results does it take to catch up?
 
-The simulation runs in a private workspace under ``<home>/simulate/seed-<seed>``: a copy of
-the live release with its own, empty event log and ranker checkpoints, so the "before"
-figures are always those of the untrained ranker and a re-run starts from scratch, while the
-expensive part (embedding the catalogue into ``<home>``) is done once and reused.
+The simulation runs in private workspaces under ``<home>/simulate/`` (``seed-<seed>`` for the
+learning loop, ``seed-<seed>-untrained`` for the intent-shift baseline): copies of the live
+release with their own, empty event logs and ranker checkpoints, so the "before" figures are
+always those of the untrained ranker and a re-run starts from scratch, while the expensive
+part (embedding the catalogue into ``<home>``) is done once and reused.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ METRICS = ("ndcg@10", "recall@100", "mrr")
 EVAL_DEPTH = 100          # retrieval protocol: rank 100 items, score nDCG@10, recall@100, MRR
 SHOWN = 10                # a simulated shopper sees one page of ten results
 RECOVERY_TOLERANCE = 0.01
+A_LEAD_S = 90.0           # an intent-shift session served need A this long before the switch
 
 
 # -- the click model --------------------------------------------------------------------
@@ -194,9 +197,11 @@ def split_queries(judgments: Judgments, seen_share: float = 0.5,
 class _Shopper:
     """Issues event ids, session ids and pseudonymous users, and keeps each session's clock.
 
-    A session's clock starts at the wall-clock time (serving decays session interest against
-    it) and advances a few seconds per action, as a person's would; every session has its own
-    user, so no session or user comes near the abuse filter's rate limit.
+    A session's clock advances a few seconds per action, as a person's would, so no session
+    comes near the abuse filter's rate limit; every session has its own user, so no user does
+    either. Serving compares event times with the wall clock (interest decay, and an intent
+    shift abandons the interactions *older* than the request that detected it), so clocks are
+    placed on the wall clock with care: see :meth:`end_now` and :func:`_intent_shift`.
     """
 
     run: str
@@ -204,10 +209,21 @@ class _Shopper:
     n_sessions: int = 0
     n_events: int = 0
 
-    def new_session(self) -> tuple[str, str, list[float]]:
+    def new_session(self, start: float = 0.0) -> tuple[str, str, list[float]]:
+        """(session id, user id, clock) of a new session whose clock reads ``start``."""
         self.n_sessions += 1
         n = self.n_sessions
-        return f"{self.run}-s{n}", f"sim-user-{n}", [time.time()]
+        return f"{self.run}-s{n}", f"sim-user-{n}", [start]
+
+    @staticmethod
+    def end_now(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Shift a whole session's events so that its last one happens now: the visit has just
+        ended when it is recorded (never in the future, whatever its length)."""
+        if events:
+            offset = time.time() - events[-1]["ts"]
+            for event in events:
+                event["ts"] += offset
+        return events
 
     def event(self, session: tuple[str, str, list[float]], query: str, item_id: str,
               etype: str, position: int, advance: tuple[float, float]) -> dict[str, Any]:
@@ -245,15 +261,15 @@ def _measure(rec: Any, texts: dict[int, str], qids: Sequence[int],
     return {**{m: round(means[m], 4) for m in METRICS}, "n_queries": len(per_query)}
 
 
-def _prepare_workspace(settings: Settings, seed: int) -> Settings:
-    """A private home holding a copy of the live release and nothing else (no events, no
-    ranker checkpoints), so every run starts from the untrained ranker."""
+def _prepare_workspace(settings: Settings, name: str) -> Settings:
+    """A private home ``<home>/simulate/<name>`` holding a copy of the live release and nothing
+    else (no events, no ranker checkpoints), so every run starts from the untrained ranker."""
     from serving.release import Pointer, read_pointer, write_pointer
 
     pointer = read_pointer(settings.releases_dir)
     if pointer is None:
         raise ReleaseError(f"no release is live under {settings.releases_dir}")
-    work = settings.home / "simulate" / f"seed-{seed}"
+    work = settings.home / "simulate" / name
     if work.exists():
         shutil.rmtree(work)
     (work / "releases").mkdir(parents=True)
@@ -263,10 +279,10 @@ def _prepare_workspace(settings: Settings, seed: int) -> Settings:
     return settings.model_copy(update={"home": work})
 
 
-def simulate(settings: Settings, products: Path, judgments: Path, sessions: int = 1000,
-             rounds: int = 6, seed: int = 0, encoder: Encoder | None = None,
+def simulate(settings: Settings, products: Path, judgments: Path, sessions: int = 2500,
+             rounds: int = 8, seed: int = 0, encoder: Encoder | None = None,
              max_queries: int | None = None, seen_share: float = 0.5,
-             click_model: ClickModel | None = None, shift_sessions: int = 60,
+             click_model: ClickModel | None = None, shift_sessions: int = 200,
              shift_interactions: int = 3, chart: Path | None = None) -> dict[str, Any]:
     """Build (or reuse) a release of ``products``, replay simulated shoppers through the real
     feedback loop, and measure search quality before, during and after.
@@ -280,7 +296,9 @@ def simulate(settings: Settings, products: Path, judgments: Path, sessions: int 
         seed: seeds the click model, the order of the queries and the intent-shift pairs.
         max_queries: use only the first M judged queries (by id) with a relevant product.
         seen_share: share of those queries that get feedback (by a hash of the query id).
-        shift_sessions: intent-shift sessions (need A, then need B) measured at the end.
+        shift_sessions: intent-shift sessions (need A, then need B), measured with the trained
+            ranker at the end (``intent_shift``) and, on the same pairs, with the untrained
+            one (``intent_shift_untrained``).
         shift_interactions: interactions with A's results before the switch.
         chart: PNG of the learning curve (default ``<home>/simulate.png``).
 
@@ -307,7 +325,18 @@ def simulate(settings: Settings, products: Path, judgments: Path, sessions: int 
         raise ReleaseError(f"release {build['publish']['release_id']} of {products} failed its "
                            f"gate and is not live: {build['evaluate']['gate']}")
     build_s = time.monotonic() - started
-    sim_settings = _prepare_workspace(settings, seed)
+    # Intent shift with the untrained ranker, in a workspace of its own: its events must not
+    # reach the updater (they include unseen queries).
+    shift_rng_seed = seed + 1_000_003     # the same pairs and clocks for both measurements
+    shift_start = time.monotonic()
+    untrained_settings = _prepare_workspace(settings, f"seed-{seed}-untrained")
+    with Recommender.load(settings=untrained_settings, encoder=encoder, watch=False) as fresh_rec:
+        shift_untrained = _intent_shift(fresh_rec, _Shopper(f"sim{seed}u", random.Random(0)),
+                                        judged, texts, seen + unseen, shift_sessions,
+                                        shift_interactions, random.Random(shift_rng_seed))
+    shift_s = time.monotonic() - shift_start
+
+    sim_settings = _prepare_workspace(settings, f"seed-{seed}")
     rec = Recommender.load(settings=sim_settings, encoder=encoder, watch=False)
     updater = NearlineUpdater(sim_settings, encoder)
     rng = random.Random(seed)
@@ -346,16 +375,20 @@ def simulate(settings: Settings, products: Path, judgments: Path, sessions: int 
                     if fb.purchase:
                         events.append(shopper.purchase(session, texts[qid], item, fb.rank))
                 feedback.update(e["type"] for e in events)
-                rec.record_many(events)
+                rec.record_many(shopper.end_now(events))
             update = updater.run_once()
             rec.reload()
             curve.append({**measure(round_), "updater_seconds": update["seconds"]})
         learn_s = time.monotonic() - sim_start
 
+        # the same measurement on the live, trained ranker; these events are logged (the real
+        # path) but never applied: the updater has run for the last time
         shift_start = time.monotonic()
-        shift = _intent_shift(rec, shopper, judged, texts, seen + unseen, shift_sessions,
-                              shift_interactions, rng)
-        shift_s = time.monotonic() - shift_start
+        shift = _intent_shift(rec, _Shopper(f"sim{seed}t", random.Random(0)), judged, texts,
+                              seen + unseen, shift_sessions, shift_interactions,
+                              random.Random(shift_rng_seed))
+        shift = {**shift, "ranker_checkpoint": rec.ranker_seq}
+        shift_s += time.monotonic() - shift_start
         recorded = dict(rec.counters)
         updater_counters = dict(updater.stats.counters)
         applied = updater.stats.applied
@@ -371,6 +404,7 @@ def simulate(settings: Settings, products: Path, judgments: Path, sessions: int 
         "seen": {"before": before["seen"], "after": after["seen"]},
         "unseen": {"before": before["unseen"], "after": after["unseen"]},
         "intent_shift": shift,
+        "intent_shift_untrained": shift_untrained,
         "ndcg_gain": {name: round(after[name]["ndcg@10"] - before[name]["ndcg@10"], 4)
                       for name in ("seen", "unseen")},
         "curve": curve,
@@ -434,7 +468,9 @@ def _intent_shift(rec: Any, shopper: _Shopper, judged: Judgments, texts: dict[in
             fresh_cache[b] = [r.item_id for r in rec.recommend(texts[b], k=SHOWN)]
         fresh[n] = ndcg_at_k(fresh_cache[b], gains[b], SHOWN)
         share_old_fresh[n] = len(set(fresh_cache[b]) & relevant[a]) / SHOWN
-        session = shopper.new_session()
+        # Need A was served a minute or two ago: its events are older than the switch to B, and
+        # an intent shift detected at the switch (wall clock) finds them older, as it should.
+        session = shopper.new_session(time.time() - A_LEAD_S)
         done: set[str] = set()
         for j in range(a_interactions):
             items = [r.item_id for r in rec.recommend(texts[a], k=SHOWN, session_id=session[0])]
@@ -448,8 +484,6 @@ def _intent_shift(rec: Any, shopper: _Shopper, judged: Judgments, texts: dict[in
                 if j == 0:
                     events.append(shopper.cart(session, texts[a], item, rank))
             rec.record_many(events)
-        # the shopper takes a moment before searching something else
-        session[2][0] += rng.uniform(5.0, 20.0)
         recovered = None
         for i in range(steps):
             shifts = rec.counters["intent_shifts"]
@@ -461,6 +495,8 @@ def _intent_shift(rec: Any, shopper: _Shopper, judged: Judgments, texts: dict[in
             if recovered is None and in_session[n, i] >= fresh[n] - RECOVERY_TOLERANCE:
                 recovered = i
             if i < steps - 1:
+                # from the switch on, the shopper acts after each page was served
+                session[2][0] = max(session[2][0], time.time())
                 events = shopper.impressions(session, texts[b], items)
                 rank = _first_relevant(items, relevant[b], done)
                 if rank is not None:

@@ -12,7 +12,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -278,7 +278,7 @@ class Recommender:
         vec, shifted = blend_query(qvec, interest, self._session_cfg)
         if shifted and session is not None:
             # the shopper moved on: the old intent stops steering at once
-            session = replace(session, shift_ts=now)
+            session = session.shifted(now, self._session_cfg)
             self._sessions.put(session_id, session)
             interest = interest_vector(session, state.bundle.vectors, state.row_of, now,
                                        self._session_cfg)

@@ -3,7 +3,7 @@
 A session keeps its last few positive interactions (item, weight, time). Its interest vector
 is computed on demand as a time-decayed, weighted sum of those items' vectors, so the state is
 small, bounded and a pure function of recent events. A new query far from the current
-interest marks an intent shift: older interactions are down-weighted at once.
+interest marks an intent shift: the interactions so far are down-weighted at once.
 """
 
 from __future__ import annotations
@@ -39,9 +39,17 @@ class Interaction:
 @dataclass(frozen=True)
 class SessionState:
     interactions: tuple[Interaction, ...] = ()
-    shift_ts: float = 0.0             # interactions before this were abandoned
+    shift_ts: float = 0.0             # when the last intent shift happened (informational)
     last_ts: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
+
+    def shifted(self, ts: float, cfg: SessionConfig) -> SessionState:
+        """The shopper moved on: every interaction so far keeps only ``shift_factor`` of its
+        weight. Applied to the interactions themselves, not by comparing clocks, so client and
+        server clocks that disagree cannot undo it."""
+        faded = tuple(replace(it, weight=it.weight * cfg.shift_factor)
+                      for it in self.interactions)
+        return replace(self, interactions=faded, shift_ts=ts)
 
     def add(self, item_id: str, weight: float, ts: float, cfg: SessionConfig) -> SessionState:
         items = (*self.interactions, Interaction(item_id, weight, ts))[-cfg.max_interactions:]
@@ -63,8 +71,6 @@ def interest_vector(state: SessionState | None, vectors: np.ndarray, row_of: dic
         if row is None or age > cfg.ttl_s:
             continue
         w = it.weight * 0.5 ** (max(age, 0.0) / cfg.half_life_s)
-        if it.ts < state.shift_ts:
-            w *= cfg.shift_factor
         v = w * np.asarray(vectors[row], dtype=np.float32)
         total = v if total is None else total + v
     return total

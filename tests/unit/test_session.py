@@ -49,9 +49,13 @@ def test_a_query_far_from_the_interest_is_an_intent_shift():
     # old interest keeps only shift_factor of its pull
     near, _ = blend_query(q, interest, SessionConfig(shift_threshold=-1.0))
     assert vec[0] < near[0]
-    state = SessionState(SessionState().add("a", 1.0, 0.0, CFG).interactions, shift_ts=1.0)
+    state = SessionState().add("a", 1.0, 0.0, CFG).shifted(5.0, CFG).add("b", 1.0, 0.0, CFG)
     np.testing.assert_allclose(interest_vector(state, VECTORS, ROWS, 0.0, CFG),
-                               [CFG.shift_factor, 0, 0, 0])
+                               [CFG.shift_factor, 1.0, 0, 0])
+    # a second shift fades the older intent further; client timestamps play no part
+    twice = state.shifted(1.0, CFG)
+    np.testing.assert_allclose(interest_vector(twice, VECTORS, ROWS, 0.0, CFG),
+                               [CFG.shift_factor ** 2, CFG.shift_factor, 0, 0])
 
 
 def test_memory_store_is_bounded_and_expires():
