@@ -31,7 +31,7 @@ from serving.checkpoint import load_latest, publish_checkpoint, read_latest
 from serving.encoder import Encoder
 from serving.eventlog import EventLog, LoggedEvent
 from serving.events import POSITIVE_TYPES, Event
-from serving.ranker import Ranker
+from serving.ranker import Ranker, query_key
 from serving.recommender import LexicalCache
 from serving.release import Bundle, current_bundle_dir, load_bundle, read_pointer
 from serving.session import (
@@ -72,6 +72,7 @@ class Example:
     label: float
     weight: float
     lex: float = 0.0      # relative BM25 score of the item for the query
+    qkey: int | None = None  # key of the normalised query, for the (query, item) memory
 
 
 def _at(rel: np.ndarray | None, row: int) -> float:
@@ -275,9 +276,10 @@ class NearlineUpdater:
             s_unit = session_signal(interest)
             vectors = self.bundle.vectors
             lex = self._lexical.relative(self.bundle, ev.query) if ev.query else None
+            qkey = query_key(ev.query) if ev.query else None
             if learn:
                 self._learn(logged.offset, q, vectors[row], s_unit, row, 1.0,
-                            EVENT_WEIGHTS[ev.type], _at(lex, row))
+                            EVENT_WEIGHTS[ev.type], _at(lex, row), qkey)
                 counters["positives"] += 1
             if ev.type == "click" and ev.query is not None and ev.position is not None:
                 for shown in self.shown.get((ev.session_id, ev.query), []):
@@ -289,7 +291,7 @@ class NearlineUpdater:
                         neg = self.row_of.get(shown.item_id)
                         if learn and neg is not None:
                             self._learn(logged.offset, q, vectors[neg], s_unit, neg, 0.0, 1.0,
-                                        _at(lex, neg))
+                                        _at(lex, neg), qkey)
                             counters["negatives"] += 1
         else:
             counters["no_context"] += 1
@@ -302,12 +304,12 @@ class NearlineUpdater:
         self._applied(ev, learn)
 
     def _learn(self, offset: int, q: np.ndarray, x: np.ndarray, s: np.ndarray | None, row: int,
-               label: float, weight: float, lex: float) -> None:
+               label: float, weight: float, lex: float, qkey: int | None) -> None:
         x = np.asarray(x, dtype=np.float64)
         if self.sink is not None:
-            self.sink.append(Example(offset, q, x, s, row, label, weight, lex))
+            self.sink.append(Example(offset, q, x, s, row, label, weight, lex, qkey))
         else:
-            self.ranker.step(q, x, s, row, label, weight, lex)
+            self.ranker.step(q, x, s, row, label, weight, lex, qkey)
 
     def _applied(self, ev: Event, learn: bool) -> None:
         if learn:

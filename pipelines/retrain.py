@@ -48,7 +48,7 @@ from mlflow.types.schema import Array, ColSpec, DataType, Schema
 from pipelines.nearline import Example, NearlineUpdater
 from serving.checkpoint import load_latest, read_latest
 from serving.encoder import Encoder
-from serving.ranker import Ranker, RankerConfig, sigmoid
+from serving.ranker import Ranker, RankerConfig, query_key, sigmoid
 from serving.recommender import LexicalCache
 from serving.release import Bundle
 from serving.settings import Settings
@@ -124,13 +124,13 @@ def train_ranker(examples: Sequence[Example], release_id: str, dim: int, n_items
     for _ in range(epochs):
         for i in rng.permutation(len(examples)):
             e = examples[i]
-            ranker.step(e.q, e.x, e.s, e.row, e.label, e.weight, e.lex)
+            ranker.step(e.q, e.x, e.s, e.row, e.label, e.weight, e.lex, e.qkey)
     return ranker
 
 
 def _logit(ranker: Ranker, e: Example) -> float:
     z, _ = ranker.logits(e.q, np.asarray(e.x, dtype=np.float64)[None, :], e.s,
-                         np.array([e.row]), np.array([e.lex]))
+                         np.array([e.row]), np.array([e.lex]), e.qkey)
     return float(z[0])
 
 
@@ -330,7 +330,7 @@ def judged_examples(settings: Settings, updater: NearlineUpdater) -> list[Exampl
         lex = lexical.relative(updater.bundle, text)
         out.append(Example(0, queries[text], np.asarray(vectors[row], np.float64), None, row,
                            1.0 if rel >= judgments.relevant_threshold else 0.0, 1.0,
-                           float(lex[row]) if lex is not None else 0.0))
+                           float(lex[row]) if lex is not None else 0.0, query_key(text)))
     log.info("%d judged examples from %s (%d pairs name items of this release)", len(out),
              settings.judgments, known.height)
     return out

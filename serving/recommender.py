@@ -24,7 +24,7 @@ from serving.errors import FilterError, InvalidInputError, QueryError, ReleaseEr
 from serving.eventlog import AppendResult, EventLog
 from serving.events import Event, EventError, parse_event
 from serving.manifest import Manifest
-from serving.ranker import Ranker, sigmoid
+from serving.ranker import Ranker, query_key, sigmoid
 from serving.release import Bundle, current_bundle_dir, load_bundle, read_pointer
 from serving.session import (
     EVENT_WEIGHTS,
@@ -295,7 +295,8 @@ class Recommender:
         rows_arr = np.asarray(rows)
         X = np.asarray(state.bundle.vectors[rows_arr], dtype=np.float64)
         z, feats = state.ranker.logits(vec.astype(np.float64), X, session_signal(interest),
-                                       rows_arr, lex[rows_arr] if lex is not None else None)
+                                       rows_arr, lex[rows_arr] if lex is not None else None,
+                                       query_key(text) if text is not None else None)
         order = np.argsort(-z, kind="stable")[:k]
         items = state.bundle.items
         out = []

@@ -102,9 +102,25 @@ def test_checkpoints_from_before_the_lexical_channel_still_load(tmp_path):
     np.testing.assert_allclose(old.accum["w"], [0.0, 0.0, 0.0])
 
 
+def test_query_item_memory_moves_only_that_query():
+    r = Ranker.initial("rel", dim=8, n_items=4)
+    rng = np.random.default_rng(2)
+    q, X = unit(rng.normal(size=8)), np.array([unit(v) for v in rng.normal(size=(4, 8))])
+    U_before = r.U.copy()
+    for _ in range(10):
+        r.step(q, X[2], None, 2, 1.0, qkey=111)
+    z_seen, f = r.logits(q, X, None, np.arange(4), qkey=111)
+    z_other, g = r.logits(q, X, None, np.arange(4), qkey=222)
+    assert f["query_item_bias"][2] > 0 and np.all(g["query_item_bias"] == 0)
+    assert z_seen[2] - z_other[2] == pytest.approx(f["query_item_bias"][2])
+    np.testing.assert_array_equal(r.U, U_before)  # the adapter is not trained online
+
+
 def test_save_load_round_trip_and_release_carry_over(tmp_path):
     r = Ranker.initial("rel-a", dim=6, n_items=3)
     r.item_bias[:] = [0.1, 0.2, 0.3]
+    r.query_item[(7, 0)] = [0.5, 1.0]
+    r.query_item[(7, 1)] = [0.25, 1.0]
     r.meta["offset"] = 42
     r.save(tmp_path / "c.npz")
     back = Ranker.load(tmp_path / "c.npz")
@@ -113,6 +129,8 @@ def test_save_load_round_trip_and_release_carry_over(tmp_path):
         np.testing.assert_array_equal(getattr(back, k), getattr(r, k))
     moved = back.for_release("rel-b", np.array(["x", "y", "z"], dtype=object),
                              np.array(["z", "new", "x"], dtype=object))
+    assert back.query_item == r.query_item
     assert moved.release_id == "rel-b"
     np.testing.assert_allclose(moved.item_bias, [0.3, 0.0, 0.1])
+    assert moved.query_item == {(7, 2): [0.5, 1.0]}  # "x" moved to row 2; "y" left
     np.testing.assert_array_equal(moved.V, r.V)

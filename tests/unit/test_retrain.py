@@ -52,7 +52,9 @@ def test_training_lowers_held_out_loss_on_a_learnable_signal():
     initial = evaluate_ranker(Ranker.initial("rel", DIM, N_ITEMS), held)
     trained = evaluate_ranker(train_ranker(train, "rel", DIM, N_ITEMS, epochs=20), held)
     assert trained["log_loss"] < initial["log_loss"] / 2
-    assert trained["pairwise_accuracy"] == 1.0
+    # the item biases carry the signal; the random dense similarity (x10) is noise they must
+    # outweigh, and the frozen query adapter cannot absorb it
+    assert trained["pairwise_accuracy"] >= 0.9
     assert initial["pairwise_accuracy"] < 0.7
     assert trained["pairs"] == initial["pairs"] == 50 * 2
 
