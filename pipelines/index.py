@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 TREE_GRID = (8, 16, 32, 64, 128)
 SEARCH_K_FACTORS = (1, 2, 4, 8, 16, 32, 64)
 TUNING_QUERIES = 500
+# Part of every release id: a bundle written by code with another layout (e.g. before the
+# lexical channel) is rebuilt, not mistaken for the current release of the same catalogue.
+BUNDLE_LAYOUT = 2
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,7 @@ def tune_index(vectors: np.ndarray, seed: int, target: float = 0.95, k: int = 10
 def release_id_for(items: pl.DataFrame, encoder_version: str, seed: int, target: float) -> str:
     """Deterministic from the inputs: same catalogue state + encoder + settings, same id."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([encoder_version, seed, target]).encode())
+    digest.update(json.dumps([BUNDLE_LAYOUT, encoder_version, seed, target]).encode())
     for row in items.select("item_id", "content_hash", "price", "in_stock").iter_rows():
         digest.update(json.dumps(row).encode())
     return digest.hexdigest()[:16]
