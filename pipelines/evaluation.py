@@ -90,7 +90,8 @@ def candidate_signals(encoder: Encoder, lexical: LexicalIndex, products: pl.Data
     top 100 for ``retrieval``) with their dense and lexical signals.
 
     Each query is normalised, then rewritten by ``query_steps`` (see
-    :func:`serving.query.understand_query`) before both channels see it.
+    :func:`serving.query.understand_query`): the lexical channel gets every step, the
+    encoder all but the lexical-only ones.
 
     Query-level signals (how many terms, the best cosine and BM25 score any candidate gets)
     let a learned fusion decide per query which channel to trust.
@@ -99,9 +100,10 @@ def candidate_signals(encoder: Encoder, lexical: LexicalIndex, products: pl.Data
     row_of = {item: i for i, item in enumerate(ids)}
     queries = judgments.queries()
     qids = queries["query_id"].to_list()
-    texts = [understand_query(normalise_query(q, 10_000), query_steps, vocabulary)
-             for q in queries["query"].to_list()]
-    qvecs = encoder.encode(texts)
+    normalised = [normalise_query(q, 10_000) for q in queries["query"].to_list()]
+    texts = [understand_query(q, query_steps, vocabulary) for q in normalised]
+    qvecs = encoder.encode([understand_query(q, query_steps, vocabulary, channel="dense")
+                            for q in normalised])
     judged = dict(judgments.frame.group_by("query_id").agg(pl.col("item_id")).iter_rows())
     rows: dict[int, np.ndarray] = {}
     features: dict[int, dict[str, np.ndarray]] = {}
@@ -188,12 +190,13 @@ def method_rankings(encoder: Encoder, products: pl.DataFrame, judgments: Judgmen
     """query_id -> ranked item ids, for every method: ``bm25``, ``dense``, ``fusion`` (the
     data README's plain 50/50 min-max fusion) and ``hybrid`` (learned fusion).
 
-    With the ``units`` step the lexical index spells units one way in item text too; item
-    embeddings are never affected (the dense channel rewrites queries only).
+    With the ``units`` and ``dimensions`` steps the lexical index rewrites item text the same
+    way; item embeddings are never affected (the dense channel rewrites queries only).
     """
     texts = product_texts(products)
     item_vecs = embed_cached(encoder, texts, cache_path)
-    lexical = LexicalIndex.build(texts, units="units" in query_steps)
+    lexical = LexicalIndex.build(texts, units="units" in query_steps,
+                                 dimensions="dimensions" in query_steps)
     vocabulary = (Vocabulary(lexical.words, stem=lexical.stem)
                   if {"spelling", "compounds"} & set(query_steps) else None)
     ids = products["item_id"].to_list()

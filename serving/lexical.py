@@ -3,24 +3,26 @@
 Catches what embeddings blur: exact terms, brands, model numbers. Scores are raw BM25
 (k1 1.5, b 0.75); callers normalise per query before fusing with dense similarity.
 
-Documents and queries go through the same preparation: case folding, then (``units``) the
-unit rewrite of :func:`serving.query.normalise_units`, so "1-gal." in a title and "1 gallon"
-in a query are the same terms. The token pattern keeps numbers of any length, decimals and
-fractions ("3", "7.2", "3/4"), which bm25s' default pattern (two word characters or more)
-drops.
+Documents and queries go through the same preparation: case folding, then the unit
+rewrite of :func:`serving.query.normalise_units` (``units``: "1-gal." in a title and
+"1 gallon" in a query are the same terms) and the dimension split of
+:func:`serving.query.split_dimensions` (``dimensions``: "2x4" -> "2 x 4"). The token pattern
+keeps numbers of any length, decimals and fractions ("3", "7.2", "3/4"), which bm25s' default
+pattern (two word characters or more) drops.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from serving.query import normalise_units
+from serving.query import normalise_units, split_dimensions
 
 #: bm25s' default: words of two or more characters ("3/4" -> nothing, "7.2" -> nothing).
 LEGACY_TOKEN_PATTERN = r"(?u)\b\w\w+\b"
@@ -37,28 +39,30 @@ def _stemmer():
 class LexicalIndex:
     """BM25 over a fixed list of documents; row i is document i.
 
-    ``token_pattern`` and ``units`` fix how documents and queries are tokenised; they are
-    saved with the index. ``words`` maps each surface word (case-folded, before stop-word
-    removal and stemming) to the number of documents containing it: the vocabulary that
-    spelling correction draws on.
+    ``token_pattern``, ``units`` and ``dimensions`` fix how documents and queries are
+    tokenised; they are saved with the index. ``words`` maps each surface word (case-folded,
+    before stop-word removal and stemming) to the number of documents containing it: the
+    vocabulary that spelling correction draws on (:class:`serving.query.Vocabulary`).
     """
 
     def __init__(self, retriever, n_docs: int, token_pattern: str = TOKEN_PATTERN,
-                 units: bool = True, words: dict[str, int] | None = None) -> None:
+                 units: bool = True, dimensions: bool = True,
+                 words: dict[str, int] | None = None) -> None:
         self._retriever = retriever
         self._stemmer = _stemmer()
+        self._stemmer_lock = threading.Lock()  # a Snowball stemmer must not run concurrently
         self.n_docs = n_docs
         self.token_pattern = token_pattern
         self.units = units
+        self.dimensions = dimensions
         self.words = words if words is not None else {}
-        self._split = re.compile(token_pattern).findall
 
     @classmethod
     def build(cls, texts: Sequence[str], token_pattern: str = TOKEN_PATTERN,
-              units: bool = True) -> LexicalIndex:
+              units: bool = True, dimensions: bool = True) -> LexicalIndex:
         import bm25s
 
-        prepared = [_prepare(t, units) for t in texts]
+        prepared = [_prepare(t, units, dimensions) for t in texts]
         split = re.compile(token_pattern).findall
         words: Counter[str] = Counter()
         for text in prepared:
@@ -67,13 +71,14 @@ class LexicalIndex:
                                 stemmer=_stemmer(), show_progress=False)
         retriever = bm25s.BM25(k1=1.5, b=0.75)
         retriever.index(tokens, show_progress=False)
-        return cls(retriever, len(texts), token_pattern, units, dict(words))
+        return cls(retriever, len(texts), token_pattern, units, dimensions, dict(words))
 
     def save(self, directory: Path) -> None:
         self._retriever.save(str(directory), show_progress=False)
         (directory / "n_docs.txt").write_text(str(self.n_docs))
         (directory / "tokenisation.json").write_text(json.dumps(
-            {"token_pattern": self.token_pattern, "units": self.units}))
+            {"token_pattern": self.token_pattern, "units": self.units,
+             "dimensions": self.dimensions}))
         (directory / "words.json").write_text(json.dumps(self.words))
 
     @classmethod
@@ -84,22 +89,27 @@ class LexicalIndex:
         settings_path = directory / "tokenisation.json"
         # An index saved before tokenisation was configurable used bm25s' defaults.
         settings = (json.loads(settings_path.read_text()) if settings_path.is_file()
-                    else {"token_pattern": LEGACY_TOKEN_PATTERN, "units": False})
+                    else {"token_pattern": LEGACY_TOKEN_PATTERN, "units": False,
+                          "dimensions": False})
         words_path = directory / "words.json"
         words = json.loads(words_path.read_text()) if words_path.is_file() else {}
         return cls(retriever, int((directory / "n_docs.txt").read_text()),
-                   settings["token_pattern"], bool(settings["units"]), words)
+                   settings["token_pattern"], bool(settings["units"]),
+                   bool(settings["dimensions"]), words)
 
     def tokens(self, query: str) -> list[str]:
         import bm25s
 
-        return bm25s.tokenize([_prepare(query, self.units)], token_pattern=self.token_pattern,
-                              stopwords="en", stemmer=self._stemmer, return_ids=False,
-                              show_progress=False)[0]
+        with self._stemmer_lock:
+            return bm25s.tokenize([_prepare(query, self.units, self.dimensions)],
+                                  token_pattern=self.token_pattern, stopwords="en",
+                                  stemmer=self._stemmer, return_ids=False,
+                                  show_progress=False)[0]
 
     def stem(self, words: list[str]) -> list[str]:
         """The index's stems of ``words`` (case-folded surface words)."""
-        return self._stemmer.stemWords(words)
+        with self._stemmer_lock:
+            return self._stemmer.stemWords(words)
 
     @property
     def vocab(self) -> dict[str, int]:
@@ -126,6 +136,8 @@ class LexicalIndex:
         return top[keep], scores[top][keep]
 
 
-def _prepare(text: str, units: bool) -> str:
+def _prepare(text: str, units: bool, dimensions: bool) -> str:
     text = text.casefold()
-    return normalise_units(text) if units else text
+    if units:
+        text = normalise_units(text)
+    return split_dimensions(text) if dimensions else text

@@ -25,15 +25,23 @@ unknown word, and nothing for known ones.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 from typing import Literal, get_args
 
+from serving.errors import InvalidInputError
+
 Step = Literal["units", "dimensions", "compounds", "spelling"]
+Channel = Literal["lexical", "dense"]
 #: Every step, in the order :func:`understand_query` applies them.
 ALL_STEPS: tuple[Step, ...] = get_args(Step)
 #: The steps that measurably improved retrieval on the development queries.
-DEFAULT_STEPS: tuple[Step, ...] = ("units", "spelling")
+DEFAULT_STEPS: tuple[Step, ...] = ("units", "dimensions", "compounds", "spelling")
+#: Steps for the lexical channel only: splitting "2x4" helps BM25 (done to item text too, see
+#: :class:`serving.lexical.LexicalIndex`) but cost the encoder a little on the development
+#: queries, so the dense channel's query skips them.
+LEXICAL_ONLY_STEPS: frozenset[Step] = frozenset({"dimensions"})
 
 MIN_CORRECTED_LENGTH = 4      # shorter words are too often abbreviations or brands
 LONG_WORD_LENGTH = 6          # from this length two edits are allowed, below it one
@@ -139,7 +147,8 @@ class Vocabulary:
     ``frequencies`` maps each (case-folded) word to the number of items containing it.
     ``stem``, when given, lets a word count as known if its stem is a known stem ("drills"
     where the catalogue only says "drill"). Building costs a few seconds for ~20k words
-    (the symmetric-delete index of :mod:`symspellpy`); lookups are then cheap.
+    (the symmetric-delete index of :mod:`symspellpy`); lookups are then cheap. Safe to share
+    between threads.
     """
 
     def __init__(self, frequencies: Mapping[str, int],
@@ -148,6 +157,7 @@ class Vocabulary:
 
         self.frequencies = dict(frequencies)
         self._stem = stem
+        self._stem_lock = threading.Lock()  # Snowball stemmers keep state between calls
         words = list(self.frequencies)
         self._stems = frozenset(stem(words)) if stem is not None else frozenset()
         self._speller = SymSpell(max_dictionary_edit_distance=2, prefix_length=7)
@@ -157,13 +167,15 @@ class Vocabulary:
         # Bounded memo: serving sees the same few misspellings over and over.
         self._memo = lru_cache(maxsize=8192)(self._correction)
 
-    def __contains__(self, word: object) -> bool:
-        return isinstance(word, str) and self.knows(word)
-
     def knows(self, word: str) -> bool:
+        """Whether ``word``, or its stem, occurs in the catalogue."""
         if word in self.frequencies:
             return True
-        return self._stem is not None and self._stem([word])[0] in self._stems
+        if self._stem is None:
+            return False
+        with self._stem_lock:
+            stem = self._stem([word])[0]
+        return stem in self._stems
 
     def count(self, word: str) -> int:
         return self.frequencies.get(word, 0)
@@ -183,9 +195,11 @@ class Vocabulary:
         return self._memo(word)
 
     def split(self, word: str) -> tuple[str, str] | None:
-        """Two known words that ``word`` (unknown, letters only) is made of; the split whose
-        rarer half is in most documents wins."""
-        if not word.isalpha() or len(word) < 2 * MIN_SPLIT_PART or self.knows(word):
+        """Two known words that ``word`` (unknown, letters only, and with no spelling
+        correction: "furnance" is a typo of "furnace", not "fur nance") is made of; the
+        split whose rarer half is in most documents wins."""
+        if (not word.isalpha() or len(word) < 2 * MIN_SPLIT_PART or self.knows(word)
+                or self.correction(word) is not None):
             return None
         best, best_count = None, 0
         for i in range(MIN_SPLIT_PART, len(word) - MIN_SPLIT_PART + 1):
@@ -238,25 +252,29 @@ _NEEDS_VOCABULARY: frozenset[Step] = frozenset({"compounds", "spelling"})
 
 def parse_steps(value: str | Iterable[str] | None) -> tuple[Step, ...]:
     """Steps from a comma list or an iterable (``"none"`` or empty: no step; ``None``: the
-    defaults), in the order they are applied. Raises ValueError naming an unknown step."""
+    defaults), in the order they are applied. Raises :class:`InvalidInputError` (a
+    ValueError) naming an unknown step."""
     if value is None:
         return DEFAULT_STEPS
     names = [s.strip() for s in (value.split(",") if isinstance(value, str) else value)]
     names = [s for s in names if s and s != "none"]
     unknown = sorted(set(names) - set(ALL_STEPS))
     if unknown:
-        raise ValueError(f"unknown query step(s) {unknown}; known: {list(ALL_STEPS)}")
+        raise InvalidInputError(f"unknown query step(s) {unknown}; known: {list(ALL_STEPS)}")
     return tuple(s for s in ALL_STEPS if s in names)
 
 
 def understand_query(text: str, steps: Iterable[str] = DEFAULT_STEPS,
-                     vocabulary: Vocabulary | None = None) -> str:
+                     vocabulary: Vocabulary | None = None, channel: Channel = "lexical") -> str:
     """Apply the enabled ``steps`` to a normalised query, in the order of :data:`ALL_STEPS`.
 
     ``vocabulary`` is the catalogue's (required by ``compounds`` and ``spelling``: asking for
-    them without one is a ValueError, not a silent no-op).
+    them without one is a ValueError, not a silent no-op). ``channel="dense"`` leaves out the
+    :data:`LEXICAL_ONLY_STEPS`: the text to give the encoder.
     """
     enabled = parse_steps(steps)
+    if channel == "dense":
+        enabled = tuple(s for s in enabled if s not in LEXICAL_ONLY_STEPS)
     if vocabulary is None and _NEEDS_VOCABULARY & set(enabled):
         raise ValueError(f"query steps {sorted(_NEEDS_VOCABULARY & set(enabled))} need the "
                          "catalogue vocabulary")
