@@ -39,8 +39,9 @@ TREE_GRID = (8, 16, 32, 64, 128)
 SEARCH_K_FACTORS = (1, 2, 4, 8, 16, 32, 64)
 TUNING_QUERIES = 500
 # Part of every release id: a bundle written by code with another layout (e.g. before the
-# lexical channel) is rebuilt, not mistaken for the current release of the same catalogue.
-BUNDLE_LAYOUT = 2
+# lexical channel, or with its older tokenisation) is rebuilt, not mistaken for the current
+# release of the same catalogue.
+BUNDLE_LAYOUT = 3
 
 
 @dataclass(frozen=True)
