@@ -81,7 +81,7 @@ def cmd_recommend(args: argparse.Namespace) -> None:
         filters["in_stock"] = True
     rec = Recommender.load(settings=_settings(args), watch=False)
     if args.session:
-        _replay_session(rec, args.session)
+        rec.restore_session(args.session)  # a one-shot process has no session memory
     results = rec.recommend(args.query, k=args.k, filters=filters or None,
                             session_id=args.session)
     if args.json:
@@ -95,25 +95,6 @@ def cmd_recommend(args: argparse.Namespace) -> None:
         stock = "" if r.in_stock else "  [out of stock]"
         print(f"  {r.rank:>2}. {r.score:.3f}  {r.item_id:<12} {r.title}  ({r.category}, "
               f"{price}){stock}")
-
-
-def _replay_session(rec, session_id: str) -> None:
-    """A one-shot CLI process has no session memory: rebuild it from the session's recent
-    events in the durable log (an app process keeps it in memory or in Redis)."""
-    import time
-
-    from serving.eventlog import iter_all
-    from serving.session import EVENT_WEIGHTS, SessionConfig, SessionState
-
-    cfg = SessionConfig(ttl_s=rec.settings.session_ttl_s)
-    state = SessionState()
-    for logged in iter_all(rec._log()):
-        ev = logged.event
-        if (ev.session_id == session_id and ev.type in EVENT_WEIGHTS
-                and ev.ts >= time.time() - cfg.ttl_s):
-            state = state.add(ev.item_id, EVENT_WEIGHTS[ev.type], ev.ts, cfg)
-    if state.interactions:
-        rec._sessions.put(session_id, state)
 
 
 def cmd_record(args: argparse.Namespace) -> None:

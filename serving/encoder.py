@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from serving.cache import LRUCache
 from serving.errors import EncoderError
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,7 @@ class Encoder:
         self.revision = _weights_digest(str(self.path))[:16]
         self.dim = int(self._model.config.hidden_size)
         self._lock = threading.Lock()
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._cache_size = cache_size
+        self._cache: LRUCache[np.ndarray] = LRUCache(cache_size)
 
     @property
     def version(self) -> str:
@@ -120,17 +119,11 @@ class Encoder:
 
     def encode_query(self, text: str) -> np.ndarray:
         """Embed one (already normalised) query, with an LRU cache of recent queries."""
-        with self._lock:
-            hit = self._cache.get(text)
-            if hit is not None:
-                self._cache.move_to_end(text)
-                return hit
+        return self._cache.get_or_compute(text, lambda: self._embed_one(text))
+
+    def _embed_one(self, text: str) -> np.ndarray:
         vec = self._forward([text])[0]
         vec.setflags(write=False)
-        with self._lock:
-            self._cache[text] = vec
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
         return vec
 
     def _forward(self, texts: list[str]) -> np.ndarray:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from serving.cache import LRUCache
 from serving.checkpoint import CheckpointRef, load_latest, rankers_dir, read_latest
 from serving.encoder import Encoder
 from serving.errors import FilterError, InvalidInputError, QueryError, ReleaseError
@@ -345,15 +346,31 @@ class Recommender:
         result: AppendResult = self._log().append(parsed)
         self.counters["events_recorded"] += result.accepted
         self.counters["events_duplicate"] += result.duplicates
-        state = self._state
-        for ev in parsed:
+        # a re-sent event changes nothing, in the log or in the session
+        self._apply_to_sessions([ev for ev in parsed if ev.event_id in result.new_ids])
+        return parsed
+
+    def restore_session(self, session_id: str) -> bool:
+        """Rebuild a session's state from its recent events in the durable log, for a process
+        that starts without it (a one-shot CLI call, a replica without a shared session
+        store). Reads the whole log: meant for start-up, not the request path."""
+        from serving.eventlog import iter_all
+
+        horizon = time.time() - self._session_cfg.ttl_s
+        events = [logged.event for logged in iter_all(self._log())
+                  if logged.event.session_id == session_id and logged.event.ts >= horizon]
+        self._apply_to_sessions(events)
+        return bool(events)
+
+    def _apply_to_sessions(self, events: list[Event]) -> None:
+        row_of = self._state.row_of
+        for ev in events:
             weight = EVENT_WEIGHTS.get(ev.type)
-            if weight is None or ev.item_id not in state.row_of or ev.event_id not in result.new_ids:
-                continue  # a re-sent event changes nothing, in the log or in the session
+            if weight is None or ev.item_id not in row_of:
+                continue
             current = self._sessions.get(ev.session_id) or SessionState()
             self._sessions.put(ev.session_id, current.add(ev.item_id, weight, ev.ts,
                                                           self._session_cfg))
-        return parsed
 
     # -- hot reload ---------------------------------------------------------------------
 
@@ -443,28 +460,21 @@ class LexicalCache:
     queries, per release; bounded, thread-safe."""
 
     def __init__(self, size: int = 128) -> None:
-        self._data: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-        self._size = size
+        self._cache: LRUCache[np.ndarray] = LRUCache(size)
 
     def relative(self, bundle: Bundle, text: str) -> np.ndarray | None:
         if bundle.lexical is None:
             return None
-        key = (bundle.release_id, text)
-        with self._lock:
-            hit = self._data.get(key)
-            if hit is not None:
-                self._data.move_to_end(key)
-                return hit
-        scores = bundle.lexical.scores(text)
-        top = float(scores.max()) if len(scores) else 0.0
-        rel = scores / top if top > 0 else scores
-        rel.setflags(write=False)
-        with self._lock:
-            self._data[key] = rel
-            if len(self._data) > self._size:
-                self._data.popitem(last=False)
-        return rel
+        return self._cache.get_or_compute((bundle.release_id, text),
+                                          lambda: _relative_scores(bundle, text))
+
+
+def _relative_scores(bundle: Bundle, text: str) -> np.ndarray:
+    scores = bundle.lexical.scores(text)
+    top = float(scores.max()) if len(scores) else 0.0
+    rel = scores / top if top > 0 else scores
+    rel.setflags(write=False)
+    return rel
 
 
 def _lexical_top(rel: np.ndarray, depth: int, filters: Filters | None,

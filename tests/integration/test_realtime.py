@@ -225,3 +225,15 @@ def test_killed_at_any_instant_the_updater_loses_nothing_and_applies_nothing_twi
     b = Ranker.load(reference_home / "rankers" / read_latest(reference_home).file)
     for name in ("U", "V", "w", "b0", "item_bias"):
         np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-9, atol=1e-12)
+
+
+def test_a_fresh_process_restores_a_session_from_the_log(demo_copy, encoder):
+    first = load(demo_copy, encoder)
+    item = first.recommend("yoga mat", k=1)[0].item_id
+    first.record({"session_id": "s9", "item_id": item, "type": "add_to_cart"})
+    fresh = load(demo_copy, encoder)  # another process: no session memory
+    with pytest.raises(ValueError, match="no recent interactions"):
+        fresh.recommend(None, k=3, session_id="s9")
+    assert fresh.restore_session("s9") is True
+    assert fresh.recommend(None, k=3, session_id="s9")[0].item_id == item
+    assert fresh.restore_session("nobody") is False
