@@ -125,12 +125,9 @@ def cmd_nearline(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    if args.what == "nearline":
-        from pipelines.bench import bench_nearline
+    from pipelines import benchmarks
 
-        result = bench_nearline(_settings(args), n_lists=args.lists, probes=args.probes)
-    else:  # pragma: no cover - argparse restricts the choices
-        raise ValueError(f"unknown benchmark {args.what}")
+    result = benchmarks.load(args.what).run(_settings(args), args)
     if args.json:
         _emit(result)
     else:
@@ -263,12 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the most recent events held out to compare with the champion")
     p.set_defaults(func=cmd_retrain)
 
-    p = sub.add_parser("bench", help="benchmarks that print figures")
-    p.add_argument("what", choices=["nearline"])
-    p.add_argument("--lists", type=int, default=2000, help="result lists in the backlog")
-    p.add_argument("--probes", type=int, default=20, help="freshness probes")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("bench", help="benchmarks that print figures (never pass/fail)")
+    bench = p.add_subparsers(dest="what", required=True, metavar="BENCHMARK")
+    from pipelines import benchmarks
+
+    for name in benchmarks.available():
+        module = benchmarks.load(name)
+        b = bench.add_parser(name, help=(module.__doc__ or name).strip().splitlines()[0])
+        module.add_arguments(b)
+        b.add_argument("--json", action="store_true")
+        b.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval", help="offline evaluation on judged product-search data")
     p.add_argument("--products", type=Path, required=True)

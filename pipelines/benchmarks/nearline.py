@@ -1,4 +1,4 @@
-"""Benchmarks that print figures (never pass/fail): ``instantrec bench nearline``.
+"""Updater throughput and cross-process freshness (``instantrec bench nearline``).
 
 Freshness is measured across processes, as a shop would see it: process A records a click
 and notes when ``record()`` returned; the nearline updater (its own process) applies it and
@@ -142,7 +142,8 @@ def bench_nearline(settings: Settings, n_lists: int = 2000, probes: int = 20) ->
                                         env=env, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
         reader = subprocess.Popen(
-            [sys.executable, "-c", f"from pipelines.bench import _reader; _reader({str(home)!r})"],
+            [sys.executable, "-c",
+             f"from pipelines.benchmarks.nearline import _reader; _reader({str(home)!r})"],
             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             text=True)
         try:
@@ -183,3 +184,12 @@ def bench_nearline(settings: Settings, n_lists: int = 2000, probes: int = 20) ->
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def add_arguments(p: Any) -> None:
+    p.add_argument("--lists", type=int, default=2000, help="result lists in the backlog")
+    p.add_argument("--probes", type=int, default=20, help="freshness probes")
+
+
+def run(settings: Settings, args: Any) -> dict[str, Any]:
+    return bench_nearline(settings, n_lists=args.lists, probes=args.probes)
