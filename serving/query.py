@@ -247,7 +247,7 @@ def split_compounds(text: str, vocabulary: Vocabulary) -> str:
     return " ".join(out)
 
 
-_NEEDS_VOCABULARY: frozenset[Step] = frozenset({"compounds", "spelling"})
+NEEDS_VOCABULARY: frozenset[Step] = frozenset({"compounds", "spelling"})
 
 
 def parse_steps(value: str | Iterable[str] | None) -> tuple[Step, ...]:
@@ -275,8 +275,8 @@ def understand_query(text: str, steps: Iterable[str] = DEFAULT_STEPS,
     enabled = parse_steps(steps)
     if channel == "dense":
         enabled = tuple(s for s in enabled if s not in LEXICAL_ONLY_STEPS)
-    if vocabulary is None and _NEEDS_VOCABULARY & set(enabled):
-        raise ValueError(f"query steps {sorted(_NEEDS_VOCABULARY & set(enabled))} need the "
+    if vocabulary is None and NEEDS_VOCABULARY & set(enabled):
+        raise ValueError(f"query steps {sorted(NEEDS_VOCABULARY & set(enabled))} need the "
                          "catalogue vocabulary")
     for step in enabled:
         if step == "units":

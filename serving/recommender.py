@@ -7,6 +7,7 @@ release that fails to load never replaces a working one.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -25,6 +26,14 @@ from serving.errors import FilterError, InvalidInputError, QueryError, ReleaseEr
 from serving.eventlog import AppendResult, EventLog
 from serving.events import Event, EventError, parse_event
 from serving.manifest import Manifest
+from serving.query import (
+    DEFAULT_STEPS,
+    NEEDS_VOCABULARY,
+    Step,
+    Vocabulary,
+    parse_steps,
+    understand_query,
+)
 from serving.ranker import Ranker, query_key, sigmoid
 from serving.release import Bundle, current_bundle_dir, load_bundle, read_pointer
 from serving.session import (
@@ -137,11 +146,14 @@ class _State:
     ranker: Ranker
     ranker_seq: int            # 0 = the untrained starting point
     row_of: dict[str, int]     # item id -> row in the bundle
+    vocabulary: Vocabulary | None = None   # the catalogue's words, for spelling and compounds
 
 
-def _make_state(bundle: Bundle, encoder: Encoder, generation: int, home: Path | None) -> _State:
+def _make_state(bundle: Bundle, encoder: Encoder, generation: int, home: Path | None,
+                steps: tuple[Step, ...] = DEFAULT_STEPS) -> _State:
     """The state for ``bundle``, with the newest ranker checkpoint trained for this release
-    (a checkpoint for another release is never applied to this index)."""
+    (a checkpoint for another release is never applied to this index) and, when ``steps``
+    need it, the catalogue vocabulary for spelling and compounds (built once per release)."""
     ranker, seq = None, 0
     if home is not None:
         latest = load_latest(home)
@@ -153,7 +165,10 @@ def _make_state(bundle: Bundle, encoder: Encoder, generation: int, home: Path | 
         raise ReleaseError(f"ranker checkpoint for {bundle.release_id} has {len(ranker.item_bias)} "
                            f"item biases, the release has {len(bundle.items)} items")
     row_of = {item: i for i, item in enumerate(bundle.items.item_ids.tolist())}
-    return _State(bundle, encoder, generation, ranker, seq, row_of)
+    vocabulary = None
+    if bundle.lexical is not None and bundle.lexical.words and NEEDS_VOCABULARY & set(steps):
+        vocabulary = Vocabulary(bundle.lexical.words, stem=bundle.lexical.stem)
+    return _State(bundle, encoder, generation, ranker, seq, row_of, vocabulary)
 
 
 class Recommender:
@@ -174,6 +189,7 @@ class Recommender:
         self._event_log = event_log
         self._sessions = sessions or open_session_store(settings)
         self._session_cfg = SessionConfig(ttl_s=settings.session_ttl_s)
+        self._steps = parse_steps(settings.query_steps)
         self._user_key: bytes | None = None
         self._lexical = LexicalCache()
         self._reload_lock = threading.Lock()
@@ -198,7 +214,8 @@ class Recommender:
         pointer = read_pointer(releases_dir)
         bundle = load_bundle(current_bundle_dir(releases_dir))
         state = _make_state(bundle, _encoder_for(bundle, settings, encoder),
-                            pointer.generation if pointer else 0, settings.home)
+                            pointer.generation if pointer else 0, settings.home,
+                            parse_steps(settings.query_steps))
         rec = cls(state, settings, releases_dir)
         if watch:
             rec._watcher = threading.Thread(target=rec._watch, name="instantrec-reload",
@@ -213,8 +230,8 @@ class Recommender:
         """Serve one fixed bundle directory, without following any pointer."""
         settings = settings or Settings()
         bundle = load_bundle(Path(bundle_dir))
-        return cls(_make_state(bundle, _encoder_for(bundle, settings, encoder), 0, None),
-                   settings, None)
+        return cls(_make_state(bundle, _encoder_for(bundle, settings, encoder), 0, None,
+                               parse_steps(settings.query_steps)), settings, None)
 
     # -- requests -----------------------------------------------------------------------
 
@@ -267,7 +284,14 @@ class Recommender:
             self.counters[f"rejected_{type(exc).__name__}"] += 1
             raise
         state = self._state  # one consistent snapshot for the whole request
-        qvec = state.encoder.encode_query(text) if text is not None else None
+        dense_text = lexical_text = text
+        steps = (self._steps if state.vocabulary is not None
+                 else tuple(s for s in self._steps if s not in NEEDS_VOCABULARY))
+        if text is not None and steps:
+            # units and dimensions are also applied by the lexical index itself
+            dense_text = understand_query(text, steps, state.vocabulary, channel="dense")
+            lexical_text = understand_query(text, steps, state.vocabulary)
+        qvec = state.encoder.encode_query(dense_text) if dense_text is not None else None
         now = time.time()
         session = self._sessions.get(session_id) if session_id is not None else None
         interest = interest_vector(session, state.bundle.vectors, state.row_of, now,
@@ -287,7 +311,8 @@ class Recommender:
             self.counters["intent_shifts"] += 1
         depth = max(k, self._settings.candidates)
         rows, _ = _search(state.bundle, vec, depth, parsed)
-        lex = self._lexical.relative(state.bundle, text) if text is not None else None
+        lex = (self._lexical.relative(state.bundle, lexical_text) if lexical_text is not None
+               else None)
         if lex is not None:
             rows = _union(rows, _lexical_top(lex, depth, parsed, state.bundle))
         self.counters["requests"] += 1
@@ -388,7 +413,8 @@ class Recommender:
                 if pointer is not None and pointer.release_id != current.bundle.release_id:
                     bundle = load_bundle(self._releases_dir / pointer.release_id)
                     encoder = _encoder_for(bundle, self._settings, current.encoder)
-                    self._state = _make_state(bundle, encoder, pointer.generation, self._home)
+                    self._state = _make_state(bundle, encoder, pointer.generation, self._home,
+                                              self._steps)
                     self.counters["reloads"] += 1
                     log.info("now serving release %s", bundle.release_id)
                     return True
@@ -416,8 +442,7 @@ class Recommender:
             self.counters["ranker_reload_failures"] += 1
             log.error("keeping ranker %d: checkpoint failed to load: %s", current.ranker_seq, exc)
             return False
-        self._state = _State(current.bundle, current.encoder, current.generation, ranker,
-                             ref.seq, current.row_of)
+        self._state = dataclasses.replace(current, ranker=ranker, ranker_seq=ref.seq)
         self.counters["ranker_reloads"] += 1
         return True
 

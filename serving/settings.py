@@ -10,8 +10,10 @@ import secrets
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from serving.query import DEFAULT_STEPS, parse_steps
 
 
 class Settings(BaseSettings):
@@ -37,6 +39,10 @@ class Settings(BaseSettings):
     max_query_chars: int = Field(256, ge=1)
     reload_interval_s: float = Field(1.0, gt=0.0, description="How often serving checks the pointer.")
     candidates: int = Field(100, ge=1, le=1000, description="Retrieval depth the ranker re-scores.")
+    query_steps: str = Field(
+        ",".join(DEFAULT_STEPS),
+        description="Query understanding in serving: comma list of units, dimensions, compounds, "
+                    "spelling (or 'none'); see serving/query.py.")
     user_id_key: SecretStr | None = Field(
         None, description="Key of the user-id hash; None = a random key kept under home/secrets.")
     events_backend: Literal["sqlite", "redis"] = "sqlite"
@@ -49,6 +55,11 @@ class Settings(BaseSettings):
     checkpoint_every_s: float = Field(0.5, gt=0.0)
     abuse_max_clicks: int = Field(10, ge=1, description="Positive events per window per session/user.")
     abuse_window_s: float = Field(10.0, gt=0.0)
+
+    @field_validator("query_steps")
+    @classmethod
+    def _known_steps(cls, value: str) -> str:
+        return ",".join(parse_steps(value)) or "none"
 
     @property
     def warehouse_path(self) -> Path:

@@ -50,6 +50,25 @@ def test_results_are_typed_ranked_and_explained(rec):
     assert top.item_id in ROWS and top.price == pytest.approx(float(ROWS[top.item_id]["price"]))
 
 
+def test_typos_and_glued_words_are_understood_from_the_catalogue(rec, demo_home, encoder):
+    right = [r.item_id for r in rec.recommend("espresso machine", k=3)]
+    assert [r.item_id for r in rec.recommend("expresso machin", k=3)] == right
+    assert [r.item_id for r in rec.recommend("espressomachine", k=3)] == right
+    raw = Recommender.load(demo_home, settings=make_settings(demo_home, query_steps="none"),
+                           encoder=encoder, watch=False)
+    try:  # without the steps the typo loses the lexical match
+        typo = raw.recommend("expresso machin", k=3)
+        assert max(r.signals["lexical"] for r in typo) < max(
+            r.signals["lexical"] for r in rec.recommend("expresso machin", k=3))
+    finally:
+        raw.close()
+
+
+def test_unknown_query_steps_are_refused_by_name(demo_home):
+    with pytest.raises(ValueError, match="spellling"):
+        make_settings(demo_home, query_steps="units,spellling")
+
+
 def test_category_price_and_stock_filters_still_return_k(rec):
     filters = {"category": "Kitchen", "max_price": 60.0, "in_stock": True}
     results = rec.recommend("headphones", k=10, filters=filters)  # far from the filtered set
