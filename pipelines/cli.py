@@ -151,7 +151,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
                              settings.home / "cache" / "embeddings.duckdb",
                              per_query=args.per_query,
                              relevant_threshold=args.relevant_threshold,
-                             query_steps=args.query_steps)
+                             query_steps=args.query_steps, methods=args.methods)
+    if not args.no_chart:
+        from pipelines.evaluation import write_eval_chart
+
+        data_set = Path(args.judgments).resolve().parent.name
+        chart = args.chart or settings.home / f"eval-{data_set}-{args.protocol}.png"
+        title = f"{data_set}: {args.protocol} protocol, {report['n_queries']} queries"
+        report["chart"] = str(write_eval_chart(report, chart, title=title))
     if args.json:
         _emit(report)
         return
@@ -281,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-steps", default=None,
                    help="query-understanding steps, comma-separated (units, dimensions, "
                         "compounds, spelling), or 'none' (default: the serving defaults)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated subset of bm25, dense, fusion, hybrid, ranker (default: all)")
+    p.add_argument("--chart", type=Path, default=None,
+                   help="PNG of the figures (default: <home>/eval-<data set>-<protocol>.png)")
+    p.add_argument("--no-chart", action="store_true", help="write no PNG")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -40,12 +41,17 @@ def test_eval_runs_both_protocols_on_real_data(shared_data, tmp_path, name, id_c
     products, judgments = slice_dataset(shared_data, name, id_col, 6, tmp_path)
     retrieval = run_eval(tmp_path, products, judgments, "retrieval", "--per-query")
     assert retrieval["protocol"] == "retrieval"
-    assert set(retrieval["methods"]) == {"bm25", "dense", "fusion", "hybrid"}
+    assert set(retrieval["methods"]) == {"bm25", "dense", "fusion", "hybrid", "ranker"}
+    chart = Path(retrieval["chart"])
+    assert chart.name == f"eval-{tmp_path.name}-retrieval.png"  # named after the data folder
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for metrics in retrieval["methods"].values():
         assert set(metrics) == {"ndcg@10", "recall@100", "mrr"}
         assert 0.0 < metrics["ndcg@10"] <= 1.0 and 0.0 < metrics["recall@100"] <= 1.0
     assert retrieval["n_queries"] == len(retrieval["per_query"]["dense"]) <= 6
-    rerank = run_eval(tmp_path, products, judgments, "rerank")
+    rerank = run_eval(tmp_path, products, judgments, "rerank", "--methods", "dense,hybrid",
+                      "--no-chart")
+    assert set(rerank["methods"]) == {"dense", "hybrid"} and "chart" not in rerank
     assert rerank["n_queries"] == 6
     assert all(0.0 < m["ndcg@10"] <= 1.0 for m in rerank["methods"].values())
 
@@ -96,3 +102,12 @@ def test_eval_names_bad_input(tmp_path):
         "--products", bad_judgments, "--judgments", bad_judgments)
     assert "does not exist" in run_cli_error(
         "--products", tmp_path / "nope.parquet", "--judgments", bad_judgments)
+
+
+def test_unknown_methods_are_named(tmp_path):
+    products = tmp_path / "products.csv"
+    products.write_text("product_id,title\n1,drill\n")
+    judgments = tmp_path / "judgments.csv"
+    judgments.write_text("query_id,query,product_id,relevance\n1,drill,1,3\n")
+    assert "unknown method(s) ['rankr']" in run_cli_error(
+        "--products", products, "--judgments", judgments, "--methods", "dense,rankr")
