@@ -13,11 +13,15 @@ import threading
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from serving.cache import LRUCache
 from serving.errors import EncoderError
+
+if TYPE_CHECKING:
+    from serving.onnx_encoder import OnnxQueryEncoder
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +65,16 @@ class Encoder:
     ``max_length`` is the token budget per text (longer texts are truncated). Safe to call
     from several threads: one lock serialises the tokenizer and forward pass (fast tokenizers
     refuse concurrent use), and torch uses its own intra-op threads underneath.
+
+    ``backend`` is how single queries (:meth:`encode_query`) run: ``"onnx"`` runs the same
+    weights in ONNX Runtime (~3x faster for one short query; exported once into
+    ``onnx_cache_dir``, default the user cache directory) and falls back to torch, logged, if
+    that fails or disagrees; :attr:`backend` says which one serves. Batches always use torch.
     """
 
     def __init__(self, path: Path | str | None = None, max_length: int = 128,
-                 cache_size: int = 4096) -> None:
+                 cache_size: int = 4096, backend: Literal["torch", "onnx"] = "torch",
+                 onnx_cache_dir: Path | str | None = None) -> None:
         import torch
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -86,6 +96,11 @@ class Encoder:
         self.dim = int(self._model.config.hidden_size)
         self._lock = threading.Lock()
         self._cache: LRUCache[np.ndarray] = LRUCache(cache_size)
+        # the query path's backend (encode_query); the batch path (encode) is always torch
+        self.backend: Literal["torch", "onnx"] = "torch"
+        self._onnx: OnnxQueryEncoder | None = None
+        if backend == "onnx":
+            self._start_onnx(onnx_cache_dir)
 
     @property
     def version(self) -> str:
@@ -96,13 +111,19 @@ class Encoder:
                progress: bool = False) -> np.ndarray:
         """Embed ``texts``; returns float32 (len(texts), dim), each row of unit length.
 
-        Texts are sorted by length and batched, so each batch pads only to its own longest
-        text.
+        All texts are tokenised once up front (one call to the fast tokenizer, which works
+        through the list in native code), then sorted by token count and batched, so each batch
+        pads only to its own longest item and near-equal lengths share a batch.
         """
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
-        order = np.argsort([len(t) for t in texts], kind="stable")[::-1]
+        with self._lock:  # fast tokenizers refuse concurrent use
+            ids = self._tokenizer(list(texts), truncation=True, max_length=self.max_length,
+                                  return_attention_mask=False,
+                                  return_token_type_ids=False)["input_ids"]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        order = np.argsort(-lengths, kind="stable")
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         bar = None
         if progress:
@@ -110,7 +131,7 @@ class Encoder:
 
             bar = tqdm(total=len(texts), unit="item", desc="embed")
         for idx in batches:
-            out[idx] = self._forward([texts[i] for i in idx])
+            out[idx] = self._forward_ids([ids[i] for i in idx])
             if bar is not None:
                 bar.update(len(idx))
         if bar is not None:
@@ -122,9 +143,28 @@ class Encoder:
         return self._cache.get_or_compute(text, lambda: self._embed_one(text))
 
     def _embed_one(self, text: str) -> np.ndarray:
-        vec = self._forward([text])[0]
+        vec = self._onnx.embed(text) if self._onnx is not None else self._forward([text])[0]
         vec.setflags(write=False)
         return vec
+
+    def _start_onnx(self, cache_dir: Path | str | None) -> None:
+        """Serve queries through ONNX Runtime if its vectors match PyTorch's on the probe texts;
+        otherwise keep PyTorch (logged): a query path that drifted would silently change
+        rankings against item vectors made by PyTorch."""
+        from serving.onnx_encoder import MIN_PROBE_COSINE, PROBES, OnnxQueryEncoder
+
+        try:
+            onnx = OnnxQueryEncoder(self.path, self.revision, self.max_length,
+                                    Path(cache_dir) if cache_dir is not None else None)
+            cosine = onnx.check_against(self._forward(list(PROBES)))
+        except Exception as exc:  # noqa: BLE001 - any failure leaves the torch path serving
+            log.warning("ONNX query encoder unavailable, using PyTorch: %s", exc)
+            return
+        if cosine < MIN_PROBE_COSINE:
+            log.warning("ONNX query encoder at %s disagrees with PyTorch (cosine %.4f < %.3f); "
+                        "using PyTorch", onnx.path, cosine, MIN_PROBE_COSINE)
+            return
+        self._onnx, self.backend = onnx, "onnx"
 
     def _forward(self, texts: list[str]) -> np.ndarray:
         torch = self._torch
@@ -134,5 +174,27 @@ class Encoder:
             hidden = self._model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        return pooled.numpy().astype(np.float32, copy=False)
+
+    def _forward_ids(self, ids: list[list[int]]) -> np.ndarray:
+        """Unit vectors for already tokenised texts (token ids, truncated, specials included).
+
+        Same maths as :meth:`_forward`; padding goes only to the batch's longest item, and a
+        batch of equal lengths needs no attention mask at all.
+        """
+        torch = self._torch
+        width = max(len(seq) for seq in ids)
+        input_ids = np.full((len(ids), width), self._tokenizer.pad_token_id or 0, dtype=np.int64)
+        mask = np.zeros((len(ids), width), dtype=np.int64)
+        for row, seq in enumerate(ids):
+            input_ids[row, :len(seq)] = seq
+            mask[row, :len(seq)] = 1
+        input_t, mask_t = torch.from_numpy(input_ids), torch.from_numpy(mask)
+        with self._lock, torch.inference_mode():
+            hidden = self._model(input_ids=input_t, token_type_ids=torch.zeros_like(input_t),
+                                 attention_mask=mask_t).last_hidden_state
+            weights = mask_t.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return pooled.numpy().astype(np.float32, copy=False)

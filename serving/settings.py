@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     encoder_path: Path | None = Field(
         None, description="Local transformers encoder directory; None = packaged all-MiniLM-L6-v2."
     )
+    encoder_backend: Literal["torch", "onnx"] = Field(
+        "onnx", description="Query encoding in serving: ONNX Runtime (same vectors, ~3x faster) or "
+        "PyTorch; falls back to PyTorch if the ONNX model cannot be built or disagrees.")
     item_max_tokens: int = Field(128, ge=8, le=512, description="Token budget of an item's text.")
     embed_batch_size: int = Field(64, ge=1, le=4096)
     max_reject_share: float = Field(0.05, ge=0.0, le=1.0, description="Ingest fails above this.")
