@@ -20,7 +20,7 @@ import numpy as np
 import polars as pl
 
 from pipelines.embed import load_vectors
-from serving.encoder import Encoder
+from serving.encoder import DEFAULT_ENCODER_NAME, Encoder
 from serving.lexical import LexicalIndex
 from serving.manifest import (
     EncoderSpec,
@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 TREE_GRID = (8, 16, 32, 64, 128)
 SEARCH_K_FACTORS = (1, 2, 4, 8, 16, 32, 64)
 TUNING_QUERIES = 500
+# A refresh whose catalogue size is within this share of the size the grid last ran at starts
+# from the live release's (n_trees, search_k) and only verifies its recall: the grid search
+# dominated a small refresh's index step. Beyond it, the grid runs again, so a cheaper setting
+# is found when the catalogue has shrunk and the setting never drifts for long.
+REUSE_MAX_SIZE_CHANGE = 0.05
 # Part of every release id: a bundle written by code with another layout (e.g. before the
 # lexical channel, or with its older tokenisation) is rebuilt, not mistaken for the current
 # release of the same catalogue.
@@ -79,11 +84,14 @@ def _build(vectors: np.ndarray, n_trees: int, seed: int):
 
 
 def tune_index(vectors: np.ndarray, seed: int, target: float = 0.95, k: int = 10,
-               sample: int = TUNING_QUERIES):
+               sample: int = TUNING_QUERIES, reuse: tuple[int, int, int] | None = None):
     """Build indexes over ``vectors`` and return (index, choice) for the cheapest setting
     whose recall@k against exact search on a query sample reaches ``target``.
 
     The sample is item vectors mixed with noise, so queries are near but not on items.
+    ``reuse`` = (n_trees, search_k, items the grid last ran at), from the live release: that
+    setting is built and measured on the same query sample first, and kept if it reaches
+    ``target``; otherwise the whole grid runs as usual.
     """
     n = vectors.shape[0]
     rng = np.random.default_rng(seed)
@@ -93,6 +101,18 @@ def tune_index(vectors: np.ndarray, seed: int, target: float = 0.95, k: int = 10
     truth = exact_top_k(vectors, queries, k)
     tuning: list[dict[str, float]] = []
     best = None
+    if reuse is not None:
+        n_trees, search_k, tuned_at = reuse
+        index = _build(vectors, n_trees, seed)
+        found = [index.get_nns_by_vector(q, k, search_k=search_k) for q in queries]
+        recall = recall_at_k(found, truth)
+        point = {"n_trees": n_trees, "search_k": search_k, "recall_at_10": recall,
+                 "reused_from_items": tuned_at}
+        if recall >= target:
+            log.info("index: reused n_trees=%d search_k=%d, recall@10=%.3f", n_trees, search_k,
+                     recall)
+            return index, IndexChoice(n_trees, search_k, recall, [point])
+        log.info("index: reused setting reached recall %.3f < %.2f; tuning again", recall, target)
     for n_trees in TREE_GRID:
         index = _build(vectors, n_trees, seed)
         for factor in SEARCH_K_FACTORS:
@@ -113,6 +133,34 @@ def tune_index(vectors: np.ndarray, seed: int, target: float = 0.95, k: int = 10
     log.info("index: n_trees=%d search_k=%d recall@10=%.3f", best[1].n_trees, best[1].search_k,
              best[1].recall_at_10)
     return best
+
+
+def reusable_setting(releases_dir: Path, encoder: Encoder, n_items: int, seed: int,
+                     target: float) -> tuple[int, int, int] | None:
+    """(n_trees, search_k, items the grid last ran at) of the live release, when it was built
+    with the same encoder, seed and recall target over a catalogue within
+    :data:`REUSE_MAX_SIZE_CHANGE` of ``n_items``; else None."""
+    from serving.manifest import read_manifest
+    from serving.release import read_pointer
+
+    try:
+        pointer = read_pointer(releases_dir)
+        if pointer is None:
+            return None
+        live = read_manifest(releases_dir / pointer.release_id, verify_files=False)
+    except Exception as exc:  # noqa: BLE001 - no usable live release: tune from scratch
+        log.info("index: no live setting to reuse (%s)", exc)
+        return None
+    spec = live.index
+    if (spec.seed, spec.recall_target) != (seed, target) or (
+            live.encoder.name, live.encoder.revision, live.encoder.max_tokens) != (
+            encoder.name, encoder.revision, encoder.max_length):
+        return None
+    tuned_at = int(spec.tuning[-1].get("reused_from_items", live.item_count)) if spec.tuning \
+        else live.item_count
+    if abs(n_items - tuned_at) > REUSE_MAX_SIZE_CHANGE * tuned_at:
+        return None
+    return spec.n_trees, spec.search_k, tuned_at
 
 
 def release_id_for(items: pl.DataFrame, encoder_version: str, seed: int, target: float) -> str:
@@ -158,7 +206,8 @@ def build_index(warehouse: Path, releases_dir: Path, encoder: Encoder, seed: int
     if staged.exists():
         shutil.rmtree(staged)
     staged.mkdir(parents=True)
-    index, choice = tune_index(vectors, seed, recall_target)
+    reuse = reusable_setting(releases_dir, encoder, items.height, seed, recall_target)
+    index, choice = tune_index(vectors, seed, recall_target, reuse=reuse)
     index.save(str(staged / INDEX_FILE))
     np.save(staged / VECTORS_FILE, vectors)
     lexical_files = build_lexical(items, staged / LEXICAL_DIR)
@@ -173,7 +222,9 @@ def build_index(warehouse: Path, releases_dir: Path, encoder: Encoder, seed: int
         item_count=items.height,
         catalogue_digest=digest,
         encoder=EncoderSpec(name=encoder.name, revision=encoder.revision, dim=encoder.dim,
-                            max_tokens=encoder.max_length),
+                            max_tokens=encoder.max_length,
+                            path=None if encoder.name == DEFAULT_ENCODER_NAME
+                            else str(encoder.path.resolve())),
         index=IndexSpec(n_trees=choice.n_trees, search_k=choice.search_k, seed=seed,
                         recall_at_10=choice.recall_at_10, recall_target=recall_target,
                         tuning=choice.tuning),
