@@ -141,6 +141,31 @@ def cmd_retrain(args: argparse.Namespace) -> None:
     _emit(run_retrain(_settings(args), holdout=args.holdout, epochs=args.epochs))
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from pipelines.steps import run_finetune
+
+    result = run_finetune(_settings(args), args.products, args.judgments, holdout=args.holdout,
+                          fold=args.fold, max_steps=args.max_steps, epochs=args.epochs,
+                          promote=not args.no_promote, min_gain=args.min_gain,
+                          hybrid=args.hybrid, eval_max_items=args.eval_max_items,
+                          threads=args.threads)
+    if args.json:
+        _emit(result)
+        return
+    if "reason" in result:
+        print(f"not fine-tuned: {result['reason']}")
+        return
+    t, ev, reg = result["train"], result["evaluation"], result["register"]
+    print(f"encoder {t['encoder_id']}: {t['steps']} steps on {t['train_pairs']} pairs "
+          f"({t['train_queries']} queries) in {t['seconds']}s")
+    for name, res in ev["sets"].items():
+        print(f"  held-out {name} ({res['scored_queries']} queries): " + "  ".join(
+            f"{m} {res['incumbent'][m]:.4f} -> {res['candidate'][m]:.4f}"
+            for m in ("ndcg@10", "recall@100", "mrr")))
+    print(f"registered {reg['model_name']} v{reg['version']}; "
+          f"{'promoted' if reg['promoted'] else 'not promoted'} ({reg['gate']})")
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from pipelines.evaluation import evaluate_judged
     from serving.encoder import Encoder
@@ -266,6 +291,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=float, default=0.2,
                    help="share of the most recent events held out to compare with the champion")
     p.set_defaults(func=cmd_retrain)
+
+    p = sub.add_parser("finetune", help="fine-tune the encoder on positive pairs; promote it "
+                                        "if it wins on held-out queries")
+    p.add_argument("--products", type=Path, default=None, help="judged data: products file")
+    p.add_argument("--judgments", type=Path, default=None, help="judged data: judgments file")
+    p.add_argument("--max-steps", type=int, default=200, help="optimiser steps at most")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the training pairs")
+    p.add_argument("--holdout", type=float, default=0.2,
+                   help="share of queries (by a hash of the query) held out for the gate")
+    p.add_argument("--fold", type=int, default=0,
+                   help="which holdout-wide slice of the query hash is held out (k-fold)")
+    p.add_argument("--min-gain", type=float, default=None,
+                   help="held-out nDCG@10 gain needed to promote (default 0.002)")
+    p.add_argument("--no-promote", action="store_true", help="register, never promote")
+    p.add_argument("--hybrid", action="store_true",
+                   help="also score the BM25 + dense hybrid on the judged held-out queries")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads (1 when other jobs keep the cores busy)")
+    p.add_argument("--eval-max-items", type=int, default=None,
+                   help="evaluate on the held-out queries' judged items plus a fixed sample "
+                        "of the rest, N items in all (cheaper; default: whole catalogue)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("bench", help="benchmarks that print figures (never pass/fail)")
     bench = p.add_subparsers(dest="what", required=True, metavar="BENCHMARK")

@@ -32,7 +32,7 @@ from serving.encoder import Encoder
 from serving.eventlog import EventLog, LoggedEvent
 from serving.events import POSITIVE_TYPES, Event
 from serving.ranker import Ranker, query_key
-from serving.recommender import LexicalCache
+from serving.recommender import LexicalCache, _encoder_path
 from serving.release import Bundle, current_bundle_dir, load_bundle, read_pointer
 from serving.session import (
     EVENT_WEIGHTS,
@@ -97,7 +97,8 @@ class NearlineUpdater:
         self.session_cfg = SessionConfig(ttl_s=settings.session_ttl_s)
         self.window_s = max(settings.session_ttl_s, IMPRESSION_TTL_S, settings.abuse_window_s) + SLACK_S
         self.bundle: Bundle = load_bundle(current_bundle_dir(settings.releases_dir))
-        self.encoder = encoder or Encoder(settings.encoder_path,
+        # the encoder the release was embedded with (a fine-tuned one is recorded by path)
+        self.encoder = encoder or Encoder(_encoder_path(self.bundle, settings),
                                           max_length=self.bundle.manifest.encoder.max_tokens)
         self.row_of = {i: r for r, i in enumerate(self.bundle.items.item_ids.tolist())}
         self.stats = UpdaterStats()

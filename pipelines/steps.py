@@ -16,7 +16,12 @@ DEMO_CATALOGUE = Path(__file__).parent / "demo" / "catalogue.csv"
 
 
 def _encoder(settings: Settings) -> Encoder:
-    return Encoder(settings.encoder_path, max_length=settings.item_max_tokens)
+    """The configured encoder; without one, the promoted fine-tune (``<home>/encoders/CHAMPION``)
+    if any, else the packaged default."""
+    from pipelines.finetune import champion_encoder_path
+
+    path = settings.encoder_path or champion_encoder_path(settings.home)
+    return Encoder(path, max_length=settings.item_max_tokens)
 
 
 def run_ingest(settings: Settings, catalogue: str | Path | None = None) -> dict[str, Any]:
@@ -102,3 +107,20 @@ def run_retrain(settings: Settings, holdout: float = 0.2, epochs: int = 5,
     from pipelines.retrain import retrain_ranker
 
     return retrain_ranker(settings, holdout=holdout, epochs=epochs, encoder=encoder)
+
+
+def run_finetune(settings: Settings, products: str | Path | None = None,
+                 judgments: str | Path | None = None, holdout: float = 0.2, fold: int = 0,
+                 max_steps: int | None = 200, epochs: int = 1, promote: bool = True,
+                 min_gain: float | None = None, hybrid: bool = False,
+                 eval_max_items: int | None = None, threads: int = 2) -> dict[str, Any]:
+    """Fine-tune the encoder on feedback (and judged) pairs of the training queries; register
+    it, and promote it only if it beats the incumbent on the held-out queries."""
+    from pipelines.finetune import MIN_GAIN, TrainConfig, finetune_encoder
+
+    cfg = TrainConfig(max_steps=max_steps, epochs=epochs, item_max_tokens=settings.item_max_tokens,
+                      threads=threads)
+    return finetune_encoder(settings, Path(products) if products else None,
+                            Path(judgments) if judgments else None, holdout, fold, cfg, promote,
+                            MIN_GAIN if min_gain is None else min_gain, hybrid,
+                            max_items=eval_max_items)

@@ -27,6 +27,9 @@ class EncoderSpec(BaseModel):
     max_tokens: int
     pooling: Literal["mean"] = "mean"
     normalized: bool = True
+    # Directory of a non-default (e.g. fine-tuned) encoder, so serving loads the encoder the
+    # release was embedded with; None = the packaged default (or INSTANTREC_ENCODER_PATH).
+    path: str | None = None
 
 
 class IndexSpec(BaseModel):

@@ -192,6 +192,7 @@ class Recommender:
         self._steps = parse_steps(settings.query_steps)
         self._user_key: bytes | None = None
         self._lexical = LexicalCache()
+        self._candidates: LRUCache[tuple[int, ...]] = LRUCache(1024)
         self._reload_lock = threading.Lock()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -310,11 +311,22 @@ class Recommender:
             vec, _ = blend_query(qvec, interest, self._session_cfg)
             self.counters["intent_shifts"] += 1
         depth = max(k, self._settings.candidates)
-        rows, _ = _search(state.bundle, vec, depth, parsed)
         lex = (self._lexical.relative(state.bundle, lexical_text) if lexical_text is not None
                else None)
-        if lex is not None:
-            rows = _union(rows, _lexical_top(lex, depth, parsed, state.bundle))
+
+        def retrieve() -> list[int]:
+            found, _ = _search(state.bundle, vec, depth, parsed)
+            return found if lex is None else _union(found, _lexical_top(lex, depth, parsed,
+                                                                         state.bundle))
+
+        if parsed is None and interest is None and dense_text is not None:
+            # the candidates of a plain query depend only on the release and the query: a
+            # repeated query skips both channels' searches
+            rows = list(self._candidates.get_or_compute(
+                (state.bundle.release_id, dense_text, lexical_text, depth),
+                lambda: tuple(retrieve())))
+        else:
+            rows = retrieve()
         self.counters["requests"] += 1
         if not rows:
             return []
@@ -466,12 +478,32 @@ class Recommender:
         self.close()
 
 
+def _encoder_path(bundle: Bundle, settings: Settings) -> Path | None:
+    """The directory of the encoder recorded in the manifest: its path, else a directory of the
+    same name under this home's ``encoders/`` (another machine); without a recorded path, the
+    configured encoder (None = the packaged default)."""
+    spec = bundle.manifest.encoder
+    if spec.path is None:
+        return settings.encoder_path
+    recorded = Path(spec.path)
+    for candidate in (recorded, settings.home / "encoders" / recorded.name):
+        if candidate.is_dir():
+            return candidate
+    if settings.encoder_path is not None:
+        return settings.encoder_path  # the revision check below says whether it is the same
+    raise ReleaseError(
+        f"release {bundle.release_id} was built with encoder {spec.name} rev {spec.revision} "
+        f"from {spec.path}, which does not exist here (nor under {settings.home / 'encoders'})")
+
+
 def _encoder_for(bundle: Bundle, settings: Settings, current: Encoder | None) -> Encoder:
     """The encoder a bundle was built with: reuse ``current`` when it matches."""
     spec = bundle.manifest.encoder
     encoder = current
     if encoder is None or encoder.revision != spec.revision:
-        encoder = Encoder(settings.encoder_path, max_length=spec.max_tokens)
+        # the exported ONNX model is shared by every home on the machine (keyed by revision)
+        encoder = Encoder(_encoder_path(bundle, settings), max_length=spec.max_tokens,
+                          backend=settings.encoder_backend)
     if encoder.revision != spec.revision or encoder.dim != spec.dim:
         raise ReleaseError(
             f"release {bundle.release_id} was built with encoder {spec.name} rev {spec.revision} "

@@ -37,6 +37,8 @@ def test_dags_parse_without_heavy_imports(tmp_path):
     refresh = result["dags"]["catalogue_refresh"]
     assert refresh["tasks"] == ["announce", "embed", "evaluate", "index", "ingest",
                                 "plan_shards", "publish", "register"]
+    assert result["dags"]["encoder_finetune"]["tasks"] == ["announce", "collect_pairs",
+                                                           "evaluate", "finetune", "register"]
     # one DAG per file, file name == dag_id
     for dag_id, info in result["dags"].items():
         assert Path(info["fileloc"]).stem == dag_id
