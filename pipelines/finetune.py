@@ -300,8 +300,21 @@ def train_model(model: Any, tokenizer: Any, queries: Sequence[str], items: Seque
     returns steps, epochs started, pairs per epoch, seconds and the loss curve (every step)."""
     import torch
 
-    torch.manual_seed(cfg.seed)
+    threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    try:
+        return _train(model, tokenizer, queries, items, weights, cfg)
+    finally:
+        # the thread count is process-wide: leave the caller's as it was (a serving or
+        # nearline process in the same interpreter must keep its numerics bit for bit)
+        torch.set_num_threads(threads)
+
+
+def _train(model: Any, tokenizer: Any, queries: Sequence[str], items: Sequence[str],
+           weights: Sequence[float], cfg: TrainConfig) -> dict[str, Any]:
+    import torch
+
+    torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     per_epoch = make_batches(queries, items, cfg.batch_size, rng)
     if not per_epoch:
@@ -696,7 +709,18 @@ def finetune_encoder(settings: Settings, products: Path | None = None,
     import torch
 
     cfg = cfg or TrainConfig(item_max_tokens=settings.item_max_tokens)
+    threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)  # for evaluation's embedding too, not only training
+    try:
+        return _finetune(settings, products, judgments, holdout, fold, cfg, promote, min_gain,
+                         hybrid, cache_path, max_items)
+    finally:
+        torch.set_num_threads(threads)  # process-wide: leave the caller's setting as it was
+
+
+def _finetune(settings: Settings, products: Path | None, judgments: Path | None, holdout: float,
+              fold: int, cfg: TrainConfig, promote: bool, min_gain: float, hybrid: bool,
+              cache_path: Path | None, max_items: int | None) -> dict[str, Any]:
     pairs = collect_pairs(settings, products, judgments, holdout, fold)
     if pairs["train_pairs"] < 2:
         return {"promoted": False, "reason": f"not enough training pairs: {pairs['train_pairs']}",
