@@ -51,8 +51,9 @@ def test_encoder_dag_run_trains_evaluates_and_registers(tmp_path, shared_data):
     assert all(tasks[t] == "success" for t in ("collect_pairs", "finetune", "evaluate", "register"))
 
     settings = Settings(home=home)
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    client = mlflow.MlflowClient()
+    # explicit URIs: earlier tests in this process may have pointed mlflow's globals elsewhere
+    client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri,
+                                 registry_uri=settings.tracking_uri)
     versions = client.search_model_versions(f"name='{encoder_model_name(settings)}'")
     assert len(versions) == 1
     promoted = versions[0].tags.get("gate_passed") == "true"
