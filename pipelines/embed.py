@@ -64,6 +64,19 @@ def pending_items(warehouse: Path, encoder_version: str, shard: int = 0,
         con.close()
 
 
+def active_item_texts(warehouse: Path) -> tuple[list[str], list[str]]:
+    """Ids (sorted) and embedded texts of the active items: the text the embed step encodes."""
+    con = connect(warehouse, read_only=True)
+    try:
+        items = query_frame(con, """SELECT item_id, title, description, category, brand
+                                    FROM items WHERE active ORDER BY item_id""")
+    finally:
+        con.close()
+    return (items["item_id"].to_list(),
+            [item_text(r["title"], r["brand"], r["category"], r["description"])
+             for r in items.iter_rows(named=True)])
+
+
 def embed_items(warehouse: Path, work_dir: Path, encoder: Encoder, shard: int = 0,
                 shards: int = 1, batch_size: int = 64, progress: bool = False) -> EmbedReport:
     """Embed the pending items of one shard and write them to a shard file under ``work_dir``.

@@ -56,7 +56,7 @@ import polars as pl
 from serving.encoder import Encoder, default_encoder_path
 from serving.manifest import write_json_atomic
 from serving.settings import Settings
-from serving.text import item_text, normalise_query
+from serving.text import normalise_query
 
 log = logging.getLogger(__name__)
 
@@ -118,15 +118,9 @@ def event_pairs(settings: Settings) -> pl.DataFrame:
         event_log.close()
     if not weights:
         return empty
-    from pipelines.warehouse import connect, query_frame
+    from pipelines.embed import active_item_texts
 
-    con = connect(settings.warehouse_path, read_only=True)
-    try:
-        items = query_frame(con, "SELECT item_id, title, description, category, brand FROM items "
-                                 "WHERE active")
-    finally:
-        con.close()
-    text_of = {r[0]: item_text(r[1], r[4], r[3], r[2]) for r in items.iter_rows()}
+    text_of = dict(zip(*active_item_texts(settings.warehouse_path), strict=True))
     rows = [(q, i, text_of[i], w) for (q, i), w in weights.items() if i in text_of]
     if len(rows) < len(weights):
         log.info("%d event pairs name items no longer in the catalogue; skipped",
@@ -490,20 +484,14 @@ def _eval_sets(settings: Settings, pairs: pl.DataFrame, products: str | None,
                      Judgments(frame, judg.min_label, judg.relevant_threshold)))
     ev = held.filter(pl.col("source") == "events")
     if ev.height and settings.warehouse_path.is_file():
-        from pipelines.warehouse import connect, query_frame
+        from pipelines.embed import active_item_texts
 
-        con = connect(settings.warehouse_path, read_only=True)
-        try:
-            items = query_frame(con, "SELECT item_id, title, description, category, brand "
-                                     "FROM items WHERE active ORDER BY item_id")
-        finally:
-            con.close()
-        texts = [item_text(r[1], r[4], r[3], r[2]) for r in items.iter_rows()]
+        item_ids, texts = active_item_texts(settings.warehouse_path)
         qid = {q: i for i, q in enumerate(sorted(set(ev["query"].to_list())))}
         frame = ev.select(pl.col("query").replace_strict(qid, return_dtype=pl.Int64)
                           .alias("query_id"), "query", "item_id",
                           pl.col("weight").alias("relevance"))
-        sets.append(("events", items, texts,
+        sets.append(("events", pl.DataFrame({"item_id": item_ids}), texts,
                      Judgments(frame, 0.0, float(ev["weight"].min()))))
     return sets
 

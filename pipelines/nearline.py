@@ -32,7 +32,7 @@ from serving.encoder import Encoder
 from serving.eventlog import EventLog, LoggedEvent
 from serving.events import POSITIVE_TYPES, Event
 from serving.ranker import Ranker, query_key
-from serving.recommender import LexicalCache, _encoder_path
+from serving.recommender import LexicalCache, release_encoder
 from serving.release import Bundle, current_bundle_dir, load_bundle, read_pointer
 from serving.session import (
     EVENT_WEIGHTS,
@@ -98,8 +98,9 @@ class NearlineUpdater:
         self.window_s = max(settings.session_ttl_s, IMPRESSION_TTL_S, settings.abuse_window_s) + SLACK_S
         self.bundle: Bundle = load_bundle(current_bundle_dir(settings.releases_dir))
         # the encoder the release was embedded with (a fine-tuned one is recorded by path)
-        self.encoder = encoder or Encoder(_encoder_path(self.bundle, settings),
-                                          max_length=self.bundle.manifest.encoder.max_tokens)
+        # PyTorch, whatever serving uses: the updater's arithmetic stays the same bit for bit
+        # across restarts and in-process replays
+        self.encoder = encoder or release_encoder(self.bundle, settings, backend="torch")
         self.row_of = {i: r for r, i in enumerate(self.bundle.items.item_ids.tolist())}
         self.stats = UpdaterStats()
         self.offset = 0

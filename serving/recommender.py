@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -214,7 +214,7 @@ class Recommender:
         releases_dir = settings.releases_dir
         pointer = read_pointer(releases_dir)
         bundle = load_bundle(current_bundle_dir(releases_dir))
-        state = _make_state(bundle, _encoder_for(bundle, settings, encoder),
+        state = _make_state(bundle, release_encoder(bundle, settings, encoder),
                             pointer.generation if pointer else 0, settings.home,
                             parse_steps(settings.query_steps))
         rec = cls(state, settings, releases_dir)
@@ -231,7 +231,7 @@ class Recommender:
         """Serve one fixed bundle directory, without following any pointer."""
         settings = settings or Settings()
         bundle = load_bundle(Path(bundle_dir))
-        return cls(_make_state(bundle, _encoder_for(bundle, settings, encoder), 0, None,
+        return cls(_make_state(bundle, release_encoder(bundle, settings, encoder), 0, None,
                                parse_steps(settings.query_steps)), settings, None)
 
     # -- requests -----------------------------------------------------------------------
@@ -424,7 +424,7 @@ class Recommender:
                 pointer = read_pointer(self._releases_dir)
                 if pointer is not None and pointer.release_id != current.bundle.release_id:
                     bundle = load_bundle(self._releases_dir / pointer.release_id)
-                    encoder = _encoder_for(bundle, self._settings, current.encoder)
+                    encoder = release_encoder(bundle, self._settings, current.encoder)
                     self._state = _make_state(bundle, encoder, pointer.generation, self._home,
                                               self._steps)
                     self.counters["reloads"] += 1
@@ -496,14 +496,16 @@ def _encoder_path(bundle: Bundle, settings: Settings) -> Path | None:
         f"from {spec.path}, which does not exist here (nor under {settings.home / 'encoders'})")
 
 
-def _encoder_for(bundle: Bundle, settings: Settings, current: Encoder | None) -> Encoder:
-    """The encoder a bundle was built with: reuse ``current`` when it matches."""
+def release_encoder(bundle: Bundle, settings: Settings, current: Encoder | None = None,
+                    backend: Literal["torch", "onnx"] | None = None) -> Encoder:
+    """The encoder a bundle was built with (its recorded directory, checked by revision):
+    reuse ``current`` when it matches. ``backend`` overrides ``settings.encoder_backend``."""
     spec = bundle.manifest.encoder
     encoder = current
     if encoder is None or encoder.revision != spec.revision:
         # the exported ONNX model is shared by every home on the machine (keyed by revision)
         encoder = Encoder(_encoder_path(bundle, settings), max_length=spec.max_tokens,
-                          backend=settings.encoder_backend)
+                          backend=backend or settings.encoder_backend)
     if encoder.revision != spec.revision or encoder.dim != spec.dim:
         raise ReleaseError(
             f"release {bundle.release_id} was built with encoder {spec.name} rev {spec.revision} "

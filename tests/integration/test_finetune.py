@@ -21,7 +21,7 @@ from pipelines.finetune import (
 from serving.encoder import Encoder
 from serving.errors import ReleaseError
 from serving.manifest import EncoderSpec
-from serving.recommender import _encoder_for
+from serving.recommender import release_encoder
 from tests.conftest import make_settings
 
 
@@ -95,8 +95,8 @@ def test_finetune_registers_and_promotes_only_on_a_held_out_gain(tmp_path, share
     spec = EncoderSpec(name=tuned.name, revision=tuned.revision, dim=tuned.dim, max_tokens=64,
                        path=trained["encoder_dir"])
     bundle = SimpleNamespace(release_id="r1", manifest=SimpleNamespace(encoder=spec))
-    assert _encoder_for(bundle, settings, None).revision == trained["revision"]
+    assert release_encoder(bundle, settings, None).revision == trained["revision"]
     wrong = SimpleNamespace(release_id="r2", manifest=SimpleNamespace(
         encoder=spec.model_copy(update={"revision": "0" * 16})))
     with pytest.raises(ReleaseError, match="rev 0000"):
-        _encoder_for(wrong, settings, None)
+        release_encoder(wrong, settings, None)
