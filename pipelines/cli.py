@@ -171,7 +171,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from serving.encoder import Encoder
 
     settings = _settings(args)
-    encoder = Encoder(settings.encoder_path, max_length=settings.item_max_tokens)
+    encoder = Encoder(settings.encoder_path, max_length=settings.item_max_tokens,
+                      precision=settings.embed_precision)
     report = evaluate_judged(Path(args.products), Path(args.judgments), args.protocol, encoder,
                              settings.home / "cache" / "embeddings.duckdb",
                              per_query=args.per_query,

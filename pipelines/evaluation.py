@@ -21,7 +21,7 @@ import polars as pl
 
 from pipelines.judged import Judgments, load_judgments, load_products, score_rankings
 from pipelines.warehouse import query_frame
-from serving.encoder import Encoder
+from serving.encoder import Encoder, Precision
 from serving.errors import InvalidInputError
 from serving.lexical import LexicalIndex
 from serving.query import DEFAULT_STEPS, Step, Vocabulary, parse_steps, understand_query
@@ -34,8 +34,11 @@ RETRIEVE_DEPTH = 100
 
 
 def embed_cached(encoder: Encoder, texts: list[str], cache_path: Path,
-                 batch_size: int = 64, progress: bool = True) -> np.ndarray:
-    """Embed ``texts``, reading and filling a DuckDB cache keyed by (encoder version, sha256)."""
+                 batch_size: int = 64, progress: bool = True,
+                 precision: Precision | None = None) -> np.ndarray:
+    """Embed ``texts``, reading and filling a DuckDB cache keyed by (encoder version, sha256).
+
+    ``precision`` is passed to :meth:`Encoder.encode` for the texts not cached yet."""
     keys = [hashlib.sha256(t.encode()).hexdigest()[:32] for t in texts]
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect(str(cache_path))
@@ -56,7 +59,8 @@ def embed_cached(encoder: Encoder, texts: list[str], cache_path: Path,
                 todo[key] = text
         if todo:
             log.info("encoding %d texts (%d cached)", len(todo), len(found))
-            fresh = encoder.encode(list(todo.values()), batch_size=batch_size, progress=progress)
+            fresh = encoder.encode(list(todo.values()), batch_size=batch_size, progress=progress,
+                                   precision=precision)
             frame = pl.DataFrame({"text_hash": list(todo), "vector": fresh.tolist()},
                                  schema={"text_hash": pl.String, "vector": pl.List(pl.Float32)})
             con.register("fresh", frame)
@@ -105,7 +109,7 @@ def candidate_signals(encoder: Encoder, lexical: LexicalIndex, products: pl.Data
     normalised = [normalise_query(q, 10_000) for q in queries["query"].to_list()]
     texts = [understand_query(q, query_steps, vocabulary) for q in normalised]
     qvecs = encoder.encode([understand_query(q, query_steps, vocabulary, channel="dense")
-                            for q in normalised])
+                            for q in normalised], precision="fp32")  # as serving's query path
     judged = dict(judgments.frame.group_by("query_id").agg(pl.col("item_id")).iter_rows())
     rows: dict[int, np.ndarray] = {}
     features: dict[int, dict[str, np.ndarray]] = {}

@@ -318,7 +318,8 @@ def simulate(settings: Settings, products: Path, judgments: Path, sessions: int 
     texts = {qid: query[:settings.max_query_chars] for qid, query in judged.queries().iter_rows()}
     gains = judged.gains()
 
-    encoder = encoder or Encoder(settings.encoder_path, max_length=settings.item_max_tokens)
+    encoder = encoder or Encoder(settings.encoder_path, max_length=settings.item_max_tokens,
+                                 precision=settings.embed_precision)
     build = run_build(settings, catalogue=Path(products), golden=None, register=False,
                       encoder=encoder)
     if not build["publish"]["live"]:

@@ -21,7 +21,7 @@ def _encoder(settings: Settings) -> Encoder:
     from pipelines.finetune import champion_encoder_path
 
     path = settings.encoder_path or champion_encoder_path(settings.home)
-    return Encoder(path, max_length=settings.item_max_tokens)
+    return Encoder(path, max_length=settings.item_max_tokens, precision=settings.embed_precision)
 
 
 def run_ingest(settings: Settings, catalogue: str | Path | None = None) -> dict[str, Any]:

@@ -26,6 +26,26 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere bf16
+    is emulated and slower than fp32."""
+    import torch
+
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def resolve_precision(precision: Precision) -> Literal["fp32", "bf16"]:
+    """``auto`` is ``bf16`` where the CPU has native bf16 and ``fp32`` elsewhere."""
+    if precision == "auto":
+        return "bf16" if native_bf16() else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise EncoderError(f"unknown encoder precision {precision!r} (auto, fp32 or bf16)")
+    return precision
 
 
 def default_encoder_path() -> Path:
@@ -70,11 +90,19 @@ class Encoder:
     weights in ONNX Runtime (~3x faster for one short query; exported once into
     ``onnx_cache_dir``, default the user cache directory) and falls back to torch, logged, if
     that fails or disagrees; :attr:`backend` says which one serves. Batches always use torch.
+
+    ``precision`` is the batch path's arithmetic (:meth:`encode`, the catalogue embedding):
+    ``bf16`` runs the matrix products under torch's bfloat16 autocast (weights stay fp32;
+    layer norms, softmax and pooling stay fp32). On a CPU with native bf16 that embeds about
+    1.6-1.9x faster, and the vectors agree with fp32's to cosine >= 0.9999 (see
+    ``instantrec bench embed --quality`` for what it does to nDCG@10), so they stay comparable
+    with fp32 query vectors and the encoder :attr:`version` does not change. ``auto`` picks
+    bf16 only where the CPU has it natively. Single queries always run in fp32.
     """
 
     def __init__(self, path: Path | str | None = None, max_length: int = 128,
                  cache_size: int = 4096, backend: Literal["torch", "onnx"] = "torch",
-                 onnx_cache_dir: Path | str | None = None) -> None:
+                 onnx_cache_dir: Path | str | None = None, precision: Precision = "fp32") -> None:
         import torch
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -94,6 +122,7 @@ class Encoder:
         self.name = DEFAULT_ENCODER_NAME if is_default else self.path.name
         self.revision = _weights_digest(str(self.path))[:16]
         self.dim = int(self._model.config.hidden_size)
+        self.precision = resolve_precision(precision)
         self._lock = threading.Lock()
         self._cache: LRUCache[np.ndarray] = LRUCache(cache_size)
         # the query path's backend (encode_query); the batch path (encode) is always torch
@@ -107,17 +136,20 @@ class Encoder:
         """Name, revision and token budget: vectors are comparable only within one version."""
         return f"{self.name}@{self.revision}/len{self.max_length}"
 
-    def encode(self, texts: Sequence[str], batch_size: int = 64,
-               progress: bool = False) -> np.ndarray:
+    def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False,
+               precision: Precision | None = None) -> np.ndarray:
         """Embed ``texts``; returns float32 (len(texts), dim), each row of unit length.
 
         All texts are tokenised once up front (one call to the fast tokenizer, which works
         through the list in native code), then sorted by token count and batched, so each batch
-        pads only to its own longest item and near-equal lengths share a batch.
+        pads only to its own longest item and near-equal lengths share a batch. ``precision``
+        overrides :attr:`precision` for this call (e.g. ``"fp32"`` for a batch of queries that
+        must match the serving query path exactly).
         """
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
+        bf16 = resolve_precision(precision or self.precision) == "bf16"
         with self._lock:  # fast tokenizers refuse concurrent use
             ids = self._tokenizer(list(texts), truncation=True, max_length=self.max_length,
                                   return_attention_mask=False,
@@ -131,7 +163,7 @@ class Encoder:
 
             bar = tqdm(total=len(texts), unit="item", desc="embed")
         for idx in batches:
-            out[idx] = self._forward_ids([ids[i] for i in idx])
+            out[idx] = self._forward_ids([ids[i] for i in idx], bf16=bf16)
             if bar is not None:
                 bar.update(len(idx))
         if bar is not None:
@@ -177,11 +209,12 @@ class Encoder:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return pooled.numpy().astype(np.float32, copy=False)
 
-    def _forward_ids(self, ids: list[list[int]]) -> np.ndarray:
+    def _forward_ids(self, ids: list[list[int]], bf16: bool = False) -> np.ndarray:
         """Unit vectors for already tokenised texts (token ids, truncated, specials included).
 
-        Same maths as :meth:`_forward`; padding goes only to the batch's longest item, and a
-        batch of equal lengths needs no attention mask at all.
+        Same maths as :meth:`_forward`; padding goes only to the batch's longest item. With
+        ``bf16`` the transformer runs under bfloat16 autocast and its output is cast back to
+        fp32 before pooling.
         """
         torch = self._torch
         width = max(len(seq) for seq in ids)
@@ -192,8 +225,10 @@ class Encoder:
             mask[row, :len(seq)] = 1
         input_t, mask_t = torch.from_numpy(input_ids), torch.from_numpy(mask)
         with self._lock, torch.inference_mode():
-            hidden = self._model(input_ids=input_t, token_type_ids=torch.zeros_like(input_t),
-                                 attention_mask=mask_t).last_hidden_state
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                hidden = self._model(input_ids=input_t, token_type_ids=torch.zeros_like(input_t),
+                                     attention_mask=mask_t).last_hidden_state
+            hidden = hidden.float()
             weights = mask_t.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)

