@@ -210,11 +210,20 @@ def build_index(warehouse: Path, releases_dir: Path, encoder: Encoder, seed: int
     if (final / "manifest.json").is_file():
         log.info("release %s already published; nothing to build", release_id)
         return final
-    staged = releases_dir / ".staging" / release_id
+    reuse = reusable_setting(releases_dir, encoder, items.height, seed, recall_target)
+    return write_bundle(items, vectors, releases_dir / ".staging" / release_id, release_id,
+                        encoder, seed, recall_target, reuse)
+
+
+def write_bundle(items: pl.DataFrame, vectors: np.ndarray, staged: Path, release_id: str,
+                 encoder: Encoder, seed: int = 42, recall_target: float = 0.95,
+                 reuse: tuple[int, int, int] | None = None) -> Path:
+    """Write a complete release bundle for ``items`` (the warehouse's item columns, sorted by
+    id) and their ``vectors`` into ``staged``: the tuned Annoy index, the vectors, BM25, the
+    item table and the manifest. Returns ``staged``."""
     if staged.exists():
         shutil.rmtree(staged)
     staged.mkdir(parents=True)
-    reuse = reusable_setting(releases_dir, encoder, items.height, seed, recall_target)
     index, choice = tune_index(vectors, seed, recall_target, reuse=reuse)
     index.save(str(staged / INDEX_FILE))
     np.save(staged / VECTORS_FILE, vectors)
@@ -241,5 +250,6 @@ def build_index(warehouse: Path, releases_dir: Path, encoder: Encoder, seed: int
         libraries=library_versions(),
     )
     write_manifest(staged, manifest)
+    index.unload()
     log.info("staged release %s with %d items at %s", release_id, items.height, staged)
     return staged

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-NAMES = ("nearline", "serving", "ann", "embed", "refresh")
+NAMES = ("nearline", "serving", "ann", "embed", "refresh", "growth")
 
 
 def load(name: str) -> ModuleType:

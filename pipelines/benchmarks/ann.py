@@ -106,7 +106,13 @@ def nearest_neighbour_cosine(vectors: np.ndarray, seed: int, sample: int = 2000)
 
 def scale_up(real: np.ndarray, n: int, parent_cos: float, seed: int) -> np.ndarray:
     """``n`` unit rows: the real ones first, then noisy renormalised copies of random real
-    parents whose expected cosine to their parent is ``parent_cos``; see the module docstring.
+    parents whose expected cosine to their parent is ``parent_cos``; see the module docstring."""
+    return scale_up_with_parents(real, n, parent_cos, seed)[0]
+
+
+def scale_up_with_parents(real: np.ndarray, n: int, parent_cos: float,
+                          seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`scale_up`, and the real parent row of every synthetic row (``n - len(real)``).
 
     For unit ``x`` and noise ``e ~ N(0, s^2 I_d)``, ``cos(x + e, x) ~ 1 / sqrt(1 + d s^2)``,
     so ``s = sqrt((1 / c^2 - 1) / d)``.
@@ -114,14 +120,16 @@ def scale_up(real: np.ndarray, n: int, parent_cos: float, seed: int) -> np.ndarr
     n_real, dim = real.shape
     out = np.empty((max(n, n_real), dim), dtype=np.float32)
     out[:n_real] = real
+    parents = np.empty(max(0, n - n_real), dtype=np.int64)
     sigma = float(np.sqrt((1.0 / parent_cos**2 - 1.0) / dim))
     rng = np.random.default_rng(seed)
     for start in range(n_real, n, 65_536):
         stop = min(n, start + 65_536)
-        x = real[rng.integers(0, n_real, stop - start)]
+        parents[start - n_real:stop - n_real] = rng.integers(0, n_real, stop - start)
+        x = real[parents[start - n_real:stop - n_real]]
         x += sigma * rng.standard_normal(x.shape, dtype=np.float32)
         out[start:stop] = x / np.linalg.norm(x, axis=1, keepdims=True)
-    return out
+    return out, parents
 
 
 def dataset(real: np.ndarray, synthetic: np.ndarray | None, n: int, seed: int) -> np.ndarray:

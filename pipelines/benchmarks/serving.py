@@ -199,7 +199,10 @@ def measure_process(home: str, backend: str, plan: dict[str, list[str]], k: int)
             stage[name].append(b - a)
 
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    from pipelines.benchmarks.ann import _memory_mb
+
     return {
+        "memory_at_end": _memory_mb(),  # anonymous (heap) vs file-backed (mapped) pages
         "backend": rec.encoder.backend, "n_items": len(bundle.items), "load_s": round(load_s, 2),
         "unseen": _percentiles(unseen), "cached": _percentiles(cached),
         "session": {**_percentiles(session), "sessions_with_clicks": live_sessions},
