@@ -299,6 +299,25 @@ class RankerModel:
 METHODS = ("bm25", "dense", "fusion", "hybrid", "ranker")
 
 
+def on_top(ranker: dict[int, np.ndarray], retrieval: dict[int, np.ndarray],
+           depth: int) -> dict[int, np.ndarray]:
+    """The ranker re-orders what retrieval returned: per query, only the ``depth`` candidates
+    with the best ``retrieval`` scores keep their ``ranker`` score; the rest go below them (in
+    retrieval order). As served: the hybrid retrieves, the ranker sorts that list, so the
+    ranker's top ``depth`` holds the same items as the hybrid's (recall@depth is the same)."""
+    out: dict[int, np.ndarray] = {}
+    for q, score in ranker.items():
+        base = retrieval.get(q)
+        if base is None or len(base) <= depth:
+            out[q] = score
+            continue
+        top = np.zeros(len(base), dtype=bool)
+        top[np.argsort(-base, kind="stable")[:depth]] = True  # the hybrid's own cut (_rank)
+        below = score.min() - 1.0 - (base.max() - base)  # below every kept score, hybrid order
+        out[q] = np.where(top, score, below)
+    return out
+
+
 def method_rankings(encoder: Encoder, products: pl.DataFrame, judgments: Judgments,
                     protocol: Protocol, cache_path: Path,
                     query_steps: Sequence[Step] = DEFAULT_STEPS,
@@ -328,13 +347,13 @@ def method_rankings(encoder: Encoder, products: pl.DataFrame, judgments: Judgmen
     learned: dict[str, dict[int, np.ndarray]] = {}
     if {"hybrid", "ranker"} & set(methods):
         channels = {q: channel_features(c.features[q]) for q in c.rows if len(c.rows[q])}
-        if "hybrid" in methods:
-            learned["hybrid"] = cross_fit(c, ids, judgments, channels, hybrid_model)
+        learned["hybrid"] = cross_fit(c, ids, judgments, channels, hybrid_model)
         if "ranker" in methods:
             match = MatchFeatures(texts)
             query_of = dict(judgments.queries().iter_rows())
             full = {q: np.hstack([x, match(query_of[q], c.rows[q])]) for q, x in channels.items()}
-            learned["ranker"] = cross_fit(c, ids, judgments, full, RankerModel)
+            learned["ranker"] = on_top(cross_fit(c, ids, judgments, full, RankerModel),
+                                       learned["hybrid"], depth)
     out: dict[str, dict[int, list[str]]] = {m: {} for m in methods}
     for q, cand in c.rows.items():
         f = c.features[q]

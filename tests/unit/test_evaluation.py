@@ -86,3 +86,15 @@ def test_the_ranker_uses_trees_only_with_enough_training_queries():
     y = X[:, 0] * 2.0
     pred = RankerModel(50).fit(X, y).predict(X)
     assert np.corrcoef(pred, y)[0, 1] > 0.99
+
+
+def test_the_ranker_only_reorders_what_the_hybrid_retrieved():
+    from pipelines.evaluation import on_top
+
+    hybrid = {1: np.array([0.9, 0.1, 0.5, 0.7, 0.3]), 2: np.array([0.2, 0.4])}
+    ranker = {1: np.array([0.0, 9.0, 1.0, 2.0, 8.0]), 2: np.array([5.0, 1.0])}
+    out = on_top(ranker, hybrid, depth=3)
+    # hybrid's top 3 of query 1 are rows 0, 3, 2: the ranker orders them (3, 2, 0) ...
+    assert list(np.argsort(-out[1], kind="stable")) == [3, 2, 0, 4, 1]
+    # ... and rows 4 and 1 stay below, in hybrid order, despite the ranker liking them
+    np.testing.assert_array_equal(out[2], ranker[2])  # fewer candidates than depth: untouched
