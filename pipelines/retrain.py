@@ -187,8 +187,9 @@ class RankerModel(mlflow.pyfunc.PythonModel):
     Input rows: ``query_vector`` (the blended query vector the recommender searches with),
     ``item_vector`` (the candidate's vector from the release), ``row`` (the candidate's row in
     the release, for its item bias) and optionally ``session_vector`` (the session signal, or
-    missing/None for no session). Output per row: ``logit`` (as :meth:`Ranker.logits`) and
-    ``score`` (its sigmoid, the click probability).
+    missing/None for no session), ``lexical`` (relative BM25 score) and ``query`` (the query
+    text, for the ranker's memory of what that query's shoppers chose). Output per row:
+    ``logit`` (as :meth:`Ranker.logits`) and ``score`` (its sigmoid, the click probability).
     """
 
     def load_context(self, context: Any) -> None:
@@ -202,9 +203,12 @@ class RankerModel(mlflow.pyfunc.PythonModel):
             s = None if s is None or np.ndim(s) == 0 else np.asarray(s, dtype=np.float64)
             lex = rec.get("lexical")
             lex = None if lex is None or pd.isna(lex) else np.array([float(lex)])
+            query = rec.get("query")
+            qkey = (query_key(normalise_query(query, 10_000))
+                    if isinstance(query, str) and query.strip() else None)
             z, _ = self._ranker.logits(np.asarray(rec["query_vector"], dtype=np.float64),
                                        np.asarray(rec["item_vector"], dtype=np.float64)[None, :],
-                                       s, np.array([int(rec["row"])]), lex)
+                                       s, np.array([int(rec["row"])]), lex, qkey)
             logits.append(float(z[0]))
         z = np.asarray(logits, dtype=np.float64)
         return pd.DataFrame({"logit": z, "score": sigmoid(z)})
@@ -215,7 +219,8 @@ SIGNATURE = ModelSignature(
                    ColSpec(Array(DataType.double), "item_vector"),
                    ColSpec("long", "row"),
                    ColSpec(Array(DataType.double), "session_vector", required=False),
-                   ColSpec("double", "lexical", required=False)]),
+                   ColSpec("double", "lexical", required=False),
+                   ColSpec("string", "query", required=False)]),
     outputs=Schema([ColSpec("double", "logit"), ColSpec("double", "score")]),
 )
 

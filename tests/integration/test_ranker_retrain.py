@@ -16,6 +16,7 @@ from pipelines.nearline import NearlineUpdater
 from serving import Recommender
 from serving.checkpoint import load_latest, read_latest
 from serving.eventlog import SqliteEventLog
+from serving.ranker import query_key
 from tests.conftest import make_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -128,8 +129,9 @@ def test_retrain_dag_promotes_a_better_ranker_that_nearline_and_serving_continue
     X = np.asarray(rec.bundle.vectors[rows], dtype=np.float64)
     table = model.predict(pd.DataFrame({"query_vector": [q.tolist()] * len(rows),
                                         "item_vector": [x.tolist() for x in X],
-                                        "row": rows.astype(np.int64)}))
-    expected, _ = ranker.logits(q, X, None, rows)
+                                        "row": rows.astype(np.int64),
+                                        "query": [query] * len(rows)}))
+    expected, _ = ranker.logits(q, X, None, rows, qkey=query_key(query))
     np.testing.assert_allclose(table["logit"].to_numpy(), expected, rtol=1e-9)
     assert table["logit"].iloc[6] == table["logit"].max()
 

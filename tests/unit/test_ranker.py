@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from serving.ranker import Ranker, RankerConfig
+from serving.ranker import Ranker, RankerConfig, query_key
 
 
 def unit(v):
@@ -75,16 +75,22 @@ def test_initial_ranker_is_the_identity_adapter():
     np.testing.assert_allclose(z, 10.0 * (X @ q) + 4.0 * lex - 5.0)
 
 
-def test_clicks_raise_the_clicked_items_score():
-    r = Ranker.initial("rel", dim=8, n_items=4)
+@pytest.mark.parametrize("item_bias_online", [False, True])
+def test_clicks_raise_the_clicked_items_score(item_bias_online):
+    r = Ranker.initial("rel", dim=8, n_items=4,
+                       config=RankerConfig(item_bias_online=item_bias_online))
     rng = np.random.default_rng(1)
     q, X = unit(rng.normal(size=8)), np.array([unit(v) for v in rng.normal(size=(4, 8))])
-    before, _ = r.logits(q, X, None, np.arange(4))
+    qkey = query_key("espresso machine")
+    # with the query: through its (query, item) memory; without one, only through item biases
+    key = None if item_bias_online else qkey
+    before, _ = r.logits(q, X, None, np.arange(4), qkey=key)
     for _ in range(20):
-        r.step(q, X[3], None, 3, 1.0)
-        r.step(q, X[0], None, 0, 0.0)
-    after, _ = r.logits(q, X, None, np.arange(4))
+        r.step(q, X[3], None, 3, 1.0, qkey=key)
+        r.step(q, X[0], None, 0, 0.0, qkey=key)
+    after, f = r.logits(q, X, None, np.arange(4), qkey=key)
     assert after[3] - after[0] > before[3] - before[0]
+    assert bool(f["item_bias"][3] > 0) == item_bias_online
 
 
 def test_checkpoints_from_before_the_lexical_channel_still_load(tmp_path):

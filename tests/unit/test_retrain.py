@@ -33,6 +33,15 @@ def synthetic(n_events: int, seed: int = 0) -> list[Example]:
     return out
 
 
+# these examples carry their signal in per-item biases, which learn only when enabled
+BIAS_LEARNS = RankerConfig(item_bias_online=True)
+
+
+def test_item_biases_do_not_learn_by_default():
+    trained = train_ranker(synthetic(20), "rel", DIM, N_ITEMS, epochs=2)
+    assert not trained.item_bias.any()
+
+
 def fixed_ranker(biases: list[float]) -> Ranker:
     """logit = dense + item bias, with dense = q.x (no adapter) and no intercept."""
     r = Ranker.initial("rel", DIM, len(biases), RankerConfig(rank=2))
@@ -50,7 +59,8 @@ def ex(offset: int, row: int, label: float, weight: float = 1.0) -> Example:
 def test_training_lowers_held_out_loss_on_a_learnable_signal():
     train, held = split_by_offset(synthetic(200), holdout=0.25)
     initial = evaluate_ranker(Ranker.initial("rel", DIM, N_ITEMS), held)
-    trained = evaluate_ranker(train_ranker(train, "rel", DIM, N_ITEMS, epochs=20), held)
+    trained = evaluate_ranker(train_ranker(train, "rel", DIM, N_ITEMS, epochs=20,
+                                           config=BIAS_LEARNS), held)
     assert trained["log_loss"] < initial["log_loss"] / 2
     # the item biases carry the signal; the random dense similarity (x10) is noise they must
     # outweigh, and the frozen query adapter cannot absorb it
@@ -61,13 +71,13 @@ def test_training_lowers_held_out_loss_on_a_learnable_signal():
 
 def test_training_is_deterministic_in_its_seed_and_more_epochs_fit_better():
     data = synthetic(50)
-    a = train_ranker(data, "rel", DIM, N_ITEMS, epochs=3, seed=7)
-    b = train_ranker(data, "rel", DIM, N_ITEMS, epochs=3, seed=7)
-    c = train_ranker(data, "rel", DIM, N_ITEMS, epochs=3, seed=8)
+    a = train_ranker(data, "rel", DIM, N_ITEMS, epochs=3, seed=7, config=BIAS_LEARNS)
+    b = train_ranker(data, "rel", DIM, N_ITEMS, epochs=3, seed=7, config=BIAS_LEARNS)
+    c = train_ranker(data, "rel", DIM, N_ITEMS, epochs=3, seed=8, config=BIAS_LEARNS)
     np.testing.assert_array_equal(a.item_bias, b.item_bias)
     np.testing.assert_array_equal(a.U, b.U)
     assert not np.array_equal(a.item_bias, c.item_bias)
-    one = train_ranker(data, "rel", DIM, N_ITEMS, epochs=1)
+    one = train_ranker(data, "rel", DIM, N_ITEMS, epochs=1, config=BIAS_LEARNS)
     assert evaluate_ranker(a, data)["log_loss"] < evaluate_ranker(one, data)["log_loss"]
     with pytest.raises(ValueError, match="epochs"):
         train_ranker(data, "rel", DIM, N_ITEMS, epochs=0)
