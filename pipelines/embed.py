@@ -132,6 +132,21 @@ def store_vectors(warehouse: Path, work_dir: Path, encoder_version: str) -> int:
     return frame.height
 
 
+def vector_matrix(column: pl.Series) -> np.ndarray:
+    """A column of equal-length float lists (as DuckDB returns FLOAT[]) as one float32 matrix.
+
+    Converted through a fixed-width array column in one block: a Python list per row took
+    4 s for 54,667 vectors of 384."""
+    if column.len() == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    lengths = column.list.len()
+    dim = int(lengths.max())  # type: ignore[arg-type]
+    if lengths.min() != dim or column.null_count():
+        raise ValueError(f"vectors of unequal length ({lengths.min()}..{dim}) or missing")
+    return np.ascontiguousarray(column.cast(pl.List(pl.Float32)).list.to_array(dim).to_numpy(),
+                                dtype=np.float32)
+
+
 def load_vectors(warehouse: Path, encoder_version: str) -> tuple[pl.DataFrame, np.ndarray]:
     """Active items (sorted by id) and their vectors under ``encoder_version``.
 
@@ -153,6 +168,7 @@ def load_vectors(warehouse: Path, encoder_version: str) -> tuple[pl.DataFrame, n
             f"{stale.height} active items have no current vector for {encoder_version} "
             f"(e.g. {stale['item_id'].head(3).to_list()}); run embed first"
         )
-    vectors = np.asarray(table["vector"].to_list(), dtype=np.float32) if table.height else \
-        np.zeros((0, 0), dtype=np.float32)
+    if not table.height:
+        return table.drop("vector", "fresh"), np.zeros((0, 0), dtype=np.float32)
+    vectors = vector_matrix(table["vector"])
     return table.drop("vector", "fresh"), vectors

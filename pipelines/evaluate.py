@@ -88,7 +88,7 @@ def evaluate_release(bundle_dir: Path, settings: Settings, encoder: Encoder | No
     The result has ``metrics`` (flat, for MLflow), ``details`` and ``gate``
     (``passed`` plus the reasons it failed).
     """
-    rec = Recommender.from_bundle(bundle_dir, settings=settings, encoder=encoder)
+    rec = Recommender.from_bundle(bundle_dir, settings=settings, encoder=encoder, warm=False)
     if rec.manifest.evaluation is not None:  # already published: its verdict is final
         return rec.manifest.evaluation
     thresholds = GateThresholds.from_settings(settings)

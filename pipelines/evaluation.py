@@ -19,6 +19,7 @@ import duckdb
 import numpy as np
 import polars as pl
 
+from pipelines.embed import vector_matrix
 from pipelines.judged import Judgments, load_judgments, load_products, score_rankings
 from pipelines.warehouse import query_frame
 from serving.encoder import Encoder, Precision
@@ -51,7 +52,7 @@ def embed_cached(encoder: Encoder, texts: list[str], cache_path: Path,
             JOIN wanted w USING (text_hash) WHERE e.encoder_version = ?""",
                              [encoder.version])
         found = {h: i for i, h in enumerate(cached["text_hash"].to_list())}
-        matrix = (np.asarray(cached["vector"].to_list(), dtype=np.float32) if cached.height
+        matrix = (vector_matrix(cached["vector"]) if cached.height
                   else np.zeros((0, encoder.dim), dtype=np.float32))
         todo = {}
         for key, text in zip(keys, texts, strict=True):
@@ -61,8 +62,9 @@ def embed_cached(encoder: Encoder, texts: list[str], cache_path: Path,
             log.info("encoding %d texts (%d cached)", len(todo), len(found))
             fresh = encoder.encode(list(todo.values()), batch_size=batch_size, progress=progress,
                                    precision=precision)
-            frame = pl.DataFrame({"text_hash": list(todo), "vector": fresh.tolist()},
-                                 schema={"text_hash": pl.String, "vector": pl.List(pl.Float32)})
+            frame = pl.DataFrame({"text_hash": list(todo)}).with_columns(
+                pl.Series("vector", fresh, dtype=pl.Array(pl.Float32, fresh.shape[1]))
+                .cast(pl.List(pl.Float32)))
             con.register("fresh", frame)
             con.execute("INSERT OR IGNORE INTO embeddings SELECT ?, text_hash, vector FROM fresh",
                         [encoder.version])

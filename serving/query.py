@@ -28,7 +28,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from serving.errors import InvalidInputError
 
@@ -146,26 +146,40 @@ class Vocabulary:
 
     ``frequencies`` maps each (case-folded) word to the number of items containing it.
     ``stem``, when given, lets a word count as known if its stem is a known stem ("drills"
-    where the catalogue only says "drill"). Building costs a few seconds for ~20k words
-    (the symmetric-delete index of :mod:`symspellpy`); lookups are then cheap. Safe to share
-    between threads.
+    where the catalogue only says "drill"). The spelling index (the symmetric-delete index of
+    :mod:`symspellpy`, a few seconds for ~20k words) is built on first use or by
+    :meth:`warm`; lookups are then cheap. Safe to share between threads.
     """
 
     def __init__(self, frequencies: Mapping[str, int],
                  stem: Callable[[list[str]], list[str]] | None = None) -> None:
-        from symspellpy import SymSpell
-
         self.frequencies = dict(frequencies)
         self._stem = stem
         self._stem_lock = threading.Lock()  # Snowball stemmers keep state between calls
         words = list(self.frequencies)
         self._stems = frozenset(stem(words)) if stem is not None else frozenset()
-        self._speller = SymSpell(max_dictionary_edit_distance=2, prefix_length=7)
-        for word, count in self.frequencies.items():
-            if word.isalpha() and count > 0:
-                self._speller.create_dictionary_entry(word, count)
+        self._speller: Any = None
+        self._build_lock = threading.Lock()
         # Bounded memo: serving sees the same few misspellings over and over.
         self._memo = lru_cache(maxsize=8192)(self._correction)
+
+    def warm(self) -> Vocabulary:
+        """Build the spelling index now (serving does, before a release goes live)."""
+        self._spelling()
+        return self
+
+    def _spelling(self) -> Any:
+        if self._speller is None:
+            with self._build_lock:
+                if self._speller is None:
+                    from symspellpy import SymSpell
+
+                    speller = SymSpell(max_dictionary_edit_distance=2, prefix_length=7)
+                    for word, count in self.frequencies.items():
+                        if word.isalpha() and count > 0:
+                            speller.create_dictionary_entry(word, count)
+                    self._speller = speller
+        return self._speller
 
     def knows(self, word: str) -> bool:
         """Whether ``word``, or its stem, occurs in the catalogue."""
@@ -186,7 +200,7 @@ class Vocabulary:
         if not correctable(word) or self.knows(word):
             return None
         distance = 2 if len(word) >= LONG_WORD_LENGTH else 1
-        found = self._speller.lookup(word, Verbosity.CLOSEST, max_edit_distance=distance)
+        found = self._spelling().lookup(word, Verbosity.CLOSEST, max_edit_distance=distance)
         # CLOSEST: smallest distance first, then most documents
         return found[0].term if found else None
 

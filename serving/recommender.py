@@ -150,10 +150,11 @@ class _State:
 
 
 def _make_state(bundle: Bundle, encoder: Encoder, generation: int, home: Path | None,
-                steps: tuple[Step, ...] = DEFAULT_STEPS) -> _State:
+                steps: tuple[Step, ...] = DEFAULT_STEPS, warm: bool = True) -> _State:
     """The state for ``bundle``, with the newest ranker checkpoint trained for this release
     (a checkpoint for another release is never applied to this index) and, when ``steps``
-    need it, the catalogue vocabulary for spelling and compounds (built once per release)."""
+    need it, the catalogue vocabulary for spelling and compounds (built once per release;
+    with ``warm`` before the state is used, otherwise by the first query that needs it)."""
     ranker, seq = None, 0
     if home is not None:
         latest = load_latest(home)
@@ -168,6 +169,8 @@ def _make_state(bundle: Bundle, encoder: Encoder, generation: int, home: Path | 
     vocabulary = None
     if bundle.lexical is not None and bundle.lexical.words and NEEDS_VOCABULARY & set(steps):
         vocabulary = Vocabulary(bundle.lexical.words, stem=bundle.lexical.stem)
+        if warm:
+            vocabulary.warm()
     return _State(bundle, encoder, generation, ranker, seq, row_of, vocabulary)
 
 
@@ -227,12 +230,14 @@ class Recommender:
 
     @classmethod
     def from_bundle(cls, bundle_dir: Path | str, *, settings: Settings | None = None,
-                    encoder: Encoder | None = None) -> Recommender:
-        """Serve one fixed bundle directory, without following any pointer."""
+                    encoder: Encoder | None = None, warm: bool = True) -> Recommender:
+        """Serve one fixed bundle directory, without following any pointer. ``warm=False``
+        leaves the spelling index to the first query that needs it (for a caller that may
+        ask none, such as a release gate without golden queries)."""
         settings = settings or Settings()
         bundle = load_bundle(Path(bundle_dir))
         return cls(_make_state(bundle, release_encoder(bundle, settings, encoder), 0, None,
-                               parse_steps(settings.query_steps)), settings, None)
+                               parse_steps(settings.query_steps), warm), settings, None)
 
     # -- requests -----------------------------------------------------------------------
 

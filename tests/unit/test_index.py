@@ -38,3 +38,14 @@ def test_release_id_is_deterministic_and_input_sensitive():
     assert rid == release_id_for(items, "enc@1", 42, 0.95)
     assert rid != release_id_for(items.with_columns(pl.lit(3.0).alias("price")), "enc@1", 42, 0.95)
     assert rid != release_id_for(items, "enc@2", 42, 0.95)
+
+
+def test_vector_matrix_converts_list_columns_in_one_block_and_names_ragged_input():
+    from pipelines.embed import vector_matrix
+
+    column = pl.Series("vector", [[1.0, 2.0], [3.0, 4.5]], dtype=pl.List(pl.Float32))
+    out = vector_matrix(column)
+    assert out.dtype == np.float32 and out.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(out, [[1.0, 2.0], [3.0, 4.5]])
+    with pytest.raises(ValueError, match="unequal length"):
+        vector_matrix(pl.Series("vector", [[1.0, 2.0], [3.0]], dtype=pl.List(pl.Float32)))

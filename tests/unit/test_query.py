@@ -108,6 +108,14 @@ def test_spelling_corrects_unknown_words_to_the_closest_frequent_catalogue_word(
     assert vocabulary.correction(typed) == corrected
 
 
+def test_the_spelling_index_is_built_on_first_use_or_when_warmed():
+    lazy = Vocabulary({"cart": 9, "card": 2})
+    assert lazy._speller is None and lazy.knows("cart")  # knowing words needs no index
+    assert lazy.correction("carx") == "cart" and lazy._speller is not None
+    warmed = Vocabulary({"cart": 9}).warm()
+    assert warmed._speller is not None
+
+
 def test_ties_go_to_the_word_in_more_documents():
     assert Vocabulary({"cart": 9, "card": 2}).correction("carx") == "cart"
     assert Vocabulary({"cart": 2, "card": 9}).correction("carx") == "card"
