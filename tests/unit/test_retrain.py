@@ -33,13 +33,16 @@ def synthetic(n_events: int, seed: int = 0) -> list[Example]:
     return out
 
 
-# these examples carry their signal in per-item biases, which learn only when enabled
-BIAS_LEARNS = RankerConfig(item_bias_online=True)
+# these examples carry their signal in per-item biases (against dense noise the weights can
+# discount), which learn only when enabled
+BIAS_LEARNS = RankerConfig(item_bias_online=True, weights_online=True)
 
 
-def test_item_biases_do_not_learn_by_default():
+def test_shared_ranking_parameters_do_not_learn_by_default():
     trained = train_ranker(synthetic(20), "rel", DIM, N_ITEMS, epochs=2)
     assert not trained.item_bias.any()
+    np.testing.assert_array_equal(trained.w, trained.init["w"])
+    np.testing.assert_array_equal(trained.U, trained.init["U"])
 
 
 def fixed_ranker(biases: list[float]) -> Ranker:
