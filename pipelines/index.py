@@ -20,8 +20,10 @@ import numpy as np
 import polars as pl
 
 from pipelines.embed import load_vectors
+from pipelines.warehouse import connect, query_frame
 from serving.encoder import DEFAULT_ENCODER_NAME, Encoder
-from serving.lexical import LexicalIndex
+from serving.lexical import LexicalIndex, analyse
+from serving.lexical import signature as lexical_signature
 from serving.manifest import (
     EncoderSpec,
     IndexSpec,
@@ -185,14 +187,61 @@ def library_versions() -> dict[str, str]:
                                                   "torch", "transformers")}
 
 
-def build_lexical(items: pl.DataFrame, directory: Path) -> list[str]:
+def build_lexical(items: pl.DataFrame, directory: Path,
+                  warehouse: Path | None = None) -> list[str]:
     """BM25 over the same item text the vectors were computed from; returns the bundle-relative
-    names of the files written."""
-    texts = [item_text(t, b, c, d) for t, b, c, d in
-             items.select("title", "brand", "category", "description").iter_rows()]
+    names of the files written.
+
+    With ``warehouse``, each item's text analysis (tokens and surface words, the costly part)
+    is read from and added to its ``lexical_analysis`` table, keyed by content hash and
+    analysis signature, so a refresh analyses only new and changed items; the index built from
+    cached analyses is the same as one built from scratch.
+    """
     directory.mkdir(parents=True)
-    LexicalIndex.build(texts).save(directory)
+    if warehouse is None:
+        LexicalIndex.build([item_text(t, b, c, d) for t, b, c, d in
+                            items.select("title", "brand", "category", "description")
+                            .iter_rows()]).save(directory)
+    else:
+        LexicalIndex.from_analysis(_cached_analysis(items, warehouse)).save(directory)
     return sorted(f"{directory.name}/{p.name}" for p in directory.iterdir())
+
+
+def _cached_analysis(items: pl.DataFrame,
+                     warehouse: Path) -> list[tuple[list[str], list[str]]]:
+    """Each item's :func:`serving.lexical.analyse` result, from the warehouse where its content
+    was analysed before (same signature), computed and stored otherwise."""
+    sig = lexical_signature()
+    hashes = items["content_hash"].to_list()
+    con = connect(warehouse)
+    try:
+        con.register("wanted", pl.DataFrame({"content_hash": list(dict.fromkeys(hashes))}))
+        cached = query_frame(con, """SELECT a.content_hash, a.tokens, a.words
+            FROM lexical_analysis a JOIN wanted w USING (content_hash)
+            WHERE a.analysis = ?""", [sig])
+        found = {h: (t, w) for h, t, w in cached.iter_rows()}
+        todo = [i for i, h in enumerate(hashes) if h not in found]
+        if todo:
+            rows = items[todo]
+            fresh = analyse([item_text(t, b, c, d) for t, b, c, d in
+                             rows.select("title", "brand", "category", "description").iter_rows()])
+            for h, result in zip(rows["content_hash"].to_list(), fresh, strict=True):
+                found[h] = result
+            con.register("fresh", pl.DataFrame(
+                {"content_hash": rows["content_hash"], "tokens": [t for t, _ in fresh],
+                 "words": [w for _, w in fresh]},
+                schema={"content_hash": pl.String, "tokens": pl.List(pl.String),
+                        "words": pl.List(pl.String)}))
+            con.execute("""INSERT OR IGNORE INTO lexical_analysis
+                           SELECT content_hash, ?, tokens, words FROM fresh""", [sig])
+            # analyses of content no item has any more (and of other signatures) go
+            con.execute("""DELETE FROM lexical_analysis WHERE analysis <> ?
+                           OR content_hash NOT IN (SELECT content_hash FROM items)""", [sig])
+        log.info("BM25 analysis: %d items analysed, %d from the warehouse", len(todo),
+                 len(hashes) - len(todo))
+    finally:
+        con.close()
+    return [found[h] for h in hashes]
 
 
 def build_index(warehouse: Path, releases_dir: Path, encoder: Encoder, seed: int = 42,
@@ -212,22 +261,24 @@ def build_index(warehouse: Path, releases_dir: Path, encoder: Encoder, seed: int
         return final
     reuse = reusable_setting(releases_dir, encoder, items.height, seed, recall_target)
     return write_bundle(items, vectors, releases_dir / ".staging" / release_id, release_id,
-                        encoder, seed, recall_target, reuse)
+                        encoder, seed, recall_target, reuse, warehouse)
 
 
 def write_bundle(items: pl.DataFrame, vectors: np.ndarray, staged: Path, release_id: str,
                  encoder: Encoder, seed: int = 42, recall_target: float = 0.95,
-                 reuse: tuple[int, int, int] | None = None) -> Path:
+                 reuse: tuple[int, int, int] | None = None,
+                 warehouse: Path | None = None) -> Path:
     """Write a complete release bundle for ``items`` (the warehouse's item columns, sorted by
     id) and their ``vectors`` into ``staged``: the tuned Annoy index, the vectors, BM25, the
-    item table and the manifest. Returns ``staged``."""
+    item table and the manifest. ``warehouse`` caches BM25 text analysis (see
+    :func:`build_lexical`). Returns ``staged``."""
     if staged.exists():
         shutil.rmtree(staged)
     staged.mkdir(parents=True)
     index, choice = tune_index(vectors, seed, recall_target, reuse=reuse)
     index.save(str(staged / INDEX_FILE))
     np.save(staged / VECTORS_FILE, vectors)
-    lexical_files = build_lexical(items, staged / LEXICAL_DIR)
+    lexical_files = build_lexical(items, staged / LEXICAL_DIR, warehouse)
     items.select("item_id", "title", "category", "brand", "price", "in_stock",
                  "content_hash").write_parquet(staged / ITEMS_FILE)
     digest = hashlib.sha256(b"".join(

@@ -36,6 +36,13 @@ CREATE TABLE IF NOT EXISTS item_vectors (
     embedded_at     TIMESTAMP NOT NULL,
     PRIMARY KEY (item_id, encoder_version)
 );
+CREATE TABLE IF NOT EXISTS lexical_analysis (   -- BM25 text analysis per content, reused
+    content_hash VARCHAR NOT NULL,
+    analysis     VARCHAR NOT NULL,               -- how it was analysed (LexicalIndex.signature)
+    tokens       VARCHAR[] NOT NULL,             -- stemmed BM25 tokens, stop words removed
+    words        VARCHAR[] NOT NULL,             -- distinct surface words (spelling vocabulary)
+    PRIMARY KEY (content_hash, analysis)
+);
 CREATE TABLE IF NOT EXISTS ingest_runs (
     run_id        VARCHAR PRIMARY KEY,
     source        VARCHAR NOT NULL,

@@ -28,6 +28,7 @@ from serving.query import normalise_units, split_dimensions
 LEGACY_TOKEN_PATTERN = r"(?u)\b\w\w+\b"
 #: Numbers (with decimals and fractions) of any length, then words of two or more characters.
 TOKEN_PATTERN = r"(?u)\d+(?:[./]\d+)*\b|\w\w+"
+ANALYSIS_VERSION = 1  # bump when analyse() changes what it produces
 
 
 def _stemmer():
@@ -60,18 +61,23 @@ class LexicalIndex:
     @classmethod
     def build(cls, texts: Sequence[str], token_pattern: str = TOKEN_PATTERN,
               units: bool = True, dimensions: bool = True) -> LexicalIndex:
+        return cls.from_analysis(analyse(texts, token_pattern, units, dimensions),
+                                 token_pattern, units, dimensions)
+
+    @classmethod
+    def from_analysis(cls, analysed: Sequence[tuple[Sequence[str], Sequence[str]]],
+                      token_pattern: str = TOKEN_PATTERN, units: bool = True,
+                      dimensions: bool = True) -> LexicalIndex:
+        """The index over documents already analysed by :func:`analyse` with the same
+        settings (e.g. read back from a cache): (BM25 tokens, distinct surface words) each."""
         import bm25s
 
-        prepared = [_prepare(t, units, dimensions) for t in texts]
-        split = re.compile(token_pattern).findall
         words: Counter[str] = Counter()
-        for text in prepared:
-            words.update(set(split(text)))
-        tokens = bm25s.tokenize(prepared, token_pattern=token_pattern, stopwords="en",
-                                stemmer=_stemmer(), show_progress=False)
+        for _, surface in analysed:
+            words.update(surface)
         retriever = bm25s.BM25(k1=1.5, b=0.75)
-        retriever.index(tokens, show_progress=False)
-        return cls(retriever, len(texts), token_pattern, units, dimensions, dict(words))
+        retriever.index([list(tokens) for tokens, _ in analysed], show_progress=False)
+        return cls(retriever, len(analysed), token_pattern, units, dimensions, dict(words))
 
     def save(self, directory: Path) -> None:
         self._retriever.save(str(directory), show_progress=False)
@@ -134,6 +140,31 @@ class LexicalIndex:
         top = top[np.argsort(-scores[top], kind="stable")]
         keep = scores[top] > 0
         return top[keep], scores[top][keep]
+
+
+def signature(token_pattern: str = TOKEN_PATTERN, units: bool = True,
+              dimensions: bool = True) -> str:
+    """Identifies an analysis (:func:`analyse`): cached results are reused only under the same
+    signature, so a change of tokenisation, stemmer or library re-analyses everything."""
+    from importlib.metadata import version
+
+    return (f"a{ANALYSIS_VERSION}|{token_pattern}|units={units}|dimensions={dimensions}"
+            f"|bm25s={version('bm25s')}|PyStemmer={version('PyStemmer')}|stop=en")
+
+
+def analyse(texts: Sequence[str], token_pattern: str = TOKEN_PATTERN, units: bool = True,
+            dimensions: bool = True) -> list[tuple[list[str], list[str]]]:
+    """Per text: its BM25 tokens (case-folded, units and dimensions normalised, English stop
+    words removed, Snowball-stemmed) and its distinct surface words (before stop-word removal
+    and stemming, for the spelling vocabulary). The costly part of building an index."""
+    import bm25s
+
+    prepared = [_prepare(t, units, dimensions) for t in texts]
+    split = re.compile(token_pattern).findall
+    surface = [sorted(set(split(text))) for text in prepared]
+    tokens = bm25s.tokenize(prepared, token_pattern=token_pattern, stopwords="en",
+                            stemmer=_stemmer(), return_ids=False, show_progress=False)
+    return [(list(t), w) for t, w in zip(tokens, surface, strict=True)]
 
 
 def _prepare(text: str, units: bool, dimensions: bool) -> str:

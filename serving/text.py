@@ -15,6 +15,9 @@ _FOLD = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"
                        "\u2013": "-", "\u2014": "-", "\u00d7": "x"})
 
 
+_BREAKS = str.maketrans("\t\n\r", "   ")
+
+
 def _is_control(ch: str) -> bool:
     return unicodedata.category(ch) in ("Cc", "Cf") and ch not in "\t\n\r"
 
@@ -25,8 +28,11 @@ def clean_text(value: str) -> str:
     Case is kept: this is what the catalogue displays.
     """
     text = unicodedata.normalize("NFKC", value).translate(_FOLD)
-    text = html.unescape(_TAG.sub(" ", text))
-    text = "".join(ch for ch in text if not _is_control(ch))
+    # tabs and line breaks become spaces (white space is collapsed below anyway); text with
+    # nothing else unprintable, the common case, has no control character to drop
+    text = html.unescape(_TAG.sub(" ", text)).translate(_BREAKS)
+    if not text.isprintable():
+        text = "".join(ch for ch in text if not _is_control(ch))
     return _WS.sub(" ", text).strip()
 
 

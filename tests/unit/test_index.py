@@ -49,3 +49,45 @@ def test_vector_matrix_converts_list_columns_in_one_block_and_names_ragged_input
     np.testing.assert_array_equal(out, [[1.0, 2.0], [3.0, 4.5]])
     with pytest.raises(ValueError, match="unequal length"):
         vector_matrix(pl.Series("vector", [[1.0, 2.0], [3.0]], dtype=pl.List(pl.Float32)))
+
+
+def _items(titles: dict[str, str]) -> pl.DataFrame:
+    ids = sorted(titles)
+    return pl.DataFrame({"item_id": ids, "title": [titles[i] for i in ids],
+                         "description": [None] * len(ids), "category": [None] * len(ids),
+                         "brand": [None] * len(ids),
+                         "content_hash": [f"h-{titles[i]}" for i in ids]})
+
+
+def _register(warehouse, items: pl.DataFrame) -> None:
+    from pipelines.warehouse import connect
+
+    con = connect(warehouse)
+    try:
+        con.register("new_items", items)
+        con.execute("""INSERT OR REPLACE INTO items (item_id, title, in_stock, content_hash,
+                                                     active, updated_at)
+                       SELECT item_id, title, TRUE, content_hash, TRUE, now() FROM new_items""")
+    finally:
+        con.close()
+
+
+def test_bm25_analysis_is_cached_per_content_and_gives_the_same_index(tmp_path, caplog):
+    from pipelines.index import build_lexical
+    from serving.lexical import LexicalIndex
+
+    warehouse = tmp_path / "warehouse.duckdb"
+    first = _items({"a": "Cordless Drill 20V", "b": "2x4 lumber 8 ft.", "c": "claw hammer"})
+    _register(warehouse, first)
+    build_lexical(first, tmp_path / "one", warehouse)
+    second = _items({"a": "Cordless Drill 20V", "b": "2x4 lumber 10 ft.", "c": "claw hammer"})
+    _register(warehouse, second)
+    with caplog.at_level("INFO", logger="pipelines.index"):
+        build_lexical(second, tmp_path / "two", warehouse)
+    assert "1 items analysed, 2 from the warehouse" in caplog.text
+    cached = LexicalIndex.load(tmp_path / "two")
+    build_lexical(second, tmp_path / "fresh")  # no warehouse: everything analysed now
+    fresh = LexicalIndex.load(tmp_path / "fresh")
+    assert cached.words == fresh.words
+    for query in ("drill", "2x4 lumber 10 ft", "hammer claw", "8 ft"):
+        np.testing.assert_array_equal(cached.scores(query), fresh.scores(query))
