@@ -101,7 +101,9 @@ def tune_index(vectors: np.ndarray, seed: int, target: float = 0.95, k: int = 10
     but not on items, and about as hard for the index as real queries.
     ``reuse`` = (n_trees, search_k, items the grid last ran at), from the live release: that
     setting is built and measured on the same query sample first, and kept if it reaches
-    ``target``; otherwise the whole grid runs as usual.
+    ``target``; otherwise the grid continues upward from it (larger ``search_k`` on the index
+    just built, then more trees), since fewer trees or a smaller ``search_k`` fell short
+    already.
     """
     n = vectors.shape[0]
     rng = np.random.default_rng(seed)
@@ -111,6 +113,7 @@ def tune_index(vectors: np.ndarray, seed: int, target: float = 0.95, k: int = 10
     truth = exact_top_k(vectors, queries, k)
     tuning: list[dict[str, float]] = []
     best = None
+    start_trees, start_search_k, built = 0, 0, None
     if reuse is not None:
         n_trees, search_k, tuned_at = reuse
         index = _build(vectors, n_trees, seed)
@@ -122,11 +125,19 @@ def tune_index(vectors: np.ndarray, seed: int, target: float = 0.95, k: int = 10
             log.info("index: reused n_trees=%d search_k=%d, recall@10=%.3f", n_trees, search_k,
                      recall)
             return index, IndexChoice(n_trees, search_k, recall, [point])
-        log.info("index: reused setting reached recall %.3f < %.2f; tuning again", recall, target)
+        log.info("index: reused setting reached recall %.3f < %.2f; tuning on from it", recall,
+                 target)
+        tuning.append(point)
+        start_trees, start_search_k, built = n_trees, search_k, index
     for n_trees in TREE_GRID:
-        index = _build(vectors, n_trees, seed)
+        if n_trees < start_trees:
+            continue
+        index = built if built is not None and n_trees == start_trees else _build(
+            vectors, n_trees, seed)
         for factor in SEARCH_K_FACTORS:
             search_k = n_trees * k * factor
+            if n_trees == start_trees and search_k <= start_search_k:
+                continue
             found = [index.get_nns_by_vector(q, k, search_k=search_k) for q in queries]
             recall = recall_at_k(found, truth)
             tuning.append({"n_trees": n_trees, "search_k": search_k, "recall_at_10": recall})

@@ -91,3 +91,16 @@ def test_bm25_analysis_is_cached_per_content_and_gives_the_same_index(tmp_path, 
     assert cached.words == fresh.words
     for query in ("drill", "2x4 lumber 10 ft", "hammer claw", "8 ft"):
         np.testing.assert_array_equal(cached.scores(query), fresh.scores(query))
+
+
+def test_a_reused_setting_that_falls_short_tunes_on_upward_from_it():
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(3000, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    _, choice = tune_index(vectors, seed=1, target=0.9, reuse=(8, 80, 2950))
+    first, *rest = choice.tuning
+    assert first == {**first, "n_trees": 8, "search_k": 80, "reused_from_items": 2950}
+    assert first["recall_at_10"] < 0.9 and rest  # it fell short, so tuning went on
+    # nothing below the reused setting was tried again
+    assert all(p["n_trees"] >= 8 and (p["n_trees"] > 8 or p["search_k"] > 80) for p in rest)
+    assert choice.recall_at_10 >= 0.9
