@@ -34,26 +34,38 @@ Protocol = Literal["rerank", "retrieval"]
 RETRIEVE_DEPTH = 100
 
 
+def text_key(text: str) -> str:
+    """The embedding cache's key of an embedded text."""
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def read_cached(con: duckdb.DuckDBPyConnection, encoder_version: str, keys: list[str],
+                dim: int) -> tuple[dict[str, int], np.ndarray]:
+    """The vectors of an embedding cache (open in ``con``) for those of ``keys`` (text keys)
+    it holds under ``encoder_version``: (key -> row, float32 matrix of those rows)."""
+    con.register("wanted", pl.DataFrame({"text_hash": list(dict.fromkeys(keys))}))
+    cached = query_frame(con, """SELECT e.text_hash, e.vector FROM embeddings e
+        JOIN wanted w USING (text_hash) WHERE e.encoder_version = ?""", [encoder_version])
+    found = {h: i for i, h in enumerate(cached["text_hash"].to_list())}
+    matrix = (vector_matrix(cached["vector"]) if cached.height
+              else np.zeros((0, dim), dtype=np.float32))
+    return found, matrix
+
+
 def embed_cached(encoder: Encoder, texts: list[str], cache_path: Path,
                  batch_size: int = 64, progress: bool = True,
                  precision: Precision | None = None) -> np.ndarray:
     """Embed ``texts``, reading and filling a DuckDB cache keyed by (encoder version, sha256).
 
     ``precision`` is passed to :meth:`Encoder.encode` for the texts not cached yet."""
-    keys = [hashlib.sha256(t.encode()).hexdigest()[:32] for t in texts]
+    keys = [text_key(t) for t in texts]
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect(str(cache_path))
     try:
         con.execute("""CREATE TABLE IF NOT EXISTS embeddings (
             encoder_version VARCHAR, text_hash VARCHAR, vector FLOAT[],
             PRIMARY KEY (encoder_version, text_hash))""")
-        con.register("wanted", pl.DataFrame({"text_hash": list(dict.fromkeys(keys))}))
-        cached = query_frame(con, """SELECT e.text_hash, e.vector FROM embeddings e
-            JOIN wanted w USING (text_hash) WHERE e.encoder_version = ?""",
-                             [encoder.version])
-        found = {h: i for i, h in enumerate(cached["text_hash"].to_list())}
-        matrix = (vector_matrix(cached["vector"]) if cached.height
-                  else np.zeros((0, encoder.dim), dtype=np.float32))
+        found, matrix = read_cached(con, encoder.version, keys, encoder.dim)
         todo = {}
         for key, text in zip(keys, texts, strict=True):
             if key not in found and key not in todo:

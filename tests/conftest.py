@@ -23,6 +23,16 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def tiny_homedepot(shared_data, tmp_path) -> Path:
+    """The first 60 real Home Depot products, as a products file of their own."""
+    import polars as pl
+
+    products = tmp_path / "products.parquet"
+    pl.read_parquet(shared_data / "homedepot" / "products.parquet").head(60).write_parquet(products)
+    return products
+
+
 @pytest.fixture(scope="session")
 def encoder():
     from serving.encoder import Encoder

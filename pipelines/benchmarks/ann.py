@@ -34,7 +34,8 @@ memory from ``/proc/self/smaps_rollup`` (anonymous vs file-backed pages) after l
 after answering the queries; then per-query latency p50/p99 of the ANN step as serving runs it
 (100 candidates, ``max(search_k, 100)``, plus gathering their vectors), of Annoy at k=10,
 of exact search with the vectors read into RAM (and that RSS delta), and of hnswlib (loaded
-into RAM). It covers the ANN and vectors part of serving only (no encoder, BM25 or ranker).
+into RAM). It covers the ANN and vectors part of serving only (no encoder, BM25 or ranker);
+``instantrec bench growth`` measures whole ``recommend()`` calls per size.
 The files were just written, so their pages are in the page cache: mapped pages are minor
 faults, not disk reads; a cold start from disk is slower than this.
 """

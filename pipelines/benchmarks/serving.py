@@ -23,7 +23,6 @@ an embedding cache), on both judged data sets.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -60,27 +59,24 @@ def _seed_vectors(settings: Settings, encoder: Any, cache_path: Path) -> int:
     import polars as pl
 
     from pipelines.embed import pending_items, shard_dir, store_vectors
-    from pipelines.warehouse import query_frame
+    from pipelines.evaluation import read_cached, text_key
     from serving.text import item_text
 
     todo = pending_items(settings.warehouse_path, encoder.version)
     if todo.height == 0 or not cache_path.is_file():
         return 0
-    keys = [hashlib.sha256(item_text(r["title"], r["brand"], r["category"], r["description"])
-                           .encode()).hexdigest()[:32] for r in todo.iter_rows(named=True)]
+    keys = [text_key(item_text(r["title"], r["brand"], r["category"], r["description"]))
+            for r in todo.iter_rows(named=True)]
     con = duckdb.connect(str(cache_path), read_only=True)
     try:
-        con.register("wanted", pl.DataFrame({"text_hash": list(dict.fromkeys(keys))}))
-        cached = query_frame(con, """SELECT e.text_hash, e.vector FROM embeddings e
-            JOIN wanted w USING (text_hash) WHERE e.encoder_version = ?""", [encoder.version])
+        found, matrix = read_cached(con, encoder.version, keys, encoder.dim)
     finally:
         con.close()
-    found = dict(zip(cached["text_hash"].to_list(), cached["vector"].to_list(), strict=True))
     hit = [i for i, k in enumerate(keys) if k in found]
     if not hit:
         return 0
     frame = todo[hit].select("item_id", "content_hash").with_columns(
-        pl.Series("vector", np.asarray([found[keys[i]] for i in hit], dtype=np.float32),
+        pl.Series("vector", matrix[[found[keys[i]] for i in hit]],
                   dtype=pl.Array(pl.Float32, encoder.dim)))
     out = shard_dir(settings.work_dir, encoder.version) / "shard-seed.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)

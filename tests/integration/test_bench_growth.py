@@ -54,12 +54,11 @@ def test_synthetic_items_copy_their_parent_text_and_sit_near_its_vector():
     assert children == 60
 
 
-def test_bench_growth_serves_every_size_from_a_real_release(shared_data, tmp_path):
-    products = tmp_path / "products.parquet"
-    pl.read_parquet(shared_data / "homedepot" / "products.parquet").head(60).write_parquet(products)
+def test_bench_growth_serves_every_size_from_a_real_release(shared_data, tiny_homedepot,
+                                                             tmp_path):
     parser = argparse.ArgumentParser()
     growth.add_arguments(parser)
-    args = parser.parse_args(["--products", str(products), "--judgments",
+    args = parser.parse_args(["--products", str(tiny_homedepot), "--judgments",
                               str(shared_data / "homedepot" / "judgments.parquet"),
                               "--sizes", "40,90", "--queries", "4"])
     out = growth.run(make_settings(tmp_path / "home"), args)

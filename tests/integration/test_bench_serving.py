@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-import polars as pl
-
 from pipelines.benchmarks import serving as bench_serving
 from tests.conftest import make_settings
 
 
-def test_bench_serving_reports_the_promised_keys(shared_data, tmp_path):
-    products = tmp_path / "products.parquet"
-    pl.read_parquet(shared_data / "homedepot" / "products.parquet").head(60).write_parquet(products)
+def test_bench_serving_reports_the_promised_keys(shared_data, tiny_homedepot, tmp_path):
     parser = argparse.ArgumentParser()
     bench_serving.add_arguments(parser)
-    args = parser.parse_args(["--products", str(products), "--judgments",
+    args = parser.parse_args(["--products", str(tiny_homedepot), "--judgments",
                               str(shared_data / "homedepot" / "judgments.parquet"),
                               "--queries", "4", "--repeats", "1", "--backend", "onnx"])
     out = bench_serving.run(make_settings(tmp_path / "home"), args)
