@@ -3,6 +3,12 @@
 Annoy's default ``search_k`` (n_trees * k) gives poor recall on real embeddings; instead of
 guessing, we measure recall@10 against exact top-10 for a sample of queries and keep the
 cheapest setting that reaches the target.
+
+A refresh that changes few items does not rebuild Annoy: the release links the live release's
+Annoy file and searches the new and changed items exactly beside it (a delta release, see
+:mod:`serving.vector_index`), after checking the combined recall on probes. Once the exactly
+searched items or the dropped ones pass :data:`DELTA_MAX_SHARE`, the next refresh builds Annoy
+afresh.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,14 +33,23 @@ from serving.lexical import LexicalIndex, analyse
 from serving.lexical import signature as lexical_signature
 from serving.manifest import (
     EncoderSpec,
+    FileEntry,
     IndexSpec,
     LexicalSpec,
     Manifest,
     file_entries,
     write_manifest,
 )
-from serving.release import INDEX_FILE, ITEMS_FILE, LEXICAL_DIR, VECTORS_FILE
+from serving.release import (
+    DELTA_ROWS_FILE,
+    INDEX_FILE,
+    INDEX_ROWS_FILE,
+    ITEMS_FILE,
+    LEXICAL_DIR,
+    VECTORS_FILE,
+)
 from serving.text import item_text
+from serving.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +71,14 @@ BUNDLE_LAYOUT = 4
 # setting); the former 0.05 made probes far easier than queries (0.962 on probes, 0.887 on
 # real queries), so a release promised recall it did not deliver.
 PROBE_NOISE = 0.14
+# A refresh keeps the live release's Annoy file while the items searched exactly beside it
+# (new and changed since the file was built) and the items it holds that are gone or changed
+# each stay within this share of the catalogue, and the delta within DELTA_MAX_ITEMS (each
+# query scores the delta exactly).
+DELTA_MAX_SHARE = 0.05
+DELTA_MAX_ITEMS = 20_000
+# Probes that check a delta release's recall (a check of a setting tuned before, not a tuning).
+DELTA_CHECK_PROBES = 200
 
 
 @dataclass(frozen=True)
@@ -156,11 +180,10 @@ def tune_index(vectors: np.ndarray, seed: int, target: float = 0.95, k: int = 10
     return best
 
 
-def reusable_setting(releases_dir: Path, encoder: Encoder, n_items: int, seed: int,
-                     target: float) -> tuple[int, int, int] | None:
-    """(n_trees, search_k, items the grid last ran at) of the live release, when it was built
-    with the same encoder, seed and recall target over a catalogue within
-    :data:`REUSE_MAX_SIZE_CHANGE` of ``n_items``; else None."""
+def _live_release(releases_dir: Path, encoder: Encoder, seed: int,
+                  target: float) -> tuple[Path, Manifest] | None:
+    """The live release's directory and manifest, when it was built with the same encoder,
+    seed and recall target (so its Annoy setting and vectors carry over); else None."""
     from serving.manifest import read_manifest
     from serving.release import read_pointer
 
@@ -168,20 +191,134 @@ def reusable_setting(releases_dir: Path, encoder: Encoder, n_items: int, seed: i
         pointer = read_pointer(releases_dir)
         if pointer is None:
             return None
-        live = read_manifest(releases_dir / pointer.release_id, verify_files=False)
-    except Exception as exc:  # noqa: BLE001 - no usable live release: tune from scratch
-        log.info("index: no live setting to reuse (%s)", exc)
+        live_dir = releases_dir / pointer.release_id
+        live = read_manifest(live_dir, verify_files=False)
+    except Exception as exc:  # noqa: BLE001 - no usable live release: build from scratch
+        log.info("index: no live release to build on (%s)", exc)
         return None
     spec = live.index
     if (spec.seed, spec.recall_target) != (seed, target) or (
             live.encoder.name, live.encoder.revision, live.encoder.max_tokens) != (
             encoder.name, encoder.revision, encoder.max_length):
         return None
-    tuned_at = int(spec.tuning[-1].get("reused_from_items", live.item_count)) if spec.tuning \
+    return live_dir, live
+
+
+def _tuned_at(live: Manifest) -> int:
+    """Items the live release's Annoy grid last ran at."""
+    tuning = live.index.tuning
+    return int(tuning[-1].get("reused_from_items", live.item_count)) if tuning \
         else live.item_count
+
+
+def reusable_setting(releases_dir: Path, encoder: Encoder, n_items: int, seed: int,
+                     target: float) -> tuple[int, int, int] | None:
+    """(n_trees, search_k, items the grid last ran at) of the live release, when it was built
+    with the same encoder, seed and recall target over a catalogue within
+    :data:`REUSE_MAX_SIZE_CHANGE` of ``n_items``; else None."""
+    found = _live_release(releases_dir, encoder, seed, target)
+    if found is None:
+        return None
+    live = found[1]
+    tuned_at = _tuned_at(live)
     if abs(n_items - tuned_at) > REUSE_MAX_SIZE_CHANGE * tuned_at:
         return None
-    return spec.n_trees, spec.search_k, tuned_at
+    return live.index.n_trees, live.index.search_k, tuned_at
+
+
+@dataclass(frozen=True)
+class DeltaPlan:
+    """How a refresh keeps the live release's Annoy file (see :mod:`serving.vector_index`)."""
+
+    base_release: str          # the release whose build wrote the Annoy file
+    annoy_file: Path           # the live release's copy (a link to the base's)
+    annoy_entry: FileEntry     # its manifest entry: the same bytes
+    index_rows: np.ndarray     # int32 per Annoy item: row in the new release, -1 = gone
+    delta_rows: np.ndarray     # int32: new release rows searched exactly
+    n_trees: int
+    search_k: int
+    tuned_at: int
+
+    @property
+    def dropped(self) -> int:
+        return int((self.index_rows < 0).sum())
+
+
+def plan_delta(releases_dir: Path, items: pl.DataFrame, vectors: np.ndarray, encoder: Encoder,
+               seed: int, target: float) -> DeltaPlan | None:
+    """A :class:`DeltaPlan` for ``items``/``vectors`` on top of the live release, or None when
+    there is no compatible live release or the delta or the dropped items would pass
+    :data:`DELTA_MAX_SHARE` (then Annoy is built afresh).
+
+    An Annoy item stays searchable when its item is still listed with a bit-identical vector;
+    every other row of the new release goes to the exact delta.
+    """
+    found = _live_release(releases_dir, encoder, seed, target)
+    if found is None:
+        return None
+    live_dir, live = found
+    if live.libraries.get("annoy") != library_versions()["annoy"] or INDEX_FILE not in live.files:
+        return None
+    live_items = pl.read_parquet(live_dir / ITEMS_FILE, columns=["item_id"])
+    live_vectors = np.load(live_dir / VECTORS_FILE, mmap_mode="r")
+    if live_vectors.shape[1] != vectors.shape[1]:
+        return None
+    pairs = (live_items.with_row_index("live_row")
+             .join(items.select("item_id").with_row_index("new_row"), on="item_id"))
+    live_rows = pairs["live_row"].to_numpy().astype(np.int64)
+    new_rows = pairs["new_row"].to_numpy().astype(np.int64)
+    same = (np.asarray(live_vectors[live_rows]) == vectors[new_rows]).all(axis=1)
+    new_of_live = np.full(live.item_count, -1, dtype=np.int32)
+    new_of_live[live_rows[same]] = new_rows[same]
+    if live.index.base_release is None:
+        live_of_base = np.arange(live.item_count, dtype=np.int32)
+        base = live.release_id
+    else:
+        live_of_base = np.load(live_dir / INDEX_ROWS_FILE)
+        base = live.index.base_release
+    index_rows = np.where(live_of_base >= 0, new_of_live[np.maximum(live_of_base, 0)],
+                          -1).astype(np.int32)
+    covered = np.zeros(items.height, dtype=bool)
+    covered[index_rows[index_rows >= 0]] = True
+    delta_rows = np.flatnonzero(~covered).astype(np.int32)
+    plan = DeltaPlan(base, live_dir / INDEX_FILE, live.files[INDEX_FILE], index_rows, delta_rows,
+                     live.index.n_trees, live.index.search_k, _tuned_at(live))
+    limit = DELTA_MAX_SHARE * items.height
+    if len(delta_rows) > min(limit, DELTA_MAX_ITEMS) or plan.dropped > DELTA_MAX_SHARE * len(
+            index_rows):
+        log.info("index: delta of %d items, %d dropped from Annoy's %d: past the %.0f%% limit, "
+                 "building Annoy afresh", len(delta_rows), plan.dropped, len(index_rows),
+                 100 * DELTA_MAX_SHARE)
+        return None
+    return plan
+
+
+def check_delta(plan: DeltaPlan, vectors: np.ndarray, seed: int, target: float,
+                k: int = 10, sample: int = DELTA_CHECK_PROBES,
+                noise: float = PROBE_NOISE) -> IndexChoice | None:
+    """Recall@k of the delta index against exact search on probes like :func:`tune_index`'s;
+    an :class:`IndexChoice` when it reaches ``target``, else None."""
+    import annoy
+
+    ann = annoy.AnnoyIndex(vectors.shape[1], "angular")
+    ann.load(str(plan.annoy_file))
+    try:
+        index = VectorIndex.delta(ann, vectors, plan.search_k, plan.index_rows, plan.delta_rows)
+        rng = np.random.default_rng(seed)
+        pick = rng.choice(len(vectors), size=min(sample, len(vectors)), replace=False)
+        queries = vectors[pick] + rng.normal(0, noise, size=(len(pick), vectors.shape[1]))
+        queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+        truth = exact_top_k(vectors, queries, k)
+        recall = recall_at_k([index.nearest(q, k)[0] for q in queries], truth)
+    finally:
+        ann.unload()
+    point = {"n_trees": plan.n_trees, "search_k": plan.search_k, "recall_at_10": recall,
+             "reused_from_items": plan.tuned_at, "delta_items": len(plan.delta_rows),
+             "dropped_items": plan.dropped, "probes": len(pick)}
+    log.info("index: delta of %d items beside %s's Annoy (%d dropped): recall@10=%.3f",
+             len(plan.delta_rows), plan.base_release, plan.dropped, recall)
+    return IndexChoice(plan.n_trees, plan.search_k, recall, [point]) if recall >= target \
+        else None
 
 
 def release_id_for(items: pl.DataFrame, encoder_version: str, seed: int, target: float) -> str:
@@ -271,23 +408,41 @@ def build_index(warehouse: Path, releases_dir: Path, encoder: Encoder, seed: int
         log.info("release %s already published; nothing to build", release_id)
         return final
     reuse = reusable_setting(releases_dir, encoder, items.height, seed, recall_target)
+    delta = plan_delta(releases_dir, items, vectors, encoder, seed, recall_target)
     return write_bundle(items, vectors, releases_dir / ".staging" / release_id, release_id,
-                        encoder, seed, recall_target, reuse, warehouse)
+                        encoder, seed, recall_target, reuse, warehouse, delta)
 
 
 def write_bundle(items: pl.DataFrame, vectors: np.ndarray, staged: Path, release_id: str,
                  encoder: Encoder, seed: int = 42, recall_target: float = 0.95,
                  reuse: tuple[int, int, int] | None = None,
-                 warehouse: Path | None = None) -> Path:
+                 warehouse: Path | None = None, delta: DeltaPlan | None = None) -> Path:
     """Write a complete release bundle for ``items`` (the warehouse's item columns, sorted by
     id) and their ``vectors`` into ``staged``: the tuned Annoy index, the vectors, BM25, the
     item table and the manifest. ``warehouse`` caches BM25 text analysis (see
-    :func:`build_lexical`). Returns ``staged``."""
+    :func:`build_lexical`). With ``delta`` (see :func:`plan_delta`), the bundle links the live
+    release's Annoy file and searches the delta exactly, when their recall on probes reaches
+    ``recall_target``; otherwise Annoy is tuned and built as without it. Returns ``staged``."""
     if staged.exists():
         shutil.rmtree(staged)
     staged.mkdir(parents=True)
-    index, choice = tune_index(vectors, seed, recall_target, reuse=reuse)
-    index.save(str(staged / INDEX_FILE))
+    choice = check_delta(delta, vectors, seed, recall_target) if delta is not None else None
+    if choice is not None:
+        _link_or_copy(delta.annoy_file, staged / INDEX_FILE)
+        np.save(staged / INDEX_ROWS_FILE, delta.index_rows)
+        np.save(staged / DELTA_ROWS_FILE, delta.delta_rows)
+        delta_files = [INDEX_ROWS_FILE, DELTA_ROWS_FILE]
+        annoy_entry = {INDEX_FILE: delta.annoy_entry}
+        delta_spec = {"base_release": delta.base_release, "delta_items": len(delta.delta_rows),
+                      "dropped_items": delta.dropped}
+    else:
+        if delta is not None:
+            log.info("index: the delta fell short of recall %.2f; building Annoy afresh",
+                     recall_target)
+        index, choice = tune_index(vectors, seed, recall_target, reuse=reuse)
+        index.save(str(staged / INDEX_FILE))
+        index.unload()
+        delta_files, annoy_entry, delta_spec = [], file_entries(staged, [INDEX_FILE]), {}
     np.save(staged / VECTORS_FILE, vectors)
     lexical_files = build_lexical(items, staged / LEXICAL_DIR, warehouse)
     items.select("item_id", "title", "category", "brand", "price", "in_stock",
@@ -306,12 +461,21 @@ def write_bundle(items: pl.DataFrame, vectors: np.ndarray, staged: Path, release
                             else str(encoder.path.resolve())),
         index=IndexSpec(n_trees=choice.n_trees, search_k=choice.search_k, seed=seed,
                         recall_at_10=choice.recall_at_10, recall_target=recall_target,
-                        tuning=choice.tuning),
+                        tuning=choice.tuning, **delta_spec),
         lexical=LexicalSpec(),
-        files=file_entries(staged, [INDEX_FILE, VECTORS_FILE, ITEMS_FILE, *lexical_files]),
+        files=annoy_entry | file_entries(staged, [VECTORS_FILE, ITEMS_FILE, *delta_files,
+                                                  *lexical_files]),
         libraries=library_versions(),
     )
     write_manifest(staged, manifest)
-    index.unload()
     log.info("staged release %s with %d items at %s", release_id, items.height, staged)
     return staged
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link ``source`` (releases are immutable, so sharing the bytes is safe and costs
+    nothing); copy where the file system cannot link."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)

@@ -42,6 +42,12 @@ class IndexSpec(BaseModel):
     recall_at_10: float
     recall_target: float
     tuning: list[dict[str, float]] = []
+    # A delta release (see serving.vector_index): the release whose build wrote the Annoy file
+    # this one links, how many of its rows are searched exactly beside it, and how many Annoy
+    # items it drops. None/0/0 = Annoy holds every item.
+    base_release: str | None = None
+    delta_items: int = 0
+    dropped_items: int = 0
 
 
 class LexicalSpec(BaseModel):

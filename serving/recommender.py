@@ -561,7 +561,6 @@ def _search(bundle: Bundle, qvec: np.ndarray, k: int,
     """ANN search with over-fetch under filters; exact search over the filtered subset when
     the filters are too selective for over-fetching to fill ``k``."""
     n = len(bundle.items)
-    search_k = bundle.manifest.index.search_k
     mask = filters.mask(bundle) if filters is not None else None
     allowed = n if mask is None else int(mask.sum())
     want = min(k, allowed)
@@ -569,16 +568,14 @@ def _search(bundle: Bundle, qvec: np.ndarray, k: int,
         return [], []
     fetch = min(n, k if mask is None else 4 * k)
     while True:
-        rows, dists = bundle.index.get_nns_by_vector(
-            qvec, fetch, search_k=max(search_k, fetch), include_distances=True)
+        rows, sims = bundle.index.nearest(qvec, fetch)
         if mask is not None:
-            kept = [(r, d) for r, d in zip(rows, dists, strict=True) if mask[r]]
+            kept = [(r, sim) for r, sim in zip(rows, sims, strict=True) if mask[r]]
         else:
-            kept = list(zip(rows, dists, strict=True))
+            kept = list(zip(rows, sims, strict=True))
         if len(kept) >= want:
             kept = kept[:want]
-            # Annoy's angular distance is sqrt(2 - 2 cos) on unit vectors.
-            return [r for r, _ in kept], [1.0 - d * d / 2.0 for _, d in kept]
+            return [r for r, _ in kept], [sim for _, sim in kept]
         if fetch >= n or fetch >= 64 * k:
             break
         fetch = min(n, fetch * 4)

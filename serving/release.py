@@ -4,7 +4,10 @@ Layout under ``<home>/releases``::
 
     CURRENT                   pointer: {"release_id": ..., "generation": n}
     <release_id>/             one immutable bundle per release
-        index.ann             Annoy index (angular), item i == row i of items.parquet
+        index.ann             Annoy index (angular), item i == row i of items.parquet; in a
+                              delta release, the base release's file, hard-linked
+        index_rows.npy        delta releases only: Annoy item -> row (-1 = gone/changed)
+        delta_rows.npy        delta releases only: rows searched exactly (see vector_index)
         vectors.npy           float32 (n, dim) unit vectors, same order
         items.parquet         the id map and the item table serving filters on
         lexical/              BM25 index over the same item texts (bm25s)
@@ -24,11 +27,14 @@ import numpy as np
 from serving.errors import ReleaseError
 from serving.lexical import LexicalIndex
 from serving.manifest import Manifest, read_manifest, write_json_atomic
+from serving.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
 
 POINTER_NAME = "CURRENT"
 INDEX_FILE = "index.ann"
+INDEX_ROWS_FILE = "index_rows.npy"
+DELTA_ROWS_FILE = "delta_rows.npy"
 VECTORS_FILE = "vectors.npy"
 ITEMS_FILE = "items.parquet"
 LEXICAL_DIR = "lexical"
@@ -78,7 +84,7 @@ class Bundle:
 
     path: Path
     manifest: Manifest
-    index: object             # annoy.AnnoyIndex (memory-mapped)
+    index: VectorIndex        # Annoy (memory-mapped), plus the exact delta of a refresh
     vectors: np.ndarray       # float32 (n, dim), memory-mapped
     items: ItemTable
     lexical: LexicalIndex | None = None
@@ -120,8 +126,14 @@ def load_bundle(bundle_dir: Path, verify_files: bool = True) -> Bundle:
     try:
         items = load_items(bundle_dir / ITEMS_FILE)
         vectors = np.load(bundle_dir / VECTORS_FILE, mmap_mode="r")
-        index = annoy.AnnoyIndex(manifest.encoder.dim, manifest.index.metric)
-        index.load(str(bundle_dir / INDEX_FILE))
+        ann = annoy.AnnoyIndex(manifest.encoder.dim, manifest.index.metric)
+        ann.load(str(bundle_dir / INDEX_FILE))
+        if manifest.index.base_release is None:
+            index = VectorIndex.full(ann, vectors, manifest.index.search_k)
+        else:
+            index = VectorIndex.delta(ann, vectors, manifest.index.search_k,
+                                      np.load(bundle_dir / INDEX_ROWS_FILE),
+                                      np.load(bundle_dir / DELTA_ROWS_FILE))
         lexical = (LexicalIndex.load(bundle_dir / LEXICAL_DIR) if manifest.lexical is not None
                    else None)
     except (OSError, ValueError) as exc:
@@ -130,10 +142,12 @@ def load_bundle(bundle_dir: Path, verify_files: bool = True) -> Bundle:
     if lexical is not None and lexical.n_docs != n:
         raise ReleaseError(f"release {manifest.release_id}: lexical index has {lexical.n_docs} "
                            f"documents, the release {n} items")
-    if len(items) != n or vectors.shape != (n, manifest.encoder.dim) or index.get_n_items() != n:
+    in_index = ann.get_n_items() if index.index_rows is None else (
+        ann.get_n_items() - index.dropped + index.delta_size)
+    if len(items) != n or vectors.shape != (n, manifest.encoder.dim) or in_index != n:
         raise ReleaseError(
             f"release {manifest.release_id} is inconsistent: manifest says {n} items, "
-            f"items table has {len(items)}, vectors {vectors.shape}, index {index.get_n_items()}"
+            f"items table has {len(items)}, vectors {vectors.shape}, index {in_index}"
         )
     return Bundle(path=bundle_dir, manifest=manifest, index=index, vectors=vectors, items=items,
                   lexical=lexical)

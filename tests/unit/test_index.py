@@ -104,3 +104,57 @@ def test_a_reused_setting_that_falls_short_tunes_on_upward_from_it():
     # nothing below the reused setting was tried again
     assert all(p["n_trees"] >= 8 and (p["n_trees"] > 8 or p["search_k"] > 80) for p in rest)
     assert choice.recall_at_10 >= 0.9
+
+
+def _annoy(vectors, n_trees=8):
+    import annoy
+
+    index = annoy.AnnoyIndex(vectors.shape[1], "angular")
+    for i, v in enumerate(vectors):
+        index.add_item(i, v)
+    index.build(n_trees, n_jobs=1)
+    return index
+
+
+def test_a_delta_index_answers_like_exact_search_over_the_new_release():
+    from serving.vector_index import VectorIndex
+
+    old = unit_rows(400, 16, seed=1)
+    ann = _annoy(old)
+    # new release: old rows 0..9 delisted, 10..19 changed, 5 new items; rows keep id order
+    kept = np.arange(20, 400)
+    changed = unit_rows(10, 16, seed=2)
+    added = unit_rows(5, 16, seed=3)
+    vectors = np.concatenate([changed, old[kept], added])  # rows 0..9 changed, 10.. kept
+    index_rows = np.full(400, -1, dtype=np.int32)
+    index_rows[kept] = np.arange(10, 10 + len(kept))
+    delta_rows = np.concatenate([np.arange(10), np.arange(390, 395)]).astype(np.int32)
+    index = VectorIndex.delta(ann, vectors, search_k=400 * 10, index_rows=index_rows,
+                              delta_rows=delta_rows)
+    assert (index.dropped, index.delta_size) == (20, 15)
+    queries = unit_rows(50, 16, seed=4)
+    truth = exact_top_k(vectors, queries, 10)
+    found = [index.nearest(q, 10) for q in queries]
+    # search_k covers every Annoy item, so the merge is exact: same rows, true cosines
+    assert [rows for rows, _ in found] == truth.tolist()
+    for q, (rows, sims) in zip(queries, found, strict=True):
+        np.testing.assert_allclose(sims, vectors[rows] @ q, atol=1e-5)
+    # the delisted and changed items' old vectors are never answered
+    assert not any(set(rows) - set(range(395)) for rows, _ in found)
+
+
+def test_a_delta_index_refuses_rows_that_do_not_partition_the_release():
+    from serving.vector_index import VectorIndex
+
+    vectors = unit_rows(20, 8)
+    ann = _annoy(vectors, n_trees=2)
+    ident = np.arange(20, dtype=np.int32)
+    with pytest.raises(ValueError, match="covered 2 times"):
+        VectorIndex.delta(ann, vectors, 100, ident, np.array([3], dtype=np.int32))
+    with pytest.raises(ValueError, match="covered 0 times"):
+        VectorIndex.delta(ann, vectors, 100, np.where(ident == 5, -1, ident),
+                          np.empty(0, dtype=np.int32))
+    with pytest.raises(ValueError, match="outside"):
+        VectorIndex.delta(ann, vectors, 100, ident, np.array([20], dtype=np.int32))
+    with pytest.raises(ValueError, match="19 entries"):
+        VectorIndex.delta(ann, vectors, 100, ident[:19], np.empty(0, dtype=np.int32))
