@@ -74,8 +74,25 @@ def read_catalogue(source: Path) -> pl.DataFrame:
     return df.select(["item_id", "title", *OPTIONAL]).with_row_index("row_number", offset=1)
 
 
+# Text that clean_text returns unchanged, recognised in polars without a Python call: printable
+# ASCII (NFKC, the typographic folds and the control filter leave it alone) with no markup or
+# entity ("<", "&"), no doubled space and no space at either end. Most catalogue text is.
+_PLAIN_ASCII = r"^[!-~](?:[ -~]*[!-~])?$"
+
+
+def clean_series(values: pl.Series) -> pl.Series:
+    """:func:`serving.text.clean_text` over a string column: text it would return unchanged
+    is recognised in polars (:data:`_PLAIN_ASCII`), only the rest goes through Python."""
+    plain = (values.str.contains(_PLAIN_ASCII) & ~values.str.contains("  ", literal=True)
+             & ~values.str.contains(r"[<&]")).fill_null(True)
+    todo = (~plain).arg_true()
+    if todo.len() == 0:
+        return values
+    return values.clone().scatter(todo, [clean_text(v) for v in values.gather(todo).to_list()])
+
+
 def _clean(col: str) -> pl.Expr:
-    return pl.col(col).map_elements(clean_text, return_dtype=pl.String, skip_nulls=True)
+    return pl.col(col).map_batches(clean_series, return_dtype=pl.String)
 
 
 def validate_catalogue(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -183,10 +200,19 @@ def ingest_catalogue(source: Path, warehouse: Path, max_reject_share: float = 0.
             con.execute("""
                 UPDATE items SET active = false, updated_at = ?
                 WHERE active AND item_id NOT IN (SELECT item_id FROM incoming)""", [now])
+            # only new and changed rows are written: an upsert of every row cost a refresh of
+            # Home Depot 0.7 s, and an unchanged item keeps the time it last changed
             con.execute("""
                 INSERT INTO items
-                SELECT item_id, title, description, category, brand, price, in_stock,
-                       content_hash, true, updated_at FROM incoming
+                SELECT n.item_id, n.title, n.description, n.category, n.brand, n.price,
+                       n.in_stock, n.content_hash, true, n.updated_at
+                FROM incoming n LEFT JOIN items i USING (item_id)
+                WHERE i.item_id IS NULL OR i.content_hash <> n.content_hash
+                   OR i.price IS DISTINCT FROM n.price OR i.in_stock <> n.in_stock
+                   OR NOT i.active OR i.title <> n.title
+                   OR i.description IS DISTINCT FROM n.description
+                   OR i.category IS DISTINCT FROM n.category
+                   OR i.brand IS DISTINCT FROM n.brand
                 ON CONFLICT (item_id) DO UPDATE SET
                     title = excluded.title, description = excluded.description,
                     category = excluded.category, brand = excluded.brand,

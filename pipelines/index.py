@@ -18,6 +18,8 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version as pkg_version
@@ -29,7 +31,7 @@ import polars as pl
 from pipelines.embed import load_vectors
 from pipelines.warehouse import connect, query_frame
 from serving.encoder import DEFAULT_ENCODER_NAME, Encoder
-from serving.lexical import LexicalIndex, analyse
+from serving.lexical import LexicalIndex, analyse, analysis_frame
 from serving.lexical import signature as lexical_signature
 from serving.manifest import (
     EncoderSpec,
@@ -115,6 +117,18 @@ def _build(vectors: np.ndarray, n_trees: int, seed: int):
     return index
 
 
+def _answers(search: Callable[[np.ndarray], list[int]],
+             queries: np.ndarray) -> list[list[int]]:
+    """``search(q)`` for every probe, on one thread per core: Annoy releases the GIL while it
+    searches (2 threads: 0.46 s instead of 0.97 s for 200 Home Depot probes)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(len(queries), os.cpu_count() or 1))) as pool:
+        return list(pool.map(search, queries))
+
+
+def _annoy_search(index: object, k: int, search_k: int) -> Callable[[np.ndarray], list[int]]:
+    return lambda q: index.get_nns_by_vector(q, k, search_k=search_k)
+
+
 def tune_index(vectors: np.ndarray, seed: int, target: float = 0.95, k: int = 10,
                sample: int = TUNING_QUERIES, reuse: tuple[int, int, int] | None = None,
                noise: float = PROBE_NOISE):
@@ -141,7 +155,7 @@ def tune_index(vectors: np.ndarray, seed: int, target: float = 0.95, k: int = 10
     if reuse is not None:
         n_trees, search_k, tuned_at = reuse
         index = _build(vectors, n_trees, seed)
-        found = [index.get_nns_by_vector(q, k, search_k=search_k) for q in queries]
+        found = _answers(_annoy_search(index, k, search_k), queries)
         recall = recall_at_k(found, truth)
         point = {"n_trees": n_trees, "search_k": search_k, "recall_at_10": recall,
                  "reused_from_items": tuned_at}
@@ -162,7 +176,7 @@ def tune_index(vectors: np.ndarray, seed: int, target: float = 0.95, k: int = 10
             search_k = n_trees * k * factor
             if n_trees == start_trees and search_k <= start_search_k:
                 continue
-            found = [index.get_nns_by_vector(q, k, search_k=search_k) for q in queries]
+            found = _answers(_annoy_search(index, k, search_k), queries)
             recall = recall_at_k(found, truth)
             tuning.append({"n_trees": n_trees, "search_k": search_k, "recall_at_10": recall})
             if recall >= target:
@@ -309,7 +323,7 @@ def check_delta(plan: DeltaPlan, vectors: np.ndarray, seed: int, target: float,
         queries = vectors[pick] + rng.normal(0, noise, size=(len(pick), vectors.shape[1]))
         queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
         truth = exact_top_k(vectors, queries, k)
-        recall = recall_at_k([index.nearest(q, k)[0] for q in queries], truth)
+        recall = recall_at_k(_answers(lambda q: index.nearest(q, k)[0], queries), truth)
     finally:
         ann.unload()
     point = {"n_trees": plan.n_trees, "search_k": plan.search_k, "recall_at_10": recall,
@@ -323,11 +337,9 @@ def check_delta(plan: DeltaPlan, vectors: np.ndarray, seed: int, target: float,
 
 def release_id_for(items: pl.DataFrame, encoder_version: str, seed: int, target: float) -> str:
     """Deterministic from the inputs: same catalogue state + encoder + settings, same id."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps([BUNDLE_LAYOUT, encoder_version, seed, target]).encode())
-    for row in items.select("item_id", "content_hash", "price", "in_stock").iter_rows():
-        digest.update(json.dumps(row).encode())
-    return digest.hexdigest()[:16]
+    rows = items.select("item_id", "content_hash", "price", "in_stock").rows()
+    return hashlib.sha256(json.dumps([BUNDLE_LAYOUT, encoder_version, seed, target, rows])
+                          .encode()).hexdigest()[:16]
 
 
 def library_versions() -> dict[str, str]:
@@ -355,41 +367,40 @@ def build_lexical(items: pl.DataFrame, directory: Path,
     return sorted(f"{directory.name}/{p.name}" for p in directory.iterdir())
 
 
-def _cached_analysis(items: pl.DataFrame,
-                     warehouse: Path) -> list[tuple[list[str], list[str]]]:
-    """Each item's :func:`serving.lexical.analyse` result, from the warehouse where its content
-    was analysed before (same signature), computed and stored otherwise."""
+def _cached_analysis(items: pl.DataFrame, warehouse: Path) -> pl.DataFrame:
+    """Each item's :func:`serving.lexical.analyse` result (columns ``tokens``, ``words``, in
+    item order), from the warehouse where its content was analysed before (same signature),
+    computed and stored otherwise."""
     sig = lexical_signature()
-    hashes = items["content_hash"].to_list()
     con = connect(warehouse)
     try:
-        con.register("wanted", pl.DataFrame({"content_hash": list(dict.fromkeys(hashes))}))
+        con.register("wanted", items.select(pl.col("content_hash").unique()))
         cached = query_frame(con, """SELECT a.content_hash, a.tokens, a.words
             FROM lexical_analysis a JOIN wanted w USING (content_hash)
             WHERE a.analysis = ?""", [sig])
-        found = {h: (t, w) for h, t, w in cached.iter_rows()}
-        todo = [i for i, h in enumerate(hashes) if h not in found]
-        if todo:
-            rows = items[todo]
-            fresh = analyse([item_text(t, b, c, d) for t, b, c, d in
-                             rows.select("title", "brand", "category", "description").iter_rows()])
-            for h, result in zip(rows["content_hash"].to_list(), fresh, strict=True):
-                found[h] = result
-            con.register("fresh", pl.DataFrame(
-                {"content_hash": rows["content_hash"], "tokens": [t for t, _ in fresh],
-                 "words": [w for _, w in fresh]},
-                schema={"content_hash": pl.String, "tokens": pl.List(pl.String),
-                        "words": pl.List(pl.String)}))
+        rows = items.select("content_hash", "title", "brand", "category", "description").join(
+            cached, on="content_hash", how="left", maintain_order="left")
+        missing = rows["tokens"].null_count()
+        todo = rows.filter(pl.col("tokens").is_null()).unique("content_hash",
+                                                              maintain_order=True)
+        if todo.height:
+            fresh = analysis_frame(analyse([item_text(t, b, c, d) for t, b, c, d in todo.select(
+                "title", "brand", "category", "description").iter_rows()]))
+            fresh = fresh.with_columns(todo["content_hash"])
+            con.register("fresh", fresh)
             con.execute("""INSERT OR IGNORE INTO lexical_analysis
                            SELECT content_hash, ?, tokens, words FROM fresh""", [sig])
             # analyses of content no item has any more (and of other signatures) go
             con.execute("""DELETE FROM lexical_analysis WHERE analysis <> ?
                            OR content_hash NOT IN (SELECT content_hash FROM items)""", [sig])
-        log.info("BM25 analysis: %d items analysed, %d from the warehouse", len(todo),
-                 len(hashes) - len(todo))
+            rows = rows.drop("tokens", "words").join(fresh.vstack(cached.select(
+                "tokens", "words", "content_hash")), on="content_hash", how="left",
+                maintain_order="left")
+        log.info("BM25 analysis: %d items analysed, %d from the warehouse", missing,
+                 items.height - missing)
     finally:
         con.close()
-    return [found[h] for h in hashes]
+    return rows.select("tokens", "words")
 
 
 def build_index(warehouse: Path, releases_dir: Path, encoder: Encoder, seed: int = 42,

