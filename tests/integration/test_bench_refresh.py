@@ -17,9 +17,14 @@ def test_refresh_reembeds_exactly_the_changed_items(tmp_path, encoder):
     assert result["embedded_full"] == [333 - 2]
     assert result["re_embedded"] == [10 + 2]
     assert result["items"] == 333 - 2
-    # the refresh verifies the live release's Annoy setting instead of re-running the grid
+    # the refresh keeps the live release's Annoy file: the new and changed items are searched
+    # exactly beside it, the delisted and changed ones dropped from it
     assert not result["index_full"]["reused_live_setting"]
+    assert result["index_full"]["annoy_rebuilt"]
     assert result["index_refresh"]["reused_live_setting"]
+    assert not result["index_refresh"]["annoy_rebuilt"]
+    assert (result["index_refresh"]["delta_items"],
+            result["index_refresh"]["dropped_items"]) == (10 + 2, 10 + 2)
     assert result["index_refresh"]["recall_at_10"] >= 0.95
     assert set(result["refresh_steps_s"]) == {"ingest", "embed", "index", "evaluate", "publish"}
     assert result["full_s"] > 0 and result["refresh_s"] > 0
