@@ -18,6 +18,8 @@ items past their limits (:mod:`pipelines.index`).
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,6 +77,29 @@ class VectorIndex:
         """Up to ``fetch`` release rows nearest to the unit vector ``qvec``, best first, with
         their cosine similarities: Annoy's answer (at the release's ``search_k``) merged with
         the exact answer over the delta."""
+        rows, sims = self._annoy_part(qvec, fetch)
+        if not self.delta_size:
+            return rows, sims
+        return self._merge(rows, sims, self.delta_vectors @ np.asarray(qvec, np.float32), fetch)
+
+    def nearest_many(self, queries: np.ndarray, fetch: int,
+                     threads: int | None = None) -> list[tuple[list[int], list[float]]]:
+        """:meth:`nearest` for each row of ``queries``: Annoy searches on ``threads`` threads
+        (default one per core; Annoy releases the GIL) and the delta is scored for all
+        queries in one matrix product. Scoring the delta per query inside the threads made
+        BLAS's own threads fight them: 2.4x slower on a 3,505-item delta."""
+        queries = np.asarray(queries, dtype=np.float32)
+        workers = max(1, min(len(queries), threads or os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            found = list(pool.map(lambda q: self._annoy_part(q, fetch), queries))
+        if not self.delta_size:
+            return found
+        dsims = queries @ self.delta_vectors.T
+        return [self._merge(rows, sims, d, fetch)
+                for (rows, sims), d in zip(found, dsims, strict=True)]
+
+    def _annoy_part(self, qvec: np.ndarray, fetch: int) -> tuple[list[int], list[float]]:
+        """Annoy's nearest release rows (dropped items left out) and their cosines."""
         n_annoy = self.annoy.get_n_items()
         want = fetch
         if self.index_rows is not None and self.dropped:
@@ -88,14 +113,15 @@ class VectorIndex:
         if self.index_rows is None:
             return ids[:fetch], sims[:fetch]
         mapped = self.index_rows[np.asarray(ids, dtype=np.int64)] if ids else np.empty(0, int)
-        rows = [int(r) for r in mapped if r >= 0]
-        sims = [s for r, s in zip(mapped, sims, strict=True) if r >= 0]
-        if self.delta_size:
-            dsims = self.delta_vectors @ np.asarray(qvec, dtype=np.float32)
-            take = min(fetch, len(dsims))
-            top = np.argpartition(-dsims, take - 1)[:take]
-            rows += [int(r) for r in self.delta_rows[top]]
-            sims += [float(s) for s in dsims[top]]
-            order = sorted(range(len(rows)), key=lambda i: -sims[i])[:fetch]
-            return [rows[i] for i in order], [sims[i] for i in order]
-        return rows[:fetch], sims[:fetch]
+        keep = [i for i, r in enumerate(mapped) if r >= 0][:fetch]
+        return [int(mapped[i]) for i in keep], [sims[i] for i in keep]
+
+    def _merge(self, rows: list[int], sims: list[float], dsims: np.ndarray,
+               fetch: int) -> tuple[list[int], list[float]]:
+        """Annoy's answer merged with the delta's ``fetch`` best by cosine."""
+        take = min(fetch, len(dsims))
+        top = np.argpartition(-dsims, take - 1)[:take]
+        rows = rows + [int(r) for r in self.delta_rows[top]]
+        sims = sims + [float(x) for x in dsims[top]]
+        order = sorted(range(len(rows)), key=lambda i: -sims[i])[:fetch]
+        return [rows[i] for i in order], [sims[i] for i in order]

@@ -141,6 +141,11 @@ def test_a_delta_index_answers_like_exact_search_over_the_new_release():
         np.testing.assert_allclose(sims, vectors[rows] @ q, atol=1e-5)
     # the delisted and changed items' old vectors are never answered
     assert not any(set(rows) - set(range(395)) for rows, _ in found)
+    # the batch form (Annoy on threads, the delta in one product) answers the same
+    batch = index.nearest_many(queries, 10, threads=2)
+    assert [rows for rows, _ in batch] == [rows for rows, _ in found]
+    np.testing.assert_allclose([sims for _, sims in batch], [sims for _, sims in found],
+                               atol=1e-6)
 
 
 def test_a_delta_index_refuses_rows_that_do_not_partition_the_release():
