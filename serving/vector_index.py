@@ -33,6 +33,7 @@ class VectorIndex:
     index_rows: np.ndarray | None = None   # int32 (annoy items,): release row or -1
     delta_rows: np.ndarray | None = None   # int32 (d,): rows searched exactly
     delta_vectors: np.ndarray | None = None  # float32 (d, dim), vectors[delta_rows]
+    dropped: int = 0               # Annoy items no longer in the release (delisted or changed)
 
     @classmethod
     def full(cls, annoy: object, vectors: np.ndarray, search_k: int) -> VectorIndex:
@@ -58,16 +59,12 @@ class VectorIndex:
             raise ValueError(f"release row {bad} is covered {int(cover[bad])} times by the "
                              "Annoy index and the delta (must be exactly once)")
         return cls(annoy, vectors, search_k, index_rows, delta_rows,
-                   np.ascontiguousarray(vectors[delta_rows], dtype=np.float32))
+                   np.ascontiguousarray(vectors[delta_rows], dtype=np.float32),
+                   int((index_rows < 0).sum()))
 
     @property
     def n_items(self) -> int:
         return int(self.vectors.shape[0])
-
-    @property
-    def dropped(self) -> int:
-        """Annoy items no longer in the release (delisted or changed)."""
-        return 0 if self.index_rows is None else int((self.index_rows < 0).sum())
 
     @property
     def delta_size(self) -> int:
@@ -102,7 +99,7 @@ class VectorIndex:
         """Annoy's nearest release rows (dropped items left out) and their cosines."""
         n_annoy = self.annoy.get_n_items()
         want = fetch
-        if self.index_rows is not None and self.dropped:
+        if self.dropped:
             # ask for enough to make up, on average, for the dropped items among the answers
             want = fetch + math.ceil(2 * fetch * self.dropped / n_annoy) + 8
         want = min(want, n_annoy)
