@@ -142,6 +142,12 @@ def validate_catalogue(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     return accepted, rejected
 
 
+# An incoming row (n) differs from the stored item (i): the content hash covers title,
+# description, category and brand.
+_CHANGED = ("i.content_hash <> n.content_hash OR i.price IS DISTINCT FROM n.price "
+            "OR i.in_stock <> n.in_stock OR NOT i.active")
+
+
 def content_hash(title: str, description: str | None, category: str | None,
                  brand: str | None) -> str:
     """Hash of exactly what the item's vector is computed from."""
@@ -188,11 +194,9 @@ def ingest_catalogue(source: Path, warehouse: Path, max_reject_share: float = 0.
         new = changed = delisted = 0
         if not failed:
             con.register("incoming", accepted.with_columns(pl.lit(now).alias("updated_at")))
-            new, changed = con.execute("""
+            new, changed = con.execute(f"""
                 SELECT count(*) FILTER (WHERE i.item_id IS NULL),
-                       count(*) FILTER (WHERE i.item_id IS NOT NULL AND (
-                           i.content_hash <> n.content_hash OR i.price IS DISTINCT FROM n.price
-                           OR i.in_stock <> n.in_stock OR NOT i.active))
+                       count(*) FILTER (WHERE i.item_id IS NOT NULL AND ({_CHANGED}))
                 FROM incoming n LEFT JOIN items i USING (item_id)""").fetchone()
             delisted = con.execute("""
                 SELECT count(*) FROM items WHERE active
@@ -202,17 +206,12 @@ def ingest_catalogue(source: Path, warehouse: Path, max_reject_share: float = 0.
                 WHERE active AND item_id NOT IN (SELECT item_id FROM incoming)""", [now])
             # only new and changed rows are written: an upsert of every row cost a refresh of
             # Home Depot 0.7 s, and an unchanged item keeps the time it last changed
-            con.execute("""
+            con.execute(f"""
                 INSERT INTO items
                 SELECT n.item_id, n.title, n.description, n.category, n.brand, n.price,
                        n.in_stock, n.content_hash, true, n.updated_at
                 FROM incoming n LEFT JOIN items i USING (item_id)
-                WHERE i.item_id IS NULL OR i.content_hash <> n.content_hash
-                   OR i.price IS DISTINCT FROM n.price OR i.in_stock <> n.in_stock
-                   OR NOT i.active OR i.title <> n.title
-                   OR i.description IS DISTINCT FROM n.description
-                   OR i.category IS DISTINCT FROM n.category
-                   OR i.brand IS DISTINCT FROM n.brand
+                WHERE i.item_id IS NULL OR {_CHANGED}
                 ON CONFLICT (item_id) DO UPDATE SET
                     title = excluded.title, description = excluded.description,
                     category = excluded.category, brand = excluded.brand,

@@ -221,15 +221,10 @@ def _tuned_at(live: Manifest) -> int:
         else live.item_count
 
 
-def reusable_setting(releases_dir: Path, encoder: Encoder, n_items: int, seed: int,
-                     target: float) -> tuple[int, int, int] | None:
-    """(n_trees, search_k, items the grid last ran at) of the live release, when it was built
-    with the same encoder, seed and recall target over a catalogue within
+def reusable_setting(live: Manifest, n_items: int) -> tuple[int, int, int] | None:
+    """(n_trees, search_k, items the grid last ran at) of the ``live`` release (one
+    :func:`_live_release` accepted), when its grid ran over a catalogue within
     :data:`REUSE_MAX_SIZE_CHANGE` of ``n_items``; else None."""
-    found = _live_release(releases_dir, encoder, seed, target)
-    if found is None:
-        return None
-    live = found[1]
     tuned_at = _tuned_at(live)
     if abs(n_items - tuned_at) > REUSE_MAX_SIZE_CHANGE * tuned_at:
         return None
@@ -254,19 +249,15 @@ class DeltaPlan:
         return int((self.index_rows < 0).sum())
 
 
-def plan_delta(releases_dir: Path, items: pl.DataFrame, vectors: np.ndarray, encoder: Encoder,
-               seed: int, target: float) -> DeltaPlan | None:
-    """A :class:`DeltaPlan` for ``items``/``vectors`` on top of the live release, or None when
-    there is no compatible live release or the delta or the dropped items would pass
-    :data:`DELTA_MAX_SHARE` (then Annoy is built afresh).
+def plan_delta(live_dir: Path, live: Manifest, items: pl.DataFrame,
+               vectors: np.ndarray) -> DeltaPlan | None:
+    """A :class:`DeltaPlan` for ``items``/``vectors`` on top of the live release (one
+    :func:`_live_release` accepted), or None when its Annoy file cannot be used here or the
+    delta or the dropped items would pass :data:`DELTA_MAX_SHARE` (then Annoy is built afresh).
 
     An Annoy item stays searchable when its item is still listed with a bit-identical vector;
     every other row of the new release goes to the exact delta.
     """
-    found = _live_release(releases_dir, encoder, seed, target)
-    if found is None:
-        return None
-    live_dir, live = found
     if live.libraries.get("annoy") != library_versions()["annoy"] or INDEX_FILE not in live.files:
         return None
     live_items = pl.read_parquet(live_dir / ITEMS_FILE, columns=["item_id"])
@@ -414,8 +405,9 @@ def build_index(warehouse: Path, releases_dir: Path, encoder: Encoder, seed: int
     if (final / "manifest.json").is_file():
         log.info("release %s already published; nothing to build", release_id)
         return final
-    reuse = reusable_setting(releases_dir, encoder, items.height, seed, recall_target)
-    delta = plan_delta(releases_dir, items, vectors, encoder, seed, recall_target)
+    live = _live_release(releases_dir, encoder, seed, recall_target)
+    reuse = reusable_setting(live[1], items.height) if live is not None else None
+    delta = plan_delta(*live, items, vectors) if live is not None else None
     return write_bundle(items, vectors, releases_dir / ".staging" / release_id, release_id,
                         encoder, seed, recall_target, reuse, warehouse, delta)
 
