@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +25,23 @@ from serving.encoder import Encoder, Precision
 from serving.errors import InvalidInputError
 from serving.lexical import LexicalIndex
 from serving.query import DEFAULT_STEPS, Step, Vocabulary, parse_steps, understand_query
+from serving.relevance import (
+    DEPTH,
+    MatchFeatures,
+    RankerModel,
+    _minmax,
+    channel_features,
+    channel_signals,
+    hybrid_model,
+    on_top,
+    query_features,
+)
 from serving.text import clean_text, item_text, normalise_query
 
 log = logging.getLogger(__name__)
 
 Protocol = Literal["rerank", "retrieval"]
-RETRIEVE_DEPTH = 100
+RETRIEVE_DEPTH = DEPTH  # each channel's candidates, and the ranker's cut
 
 
 def text_key(text: str) -> str:
@@ -100,6 +110,7 @@ class Candidates:
 
     rows: dict[int, np.ndarray]
     features: dict[int, dict[str, np.ndarray]]
+    queries: dict[int, str]   # normalised query text, as serving sees it
 
 
 def candidate_signals(encoder: Encoder, lexical: LexicalIndex, products: pl.DataFrame,
@@ -140,99 +151,15 @@ def candidate_signals(encoder: Encoder, lexical: LexicalIndex, products: pl.Data
         else:
             cand = np.array([row_of[i] for i in judged[qid] if i in row_of], dtype=np.int64)
         cos = item_vecs[cand] @ qvec if cos_all is None else cos_all[cand]
-        terms = [t for t in lexical.tokens(text)]
-        known = [t for t in terms if t in lexical.vocab]
-        cover = np.zeros(len(cand))
-        for t in known:
-            cover += lexical.term_scores(t)[cand] > 0
-        n_terms = max(len(terms), 1)
-        lex = bm25[cand]
-        max_bm25 = float(lex.max()) if len(lex) else 0.0
-        max_cos = float(cos.max()) if len(cos) else 0.0
+        coverage, n_terms = lexical.coverage(text)
         rows[qid] = cand
-        features[qid] = {
-            "cos": cos, "cos_gap": cos - max_cos, "bm25": lex,
-            "bm25_rel": lex / max_bm25 if max_bm25 > 0 else np.zeros(len(cand)),
-            "coverage": cover / n_terms, "q_terms": np.full(len(cand), float(len(terms))),
-            "max_cos": np.full(len(cand), max_cos), "max_bm25": np.full(len(cand), max_bm25),
-        }
-    return Candidates(rows, features)
+        features[qid] = channel_signals(cos, bm25[cand], coverage[cand], n_terms)
+    return Candidates(rows, features, dict(zip(qids, normalised, strict=True)))
 
 
 def _rank(ids: list[str], cand: np.ndarray, score: np.ndarray, depth: int) -> list[str]:
     order = np.argsort(-score, kind="stable")[:depth]
     return [ids[cand[j]] for j in order]
-
-
-def _minmax(x: np.ndarray) -> np.ndarray:
-    span = x.max() - x.min() if len(x) else 0.0
-    return (x - x.min()) / span if span > 0 else np.zeros_like(x)
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """0-based rank of each entry of ``x`` (best = highest first)."""
-    out = np.empty(len(x))
-    out[np.argsort(-x, kind="stable")] = np.arange(len(x))
-    return out
-
-
-RRF_K = 60  # the usual reciprocal-rank-fusion constant
-
-
-def channel_features(f: dict[str, np.ndarray]) -> np.ndarray:
-    """What the two channels say about each candidate, for the learned fusion (``hybrid``).
-
-    Scores on each channel's own scale and per-query normalised (min-max, as the plain fusion
-    uses), reciprocal ranks (as RRF uses), and interactions that let the weights depend on
-    the query: how far a candidate is from the best dense match, and how much of the query
-    the lexical channel actually matched.
-    """
-    lexical_rank = np.where(f["bm25"] > 0, _ranks(f["bm25"]), 10 * RETRIEVE_DEPTH)
-    return np.column_stack([
-        f["cos"], f["cos_gap"], f["bm25_rel"], f["coverage"],
-        f["bm25_rel"] * f["coverage"], f["bm25_rel"] * f["max_cos"], f["cos_gap"] * f["coverage"],
-        _minmax(f["cos"]), _minmax(f["bm25"]),
-        1.0 / (RRF_K + _ranks(f["cos"])), 1.0 / (RRF_K + lexical_rank),
-    ])
-
-
-_WORDS = re.compile(r"\w+")
-
-
-class MatchFeatures:
-    """Query-item evidence beyond the two channels' scores, for the learned ranker: the share
-    of the query's numbers and sizes found in the item ("3/4", "18v", model numbers: the
-    dense channel blurs them and BM25 weighs them like any word), the share of the query's
-    adjacent word pairs found in order (phrase evidence BM25's bag of words ignores), and the
-    item's text length. Item words are tokenised once and kept."""
-
-    def __init__(self, texts: Sequence[str]) -> None:
-        self._texts = texts
-        self._items: dict[int, tuple[frozenset[str], frozenset[tuple[str, str]], float]] = {}
-
-    def _item(self, row: int) -> tuple[frozenset[str], frozenset[tuple[str, str]], float]:
-        got = self._items.get(row)
-        if got is None:
-            words = _WORDS.findall(self._texts[row].casefold())
-            got = (frozenset(words), frozenset(zip(words, words[1:], strict=False)),
-                   float(np.log1p(len(words))))
-            self._items[row] = got
-        return got
-
-    def __call__(self, query: str, rows: np.ndarray) -> np.ndarray:
-        words = _WORDS.findall(query.casefold())
-        numbers = [w for w in words if any(ch.isdigit() for ch in w)]
-        pairs = list(zip(words, words[1:], strict=False))
-        out = np.zeros((len(rows), 4))
-        for i, row in enumerate(rows):
-            item_words, item_pairs, length = self._item(int(row))
-            if numbers:
-                out[i, 0] = sum(w in item_words for w in numbers) / len(numbers)
-            if pairs:
-                out[i, 1] = sum(p in item_pairs for p in pairs) / len(pairs)
-            out[i, 2] = length
-        out[:, 3] = float(bool(numbers))
-        return out
 
 
 def cross_fit(c: Candidates, ids: list[str], judgments: Judgments,
@@ -268,68 +195,15 @@ def cross_fit(c: Candidates, ids: list[str], judgments: Judgments,
     return out
 
 
-def hybrid_model(n_train_queries: int = 0) -> Any:
-    """The learned fusion: a ridge regression of judged gain on :func:`channel_features`.
-    Measured on the development queries, a linear model beat gradient-boosted trees here
-    (which overfit CrowdFlower's 151 queries) and fixed convex weights."""
-    from sklearn.linear_model import Ridge
-
-    return Ridge(alpha=1.0)
-
-
-#: Fewer training queries than this and the ranker stays linear: on CrowdFlower's ~75
-#: training queries per fold the trees overfit (re-rank nDCG@10 0.886 against 0.892 linear).
-MIN_QUERIES_FOR_TREES = 1000
-
-
-class RankerModel:
-    """The learned ranker on top: a ridge regression over the channel signals and
-    :class:`MatchFeatures`, plus gradient-boosted trees on the same features once there are
-    enough training queries (:data:`MIN_QUERIES_FOR_TREES`). The trees capture non-linear
-    evidence (a model number that matches, a phrase in order); the ridge keeps the ranking
-    sane where the trees have little data."""
-
-    def __init__(self, n_train_queries: int = 0) -> None:
-        self.linear = hybrid_model()
-        self.trees = None
-        if n_train_queries >= MIN_QUERIES_FOR_TREES:
-            from sklearn.ensemble import HistGradientBoostingRegressor
-
-            self.trees = HistGradientBoostingRegressor(
-                max_depth=3, learning_rate=0.05, max_iter=200, min_samples_leaf=50,
-                l2_regularization=1.0, random_state=0)
-
-    def fit(self, X: np.ndarray, y: np.ndarray) -> RankerModel:
-        self.linear.fit(X, y)
-        if self.trees is not None:
-            self.trees.fit(X, y)
-        return self
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        linear = self.linear.predict(X)
-        return linear if self.trees is None else linear + self.trees.predict(X)
-
-
 METHODS = ("bm25", "dense", "fusion", "hybrid", "ranker")
 
 
-def on_top(ranker: dict[int, np.ndarray], retrieval: dict[int, np.ndarray],
-           depth: int) -> dict[int, np.ndarray]:
-    """The ranker re-orders what retrieval returned: per query, only the ``depth`` candidates
-    with the best ``retrieval`` scores keep their ``ranker`` score; the rest go below them (in
-    retrieval order). As served: the hybrid retrieves, the ranker sorts that list, so the
-    ranker's top ``depth`` holds the same items as the hybrid's (recall@depth is the same)."""
-    out: dict[int, np.ndarray] = {}
-    for q, score in ranker.items():
-        base = retrieval.get(q)
-        if base is None or len(base) <= depth:
-            out[q] = score
-            continue
-        top = np.zeros(len(base), dtype=bool)
-        top[np.argsort(-base, kind="stable")[:depth]] = True  # the hybrid's own cut (_rank)
-        below = score.min() - 1.0 - (base.max() - base)  # below every kept score, hybrid order
-        out[q] = np.where(top, score, below)
-    return out
+def on_top_all(ranker: dict[int, np.ndarray], retrieval: dict[int, np.ndarray],
+               depth: int) -> dict[int, np.ndarray]:
+    """:func:`serving.relevance.on_top` per query: the ranker re-orders the hybrid's top
+    ``depth``, as served."""
+    return {q: on_top(score, retrieval[q], depth) if q in retrieval else score
+            for q, score in ranker.items()}
 
 
 def method_rankings(encoder: Encoder, products: pl.DataFrame, judgments: Judgments,
@@ -363,10 +237,11 @@ def method_rankings(encoder: Encoder, products: pl.DataFrame, judgments: Judgmen
         channels = {q: channel_features(c.features[q]) for q in c.rows if len(c.rows[q])}
         learned["hybrid"] = cross_fit(c, ids, judgments, channels, hybrid_model)
         if "ranker" in methods:
-            match = MatchFeatures(texts)
-            query_of = dict(judgments.queries().iter_rows())
-            full = {q: np.hstack([x, match(query_of[q], c.rows[q])]) for q, x in channels.items()}
-            learned["ranker"] = on_top(cross_fit(c, ids, judgments, full, RankerModel),
+            # the served ranker's features (serving.relevance), on the titles serving holds
+            match = MatchFeatures([clean_text(t) for t in products["title"].to_list()])
+            full = {q: query_features(c.features[q], match, c.queries[q], c.rows[q])
+                    for q in channels}
+            learned["ranker"] = on_top_all(cross_fit(c, ids, judgments, full, RankerModel),
                                        learned["hybrid"], depth)
     out: dict[str, dict[int, list[str]]] = {m: {} for m in methods}
     for q, cand in c.rows.items():

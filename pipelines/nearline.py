@@ -31,9 +31,18 @@ from serving.checkpoint import load_latest, publish_checkpoint, read_latest
 from serving.encoder import Encoder
 from serving.eventlog import EventLog, LoggedEvent
 from serving.events import POSITIVE_TYPES, Event
+from serving.query import Step, Vocabulary, parse_steps
 from serving.ranker import Ranker, query_key
-from serving.recommender import LexicalCache, release_encoder
+from serving.recommender import (
+    LexicalCache,
+    release_encoder,
+    release_vocabulary,
+    relevance_features,
+    retrieve_candidates,
+    understood,
+)
 from serving.release import Bundle, current_bundle_dir, load_bundle, read_pointer
+from serving.relevance import MatchFeatures, RelevanceModel
 from serving.session import (
     EVENT_WEIGHTS,
     SessionConfig,
@@ -73,10 +82,67 @@ class Example:
     weight: float
     lex: float = 0.0      # relative BM25 score of the item for the query
     qkey: int | None = None  # key of the normalised query, for the (query, item) memory
+    query: str | None = None  # the normalised query, for the relevance model's score
 
 
 def _at(rel: np.ndarray | None, row: int) -> float:
     return float(rel[row]) if rel is not None else 0.0
+
+
+class QueryRelevance:
+    """Relevance scores (:mod:`serving.relevance`) outside a request, for the nearline
+    updater's and the batch retrain's examples: a query's candidates are what serving
+    retrieves for it as a plain query (plus the item asked about, if it is not among them),
+    scored on the features serving computes. Kept per (model, query); bounded."""
+
+    def __init__(self, bundle: Bundle, encoder: Encoder, steps: tuple[Step, ...],
+                 depth: int, size: int = 4096) -> None:
+        self.bundle, self.encoder, self.steps, self.depth = bundle, encoder, steps, depth
+        self.match = MatchFeatures(bundle.items.titles)
+        self.lexical = LexicalCache()
+        self._vocabulary: Vocabulary | None = None
+        self._vocabulary_built = False
+        self._size = size
+        self._cache: OrderedDict[tuple[int, str], dict[int, float]] = OrderedDict()
+        self._models: dict[int, RelevanceModel] = {}  # keeps the ids in the keys alive
+
+    def _understood(self, text: str) -> tuple[str | None, str | None]:
+        if not self._vocabulary_built:
+            self._vocabulary = release_vocabulary(self.bundle, self.steps, warm=False)
+            self._vocabulary_built = True
+        return understood(text, self.steps, self._vocabulary)
+
+    def candidates(self, text: str) -> tuple[list[int], str | None, str | None, np.ndarray]:
+        """A plain query's candidates, its two rewrites and its dense vector."""
+        dense_text, lexical_text = self._understood(text)
+        qvec = self.encoder.encode_query(dense_text).astype(np.float64)
+        lex = self.lexical.relative(self.bundle, lexical_text)
+        return (retrieve_candidates(self.bundle, qvec, lex, self.depth), dense_text,
+                lexical_text, qvec)
+
+    def features(self, text: str, rows: list[int] | None = None) -> tuple[list[int], np.ndarray]:
+        """Candidate rows of ``text`` (with ``rows`` appended when missing) and features."""
+        found, _, lexical_text, qvec = self.candidates(text)
+        extra = [r for r in (rows or []) if r not in set(found)]
+        rows_out = found + extra
+        return rows_out, relevance_features(self.bundle, self.match, self.lexical, text,
+                                            lexical_text, qvec, np.asarray(rows_out))
+
+    def __call__(self, model: RelevanceModel, text: str, row: int) -> float:
+        key = (id(model), text)
+        got = self._cache.get(key)
+        if got is None or row not in got:
+            rows, X = self.features(text, [row])
+            got = dict(zip(rows, model.score(X).tolist(), strict=True))
+            self._models[id(model)] = model
+            self._cache[key] = got
+            while len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+            if len(self._models) > 4:   # models no key refers to any more
+                live = {k[0] for k in self._cache}
+                self._models = {i: m for i, m in self._models.items() if i in live}
+        self._cache.move_to_end(key)
+        return got[row]
 
 
 @dataclass
@@ -105,6 +171,8 @@ class NearlineUpdater:
         self.stats = UpdaterStats()
         self.offset = 0
         self._lexical = LexicalCache()
+        self.relevance = QueryRelevance(self.bundle, self.encoder,
+                                        parse_steps(settings.query_steps), settings.candidates)
         # With a sink, examples are collected (for batch training) instead of applied.
         self.sink: list[Example] | None = None
         self._published_seq = 0
@@ -181,6 +249,8 @@ class NearlineUpdater:
         old = self.bundle
         self.bundle = load_bundle(self.settings.releases_dir / pointer.release_id)
         self.row_of = {i: r for r, i in enumerate(self.bundle.items.item_ids.tolist())}
+        self.relevance = QueryRelevance(self.bundle, self.encoder, self.relevance.steps,
+                                        self.relevance.depth)
         self.ranker = self.ranker.for_release(self.bundle.release_id, old.items.item_ids,
                                               self.bundle.items.item_ids)
         self.publish()
@@ -281,7 +351,7 @@ class NearlineUpdater:
             qkey = query_key(ev.query) if ev.query else None
             if learn:
                 self._learn(logged.offset, q, vectors[row], s_unit, row, 1.0,
-                            EVENT_WEIGHTS[ev.type], _at(lex, row), qkey)
+                            EVENT_WEIGHTS[ev.type], _at(lex, row), qkey, ev.query)
                 counters["positives"] += 1
             if ev.type == "click" and ev.query is not None and ev.position is not None:
                 for shown in self.shown.get((ev.session_id, ev.query), []):
@@ -293,7 +363,7 @@ class NearlineUpdater:
                         neg = self.row_of.get(shown.item_id)
                         if learn and neg is not None:
                             self._learn(logged.offset, q, vectors[neg], s_unit, neg, 0.0, 1.0,
-                                        _at(lex, neg), qkey)
+                                        _at(lex, neg), qkey, ev.query)
                             counters["negatives"] += 1
         else:
             counters["no_context"] += 1
@@ -306,12 +376,15 @@ class NearlineUpdater:
         self._applied(ev, learn)
 
     def _learn(self, offset: int, q: np.ndarray, x: np.ndarray, s: np.ndarray | None, row: int,
-               label: float, weight: float, lex: float, qkey: int | None) -> None:
+               label: float, weight: float, lex: float, qkey: int | None,
+               query: str | None) -> None:
         x = np.asarray(x, dtype=np.float64)
         if self.sink is not None:
-            self.sink.append(Example(offset, q, x, s, row, label, weight, lex, qkey))
-        else:
-            self.ranker.step(q, x, s, row, label, weight, lex, qkey)
+            self.sink.append(Example(offset, q, x, s, row, label, weight, lex, qkey, query))
+            return
+        model = self.ranker.relevance
+        rel = self.relevance(model, query, row) if model is not None and query else None
+        self.ranker.step(q, x, s, row, label, weight, lex, qkey, rel)
 
     def _applied(self, ev: Event, learn: bool) -> None:
         if learn:

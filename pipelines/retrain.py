@@ -30,6 +30,8 @@ is the checkpoint published for serving and the nearline updater.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import math
 import tempfile
@@ -45,12 +47,14 @@ import polars as pl
 from mlflow.models import ModelSignature
 from mlflow.types.schema import Array, ColSpec, DataType, Schema
 
-from pipelines.nearline import Example, NearlineUpdater
+from pipelines.judged import Judgments
+from pipelines.nearline import Example, NearlineUpdater, QueryRelevance
 from serving.checkpoint import load_latest, read_latest
 from serving.encoder import Encoder
 from serving.ranker import Ranker, RankerConfig, query_key, sigmoid
 from serving.recommender import LexicalCache
 from serving.release import Bundle
+from serving.relevance import RelevanceModel
 from serving.settings import Settings
 from serving.text import normalise_query
 
@@ -110,31 +114,50 @@ def split_by_offset(examples: Sequence[Example], holdout: float,
 
 
 def train_ranker(examples: Sequence[Example], release_id: str, dim: int, n_items: int,
-                 epochs: int = 5, seed: int = 0, config: RankerConfig | None = None) -> Ranker:
+                 epochs: int = 5, seed: int = 0, config: RankerConfig | None = None,
+                 relevance: RelevanceModel | None = None,
+                 lookup: QueryRelevance | None = None) -> Ranker:
     """A ranker trained from the zero-shot start with ``epochs`` passes over ``examples``.
 
     Each pass visits every example once in an order shuffled by ``seed`` and takes the online
     AdaGrad step (:meth:`Ranker.step`), so loss, regulariser and step sizes are the nearline
-    updater's. ``dim`` is the encoder dimension, ``n_items`` the release's item count.
+    updater's. ``dim`` is the encoder dimension, ``n_items`` the release's item count. With a
+    ``relevance`` model (and the ``lookup`` that scores an example's query with it) the
+    ranker carries it, and the online terms learn on top of its scores.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     ranker = Ranker.initial(release_id, dim, n_items, config)
+    ranker.relevance = relevance
+    rels = _relevances(ranker, examples, lookup)
     rng = np.random.default_rng(seed)
     for _ in range(epochs):
         for i in rng.permutation(len(examples)):
             e = examples[i]
-            ranker.step(e.q, e.x, e.s, e.row, e.label, e.weight, e.lex, e.qkey)
+            ranker.step(e.q, e.x, e.s, e.row, e.label, e.weight, e.lex, e.qkey, rels[i])
     return ranker
 
 
-def _logit(ranker: Ranker, e: Example) -> float:
+def _relevances(ranker: Ranker, examples: Sequence[Example],
+                lookup: QueryRelevance | None) -> list[float | None]:
+    """Each example's relevance score under ``ranker``'s relevance model (None without)."""
+    model = ranker.relevance
+    if model is None:
+        return [None] * len(examples)
+    if lookup is None:
+        raise ValueError("a ranker with a relevance model needs a QueryRelevance lookup")
+    return [lookup(model, e.query, e.row) if e.query else None for e in examples]
+
+
+def _logit(ranker: Ranker, e: Example, rel: float | None) -> float:
     z, _ = ranker.logits(e.q, np.asarray(e.x, dtype=np.float64)[None, :], e.s,
-                         np.array([e.row]), np.array([e.lex]), e.qkey)
+                         np.array([e.row]), np.array([e.lex]), e.qkey,
+                         None if rel is None else np.array([rel]))
     return float(z[0])
 
 
-def evaluate_ranker(ranker: Ranker, examples: Sequence[Example]) -> dict[str, Any]:
+def evaluate_ranker(ranker: Ranker, examples: Sequence[Example],
+                    lookup: QueryRelevance | None = None) -> dict[str, Any]:
     """Held-out quality of ``ranker`` on ``examples``.
 
     ``log_loss``: binary cross-entropy averaged with the example weights (sum w*loss / sum w),
@@ -145,7 +168,8 @@ def evaluate_ranker(ranker: Ranker, examples: Sequence[Example]) -> dict[str, An
     """
     if not examples:
         return {"log_loss": None, "pairwise_accuracy": None, "pairs": 0, "examples": 0}
-    z = np.array([_logit(ranker, e) for e in examples])
+    rels = _relevances(ranker, examples, lookup)
+    z = np.array([_logit(ranker, e, r) for e, r in zip(examples, rels, strict=True)])
     y = np.array([e.label for e in examples], dtype=np.float64)
     w = np.array([e.weight for e in examples], dtype=np.float64)
     losses = np.logaddexp(0.0, z) - y * z      # BCE from the logit, exact for large |z|
@@ -187,8 +211,10 @@ class RankerModel(mlflow.pyfunc.PythonModel):
     Input rows: ``query_vector`` (the blended query vector the recommender searches with),
     ``item_vector`` (the candidate's vector from the release), ``row`` (the candidate's row in
     the release, for its item bias) and optionally ``session_vector`` (the session signal, or
-    missing/None for no session), ``lexical`` (relative BM25 score) and ``query`` (the query
-    text, for the ranker's memory of what that query's shoppers chose). Output per row:
+    missing/None for no session), ``lexical`` (relative BM25 score), ``query`` (the query
+    text, for the ranker's memory of what that query's shoppers chose) and ``relevance`` (the
+    relevance model's logit for the candidate, :func:`serving.recommender.relevance_scores`,
+    which stands in for the dense and lexical terms when given). Output per row:
     ``logit`` (as :meth:`Ranker.logits`) and ``score`` (its sigmoid, the click probability).
     """
 
@@ -206,9 +232,11 @@ class RankerModel(mlflow.pyfunc.PythonModel):
             query = rec.get("query")
             qkey = (query_key(normalise_query(query, 10_000))
                     if isinstance(query, str) and query.strip() else None)
+            rel = rec.get("relevance")
+            rel = None if rel is None or pd.isna(rel) else np.array([float(rel)])
             z, _ = self._ranker.logits(np.asarray(rec["query_vector"], dtype=np.float64),
                                        np.asarray(rec["item_vector"], dtype=np.float64)[None, :],
-                                       s, np.array([int(rec["row"])]), lex, qkey)
+                                       s, np.array([int(rec["row"])]), lex, qkey, rel)
             logits.append(float(z[0]))
         z = np.asarray(logits, dtype=np.float64)
         return pd.DataFrame({"logit": z, "score": sigmoid(z)})
@@ -220,7 +248,8 @@ SIGNATURE = ModelSignature(
                    ColSpec("long", "row"),
                    ColSpec(Array(DataType.double), "session_vector", required=False),
                    ColSpec("double", "lexical", required=False),
-                   ColSpec("string", "query", required=False)]),
+                   ColSpec("string", "query", required=False),
+                   ColSpec("double", "relevance", required=False)]),
     outputs=Schema([ColSpec("double", "logit"), ColSpec("double", "score")]),
 )
 
@@ -238,8 +267,9 @@ def ranker_model_name(settings: Settings) -> str:
 
 def _requirements() -> list[str]:
     # Explicit requirements: inferring them makes log_model load the model. Loading the model
-    # imports pipelines.retrain, hence these; scoring itself needs only numpy.
-    names = ("mlflow", "numpy", "pandas", "pydantic", "pydantic-settings")
+    # imports pipelines.retrain, hence these; scoring needs numpy (and scikit-learn for a
+    # relevance model with trees).
+    names = ("mlflow", "numpy", "pandas", "pydantic", "pydantic-settings", "scikit-learn")
     return [f"{n}=={pkg_version(n)}" for n in names]
 
 
@@ -335,10 +365,89 @@ def judged_examples(settings: Settings, updater: NearlineUpdater) -> list[Exampl
         lex = lexical.relative(updater.bundle, text)
         out.append(Example(0, queries[text], np.asarray(vectors[row], np.float64), None, row,
                            1.0 if rel >= judgments.relevant_threshold else 0.0, 1.0,
-                           float(lex[row]) if lex is not None else 0.0, query_key(text)))
+                           float(lex[row]) if lex is not None else 0.0, query_key(text), text))
     log.info("%d judged examples from %s (%d pairs name items of this release)", len(out),
              settings.judgments, known.height)
     return out
+
+
+RELEVANCE_MIN_GAIN = 0.002  # cross-fitted judged nDCG@10 over the zero-shot fusion
+RELEVANCE_FOLDS = 2
+
+
+def relevance_data(judgments: Judgments, lookup: QueryRelevance,
+                   ) -> dict[int, tuple[list[int], np.ndarray, np.ndarray, str]]:
+    """Per judged query id: the candidates serving retrieves for it from the live release,
+    their relevance features, their judged gains (0 when unjudged) and the normalised text."""
+    gains = judgments.gains()
+    ids = lookup.bundle.items.item_ids
+    out = {}
+    for qid, query in judgments.queries().iter_rows():
+        text = normalise_query(query, 10_000)
+        rows, X = lookup.features(text)
+        if rows:
+            judged = gains.get(qid, {})
+            out[qid] = (rows, X, np.array([judged.get(ids[r], 0.0) for r in rows]), text)
+    return out
+
+
+def fit_relevance(settings: Settings, lookup: QueryRelevance,
+                  ) -> tuple[RelevanceModel | None, dict[str, Any]]:
+    """The relevance model trained on ``settings.judgments`` against the live release, if it
+    passes its gate: cross-fitted over :data:`RELEVANCE_FOLDS` folds of the judged queries (by
+    a hash of their text), its nDCG@10 must beat the zero-shot fusion's on the same
+    candidates by :data:`RELEVANCE_MIN_GAIN`. Returns (model or None, report)."""
+    if settings.judgments is None:
+        return None, {}
+    from pipelines.judged import load_judgments, score_rankings
+
+    path = Path(settings.judgments)
+    judgments = load_judgments(path)
+    data = relevance_data(judgments, lookup)
+    ids = lookup.bundle.items.item_ids
+    report: dict[str, Any] = {"judgments": str(path), "queries": len(data),
+                              "judgments_sha256": _file_digest(path)}
+    if len(data) < 2 * RELEVANCE_FOLDS:
+        return None, {**report, "promoted": False, "reason": "too few judged queries"}
+    fold_of = {q: int.from_bytes(hashlib.sha256(d[3].encode()).digest()[:8], "big")
+               % RELEVANCE_FOLDS for q, d in data.items()}
+    cfg = RankerConfig()
+    cv: dict[int, list[str]] = {}
+    zero: dict[int, list[str]] = {}
+
+    def ranking(rows: list[int], score: np.ndarray) -> list[str]:
+        return [ids[rows[j]] for j in np.argsort(-score, kind="stable")[:100]]
+
+    for fold in range(RELEVANCE_FOLDS):
+        train = [d for q, d in data.items() if fold_of[q] != fold]
+        if not train:
+            continue
+        model = RelevanceModel.fit([d[1] for d in train], [d[2] for d in train])
+        for q, (rows, X, _, _) in data.items():
+            if fold_of[q] == fold:
+                cv[q] = ranking(rows, model.score(X))
+                # the zero-shot ranker: w_dense * cosine + w_lexical * relative BM25
+                zero[q] = ranking(rows, cfg.init_w_dense * X[:, 0] + cfg.init_w_lexical * X[:, 2])
+    cv_m, _ = score_rankings(cv, judgments, "retrieval")
+    zero_m, _ = score_rankings(zero, judgments, "retrieval")
+    promoted = cv_m["ndcg@10"] >= zero_m["ndcg@10"] + RELEVANCE_MIN_GAIN
+    report.update({"cross_fitted": cv_m, "zero_shot": zero_m, "promoted": promoted})
+    log.info("relevance model on %d judged queries: cross-fitted nDCG@10 %.4f vs zero-shot "
+             "%.4f -> %s", len(data), cv_m["ndcg@10"], zero_m["ndcg@10"],
+             "use it" if promoted else "keep the live one")
+    if not promoted:
+        return None, report
+    model = RelevanceModel.fit([d[1] for d in data.values()], [d[2] for d in data.values()],
+                               judgments=str(path), judgments_sha256=report["judgments_sha256"])
+    return model, report
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def _retrain(settings: Settings, updater: NearlineUpdater, holdout: float,
@@ -348,51 +457,84 @@ def _retrain(settings: Settings, updater: NearlineUpdater, holdout: float,
     bundle = updater.bundle
     release_id = bundle.release_id
     base = {"release_id": release_id, "offset": offset, "n_examples": len(examples)}
-    if len(examples) < MIN_EXAMPLES:
-        log.info("not retraining: %d examples (need %d)", len(examples), MIN_EXAMPLES)
-        return {"promoted": False, "reason": f"not enough feedback: {len(examples)} examples",
-                **base}
+    lookup = updater.relevance
+    champion, champion_seq = _champion(settings, bundle)
+    fitted, rel_report = fit_relevance(settings, lookup)
+    if rel_report:
+        base["relevance"] = rel_report
+    relevance = fitted or champion.relevance
+    train, held = split_by_offset(examples, holdout) if examples else ([], [])
+    if len(examples) < MIN_EXAMPLES or not train:
+        reason = (f"not enough feedback: {len(examples)} examples" if len(examples) < MIN_EXAMPLES
+                  else f"not enough feedback: {len(examples)} examples from too few events to "
+                  f"hold {holdout:.0%} out")
+        if fitted is None:
+            log.info("not retraining: %s", reason)
+            return {"promoted": False, "reason": reason, **base}
+        # judgments alone: the live ranker with the new relevance model under it
+        final = dataclasses.replace(champion, relevance=fitted, meta=dict(champion.meta))
+        return _promote(settings, updater, final, champion_seq, base, reason=reason,
+                        metrics=_relevance_metrics(rel_report), params={"epochs": 0})
     done = _live_retrain(settings, release_id, offset)
-    if done is not None:
+    if done is not None and fitted is None:
         return {**done, **base}
-    train, held = split_by_offset(examples, holdout)
-    if not train:
-        return {"promoted": False, "reason": f"not enough feedback: {len(examples)} examples "
-                f"from too few events to hold {holdout:.0%} out", **base}
 
     dim, n_items = bundle.manifest.encoder.dim, len(bundle.items)
-    candidate = train_ranker(train, release_id, dim, n_items, epochs)
-    champion, champion_seq = _champion(settings, bundle)
-    cand_m = evaluate_ranker(candidate, held)
-    champ_m = evaluate_ranker(champion, held)
+    candidate = train_ranker(train, release_id, dim, n_items, epochs, relevance=relevance,
+                             lookup=lookup)
+    cand_m = evaluate_ranker(candidate, held, lookup)
+    champ_m = evaluate_ranker(champion, held, lookup)
     gain = champ_m["log_loss"] - cand_m["log_loss"]
     promoted = gain >= MIN_GAIN
     log.info("held-out log-loss: candidate %.4f, champion (seq %d) %.4f -> %s",
              cand_m["log_loss"], champion_seq, champ_m["log_loss"],
              "promote" if promoted else "keep the champion")
 
-    final = train_ranker(examples, release_id, dim, n_items, epochs)
-    final.meta.update({"offset": offset, "retrain_offset": offset,
-                       "retrain_examples": len(examples)})
+    final = train_ranker(examples, release_id, dim, n_items, epochs, relevance=relevance,
+                         lookup=lookup)
+    final.meta.update({"retrain_examples": len(examples)})
+    out = {**base, "n_train": len(train), "n_holdout": len(held), "epochs": epochs,
+           "holdout": holdout, "candidate": cand_m, "champion": {**champ_m, "seq": champion_seq},
+           "log_loss_gain": gain}
+    return _promote(settings, updater, final, champion_seq, out, promote=promoted,
+                    metrics={**_metrics("candidate", cand_m), **_metrics("champion", champ_m),
+                             "log_loss_gain": gain, **_relevance_metrics(rel_report)},
+                    params={"epochs": epochs, "holdout": holdout, "train_examples": len(train),
+                            "holdout_examples": len(held), "min_gain": MIN_GAIN})
+
+
+def _relevance_metrics(report: dict[str, Any]) -> dict[str, float]:
+    if "cross_fitted" not in report:
+        return {}
+    return {k.replace("@", "_at_"): v for k, v in
+            {**_metrics("relevance_cv", report["cross_fitted"]),
+             **_metrics("relevance_zero_shot", report["zero_shot"])}.items()}
+
+
+def _promote(settings: Settings, updater: NearlineUpdater, final: Ranker, champion_seq: int,
+             out: dict[str, Any], metrics: dict[str, float], params: dict[str, Any],
+             promote: bool = True, reason: str | None = None) -> dict[str, Any]:
+    """Register ``final`` as a version of the ranker model; if ``promote``, publish it as the
+    checkpoint at the log's end and move the ``champion`` alias."""
+    offset, release_id = updater.offset, updater.bundle.release_id
+    relevance = out.get("relevance", {})
+    final.meta.update({"offset": offset, "retrain_offset": offset})
     version, run_id = _register(
         settings, final,
-        params={"epochs": epochs, "examples": len(examples), "holdout": holdout,
-                "release_id": release_id, "train_examples": len(train),
-                "holdout_examples": len(held), "offset": offset, "champion_seq": champion_seq,
-                "min_gain": MIN_GAIN},
-        metrics={**_metrics("candidate", cand_m), **_metrics("champion", champ_m),
-                 "log_loss_gain": gain},
-        tags={"release_id": release_id, "offset": str(offset), "epochs": str(epochs),
-              "holdout": str(holdout), "champion_seq": str(champion_seq),
-              "promoted": str(promoted).lower()},
+        params={**params, "examples": out["n_examples"], "release_id": release_id,
+                "offset": offset, "champion_seq": champion_seq},
+        metrics=metrics,
+        tags={"release_id": release_id, "offset": str(offset),
+              "epochs": str(params.get("epochs", 0)), "holdout": str(params.get("holdout", "")),
+              "champion_seq": str(champion_seq), "promoted": str(promote).lower(),
+              "judgments": str(relevance.get("judgments_sha256", "none"))},
     )
-    out: dict[str, Any] = {
-        "promoted": promoted, **base, "n_train": len(train), "n_holdout": len(held),
-        "epochs": epochs, "holdout": holdout, "candidate": cand_m,
-        "champion": {**champ_m, "seq": champion_seq}, "log_loss_gain": gain,
-        "model_name": ranker_model_name(settings), "version": version, "run_id": run_id,
-    }
-    if promoted:
+    result: dict[str, Any] = {"promoted": promote, **out,
+                              "model_name": ranker_model_name(settings), "version": version,
+                              "run_id": run_id}
+    if reason is not None:
+        result["reason"] = f"{reason}; the relevance model alone was retrained"
+    if promote:
         final.meta["retrain_version"] = version
         # The collecting updater holds exactly the transient state (sessions, impressions,
         # replay window) and counters at ``offset``: its own publish() writes the warm-up
@@ -400,11 +542,11 @@ def _retrain(settings: Settings, updater: NearlineUpdater, holdout: float,
         updater.ranker = final
         updater.publish()
         ref = read_latest(settings.home)
-        out["checkpoint_seq"] = ref.seq if ref else None
-        mlflow.MlflowClient().set_registered_model_alias(out["model_name"], CHAMPION,
+        result["checkpoint_seq"] = ref.seq if ref else None
+        mlflow.MlflowClient().set_registered_model_alias(result["model_name"], CHAMPION,
                                                          str(version))
         log.info("published retrained ranker v%d at offset %d", version, offset)
-    return out
+    return result
 
 
 def _live_retrain(settings: Settings, release_id: str, offset: int) -> dict[str, Any] | None:

@@ -150,6 +150,16 @@ class LexicalIndex:
             return np.zeros(self.n_docs, dtype=np.float32)
         return np.asarray(self._retriever.get_scores(tokens), dtype=np.float32)
 
+    def coverage(self, query: str) -> tuple[np.ndarray, int]:
+        """The share of ``query``'s terms each document matches (a term counts as often as
+        the query repeats it), and the number of terms."""
+        terms = self.tokens(query)
+        cover = np.zeros(self.n_docs, dtype=np.float32)
+        for t in terms:
+            if t in self._retriever.vocab_dict:
+                cover += self.term_scores(t) > 0
+        return cover / max(len(terms), 1), len(terms)
+
     def search(self, query: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows and scores of the top ``k`` documents with a positive score, best first."""
         scores = self.scores(query)

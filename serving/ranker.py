@@ -1,4 +1,5 @@
-"""The learned ranker: a small logistic model over retrieval candidates, trained online.
+"""The learned ranker: a logistic model over retrieval candidates, trained online on top of a
+batch-trained relevance model.
 
 For query vector q, candidate item x (both unit vectors), session interest s and the item's
 BM25 score for the query relative to the query's best BM25 score (``lex``, in [0, 1])::
@@ -8,6 +9,15 @@ BM25 score for the query relative to the query's best BM25 score (``lex``, in [0
                    + b_item + b_query,item + b0
 
     p(click)     = sigmoid(z)
+
+Once the batch retrain has fitted a relevance model on judged queries
+(:mod:`serving.relevance`: a learned fusion of the two channels, then ridge and trees over the
+channel and match features), its score ``rel`` (in logits) stands in for the zero-shot
+channel terms::
+
+    z            = rel(q, x) + w_session * (s.x) + b_item + b_query,item + b0
+
+and the online terms learn on top of it. ``instantrec eval`` reports that model as ``ranker``.
 
 ``b_query,item`` is a sparse memory keyed by (normalised query, item): what shoppers who typed
 exactly this query chose. It moves a seen query's results without touching any other query's,
@@ -38,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from serving.errors import ReleaseError
+from serving.relevance import RelevanceModel
 
 PARAMS = ("U", "V", "w", "b0", "item_bias")
 CHECKPOINT_FORMAT = 1
@@ -84,6 +95,8 @@ class Ranker:
     meta: dict[str, Any] = field(default_factory=dict)
     # (query key, item row) -> [value, AdaGrad accumulator]
     query_item: dict[tuple[int, int], list[float]] = field(default_factory=dict)
+    # trained by the batch retrain on judged queries; None: the zero-shot channel fusion
+    relevance: RelevanceModel | None = None
 
     @classmethod
     def initial(cls, release_id: str, dim: int, n_items: int,
@@ -115,16 +128,28 @@ class Ranker:
                 "lexical": lexical}
 
     def logits(self, q: np.ndarray, X: np.ndarray, s: np.ndarray | None, rows: np.ndarray,
-               lex: np.ndarray | None = None,
-               qkey: int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+               lex: np.ndarray | None = None, qkey: int | None = None,
+               rel: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Logits of candidates ``rows``; ``rel`` is the relevance model's score of each
+        (:meth:`serving.relevance.RelevanceModel.score`), which then stands in for the
+        zero-shot dense and lexical terms."""
         f = self.features(q, X, s, lex)
         qi = np.array([self._qi(qkey, int(r)) for r in rows]) if qkey is not None and \
             self.query_item else np.zeros(len(rows))
-        z = (self.w[0] * (f["dense_cosine"] + f["adapter"]) + self.w[1] * f["session_affinity"]
-             + self.w[2] * f["lexical"] + self.item_bias[rows] + qi + self.b0[0])
+        z = (self._retrieval(f["dense_cosine"] + f["adapter"], f["lexical"], rel)
+             + self.w[1] * f["session_affinity"] + self.item_bias[rows] + qi + self.b0[0])
+        if rel is not None:
+            f["relevance"] = np.asarray(rel, dtype=np.float64)
         f["item_bias"] = self.item_bias[rows]
         f["query_item_bias"] = qi
         return z, f
+
+    def _retrieval(self, dense: Any, lex: Any, rel: Any) -> Any:
+        """What the query says about the candidate: the relevance model's score, or the
+        zero-shot fusion of the dense and lexical channels."""
+        if rel is not None:
+            return rel
+        return self.w[0] * dense + self.w[2] * lex
 
     def _qi(self, qkey: int | None, row: int) -> float:
         if qkey is None:
@@ -136,22 +161,25 @@ class Ranker:
 
     def gradients(self, q: np.ndarray, x: np.ndarray, s: np.ndarray | None, row: int,
                   label: float, weight: float = 1.0, lex: float = 0.0,
-                  qkey: int | None = None) -> tuple[float, dict[str, np.ndarray]]:
+                  qkey: int | None = None,
+                  rel: float | None = None) -> tuple[float, dict[str, np.ndarray]]:
         """Weighted BCE loss of one example and its gradient w.r.t. each parameter
-        (item_bias and query_item as the scalar for ``row``)."""
+        (item_bias and query_item as the scalar for ``row``). With a relevance score
+        ``rel`` the channel terms are replaced by it, and U, V and w get no gradient."""
         a = self.V.T @ q
         b = self.U.T @ x
         dense = float(x @ q + a @ b)
         sess = float(x @ s) if s is not None else 0.0
-        z = (self.w[0] * dense + self.w[1] * sess + self.w[2] * lex + self.item_bias[row]
+        z = (self._retrieval(dense, lex, rel) + self.w[1] * sess + self.item_bias[row]
              + self._qi(qkey, row) + self.b0[0])
         p = 1.0 / (1.0 + np.exp(-z))
         loss = -weight * (label * np.log(p + 1e-12) + (1 - label) * np.log(1 - p + 1e-12))
         g = weight * (p - label)
+        channel = 0.0 if rel is not None else 1.0  # the relevance score replaces them
         return float(loss), {
-            "U": g * self.w[0] * np.outer(x, a),
-            "V": g * self.w[0] * np.outer(q, b),
-            "w": g * np.array([dense, sess, lex]),
+            "U": channel * g * self.w[0] * np.outer(x, a),
+            "V": channel * g * self.w[0] * np.outer(q, b),
+            "w": g * np.array([channel * dense, sess, channel * lex]),
             "b0": np.array([g]),
             "item_bias": np.array([g]),
             "query_item": np.array([g]),
@@ -159,9 +187,9 @@ class Ranker:
 
     def step(self, q: np.ndarray, x: np.ndarray, s: np.ndarray | None, row: int,
              label: float, weight: float = 1.0, lex: float = 0.0,
-             qkey: int | None = None) -> float:
+             qkey: int | None = None, rel: float | None = None) -> float:
         """One online AdaGrad step on one example; returns its loss before the step."""
-        loss, grads = self.gradients(q, x, s, row, label, weight, lex, qkey)
+        loss, grads = self.gradients(q, x, s, row, label, weight, lex, qkey, rel)
         cfg = self.config
         for name, g in grads.items():
             if name in ("U", "V") and not cfg.adapter_online:
@@ -204,6 +232,8 @@ class Ranker:
         out["qi_keys"] = np.array(keys, dtype=np.int64).reshape(len(keys), 2)
         out["qi_values"] = np.array([self.query_item[k] for k in keys],
                                     dtype=np.float64).reshape(len(keys), 2)
+        if self.relevance is not None:
+            out.update(self.relevance.to_arrays())
         return out
 
     def save(self, path: Path) -> None:
@@ -241,7 +271,7 @@ class Ranker:
         return cls(release_id=release_id, **{k: arrays[k] for k in PARAMS},
                    init={k: arrays[f"init_{k}"] for k in PARAMS},
                    accum={k: arrays[f"accum_{k}"] for k in PARAMS}, config=config, meta=meta,
-                   query_item=query_item)
+                   query_item=query_item, relevance=RelevanceModel.from_arrays(arrays))
 
     def for_release(self, release_id: str, old_ids: np.ndarray, new_ids: np.ndarray) -> Ranker:
         """The same model carried over to another release: item biases follow item ids; items
@@ -266,6 +296,7 @@ class Ranker:
             accum={**{k: self.accum[k].copy() for k in ("U", "V", "w", "b0")},
                    "item_bias": remap(self.accum["item_bias"])},
             config=self.config, meta=dict(self.meta), query_item=query_item,
+            relevance=self.relevance,  # item-agnostic: it scores features, not ids
         )
 
 

@@ -36,6 +36,7 @@ from serving.query import (
 )
 from serving.ranker import Ranker, query_key, sigmoid
 from serving.release import Bundle, current_bundle_dir, load_bundle, read_pointer
+from serving.relevance import MatchFeatures, RelevanceModel, channel_signals, query_features
 from serving.session import (
     EVENT_WEIGHTS,
     SessionConfig,
@@ -147,6 +148,7 @@ class _State:
     ranker_seq: int            # 0 = the untrained starting point
     row_of: dict[str, int]     # item id -> row in the bundle
     vocabulary: Vocabulary | None = None   # the catalogue's words, for spelling and compounds
+    match: MatchFeatures | None = None     # title match evidence, for the relevance model
 
 
 def _make_state(bundle: Bundle, encoder: Encoder, generation: int, home: Path | None,
@@ -166,12 +168,9 @@ def _make_state(bundle: Bundle, encoder: Encoder, generation: int, home: Path | 
         raise ReleaseError(f"ranker checkpoint for {bundle.release_id} has {len(ranker.item_bias)} "
                            f"item biases, the release has {len(bundle.items)} items")
     row_of = {item: i for i, item in enumerate(bundle.items.item_ids.tolist())}
-    vocabulary = None
-    if bundle.lexical is not None and bundle.lexical.words and NEEDS_VOCABULARY & set(steps):
-        vocabulary = Vocabulary(bundle.lexical.words, stem=bundle.lexical.stem)
-        if warm:
-            vocabulary.warm()
-    return _State(bundle, encoder, generation, ranker, seq, row_of, vocabulary)
+    vocabulary = release_vocabulary(bundle, steps, warm)
+    return _State(bundle, encoder, generation, ranker, seq, row_of, vocabulary,
+                  MatchFeatures(bundle.items.titles))
 
 
 class Recommender:
@@ -290,13 +289,7 @@ class Recommender:
             self.counters[f"rejected_{type(exc).__name__}"] += 1
             raise
         state = self._state  # one consistent snapshot for the whole request
-        dense_text = lexical_text = text
-        steps = (self._steps if state.vocabulary is not None
-                 else tuple(s for s in self._steps if s not in NEEDS_VOCABULARY))
-        if text is not None and steps:
-            # units and dimensions are also applied by the lexical index itself
-            dense_text = understand_query(text, steps, state.vocabulary, channel="dense")
-            lexical_text = understand_query(text, steps, state.vocabulary)
+        dense_text, lexical_text = understood(text, self._steps, state.vocabulary)
         qvec = state.encoder.encode_query(dense_text) if dense_text is not None else None
         now = time.time()
         session = self._sessions.get(session_id) if session_id is not None else None
@@ -320,9 +313,7 @@ class Recommender:
                else None)
 
         def retrieve() -> list[int]:
-            found, _ = _search(state.bundle, vec, depth, parsed)
-            return found if lex is None else _union(found, _lexical_top(lex, depth, parsed,
-                                                                         state.bundle))
+            return retrieve_candidates(state.bundle, vec, lex, depth, parsed)
 
         if parsed is None and interest is None and dense_text is not None:
             # the candidates of a plain query depend only on the release and the query: a
@@ -337,9 +328,13 @@ class Recommender:
             return []
         rows_arr = np.asarray(rows)
         X = np.asarray(state.bundle.vectors[rows_arr], dtype=np.float64)
+        rel = None
+        if state.ranker.relevance is not None and qvec is not None:
+            rel = relevance_scores(state.bundle, state.ranker.relevance, state.match,
+                                   self._lexical, text, lexical_text, qvec, rows_arr)
         z, feats = state.ranker.logits(vec.astype(np.float64), X, session_signal(interest),
                                        rows_arr, lex[rows_arr] if lex is not None else None,
-                                       query_key(text) if text is not None else None)
+                                       query_key(text) if text is not None else None, rel)
         order = np.argsort(-z, kind="stable")[:k]
         items = state.bundle.items
         out = []
@@ -519,26 +514,102 @@ def release_encoder(bundle: Bundle, settings: Settings, current: Encoder | None 
     return encoder
 
 
+def understood(text: str | None, steps: tuple[Step, ...],
+               vocabulary: Vocabulary | None) -> tuple[str | None, str | None]:
+    """A normalised query as the dense and the lexical channel read it (query understanding;
+    the steps that need the catalogue's vocabulary are skipped without one). Units and
+    dimensions are also applied by the lexical index itself."""
+    if text is None:
+        return None, None
+    if vocabulary is None:
+        steps = tuple(s for s in steps if s not in NEEDS_VOCABULARY)
+    if not steps:
+        return text, text
+    return (understand_query(text, steps, vocabulary, channel="dense"),
+            understand_query(text, steps, vocabulary))
+
+
+def release_vocabulary(bundle: Bundle, steps: tuple[Step, ...],
+                       warm: bool = True) -> Vocabulary | None:
+    """The catalogue's words for spelling and compounds, when ``steps`` need them."""
+    if bundle.lexical is None or not bundle.lexical.words or not NEEDS_VOCABULARY & set(steps):
+        return None
+    vocabulary = Vocabulary(bundle.lexical.words, stem=bundle.lexical.stem)
+    if warm:
+        vocabulary.warm()
+    return vocabulary
+
+
 class LexicalCache:
-    """Relative BM25 scores (each query's scores over its best score, in [0, 1]) of recent
-    queries, per release; bounded, thread-safe."""
+    """Per release, for recent queries: relative BM25 scores (each query's scores over its
+    best score, in [0, 1]) with that best score, and (for the relevance model) the share of
+    the query's terms each item matches; bounded, thread-safe."""
 
     def __init__(self, size: int = 128) -> None:
-        self._cache: LRUCache[np.ndarray] = LRUCache(size)
+        self._cache: LRUCache[tuple[np.ndarray, float]] = LRUCache(size)
+        self._coverage: LRUCache[tuple[np.ndarray, int]] = LRUCache(size)
 
     def relative(self, bundle: Bundle, text: str) -> np.ndarray | None:
+        got = self.scored(bundle, text)
+        return got[0] if got is not None else None
+
+    def scored(self, bundle: Bundle, text: str) -> tuple[np.ndarray, float] | None:
+        """Relative scores and the best raw score (raw = relative * best)."""
         if bundle.lexical is None:
             return None
         return self._cache.get_or_compute((bundle.release_id, text),
-                                          lambda: _relative_scores(bundle, text))
+                                          lambda: _scored(bundle, text))
+
+    def coverage(self, bundle: Bundle, text: str) -> tuple[np.ndarray, int] | None:
+        if bundle.lexical is None:
+            return None
+        return self._coverage.get_or_compute((bundle.release_id, text),
+                                             lambda: bundle.lexical.coverage(text))
 
 
-def _relative_scores(bundle: Bundle, text: str) -> np.ndarray:
+def _scored(bundle: Bundle, text: str) -> tuple[np.ndarray, float]:
     scores = bundle.lexical.scores(text)
     top = float(scores.max()) if len(scores) else 0.0
     rel = scores / top if top > 0 else scores
     rel.setflags(write=False)
-    return rel
+    return rel, top
+
+
+def _relative_scores(bundle: Bundle, text: str) -> np.ndarray:
+    return _scored(bundle, text)[0]
+
+
+def relevance_scores(bundle: Bundle, model: RelevanceModel, match: MatchFeatures,
+                     lexical: LexicalCache, text: str | None, lexical_text: str | None,
+                     qvec: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The relevance model's logits for candidates ``rows`` of a query (normalised ``text``,
+    its lexical rewrite ``lexical_text`` and the vector of its dense rewrite ``qvec``)."""
+    return model.score(relevance_features(bundle, match, lexical, text, lexical_text, qvec,
+                                          rows))
+
+
+def relevance_features(bundle: Bundle, match: MatchFeatures, lexical: LexicalCache,
+                       text: str | None, lexical_text: str | None, qvec: np.ndarray,
+                       rows: np.ndarray) -> np.ndarray:
+    """The relevance model's features of candidates ``rows`` of a query, from this release's
+    vectors, BM25 index and titles, computed by the functions ``instantrec eval`` uses."""
+    cos = np.asarray(bundle.vectors[rows], dtype=np.float64) @ np.asarray(qvec, np.float64)
+    bm25 = np.zeros(len(rows))
+    cover, n_terms = np.zeros(len(rows)), 0
+    scored = lexical.scored(bundle, lexical_text) if lexical_text is not None else None
+    if scored is not None:
+        bm25 = scored[0][rows].astype(np.float64) * scored[1]
+        cov, n_terms = lexical.coverage(bundle, lexical_text)
+        cover = cov[rows]
+    return query_features(channel_signals(cos, bm25, cover, n_terms), match, text or "", rows)
+
+
+def retrieve_candidates(bundle: Bundle, vec: np.ndarray, lex: np.ndarray | None, depth: int,
+                        filters: Filters | None = None) -> list[int]:
+    """A request's candidates: the dense channel's ``depth`` nearest allowed items, then the
+    lexical channel's ``depth`` best that the dense channel did not bring."""
+    found, _ = _search(bundle, vec, depth, filters)
+    return found if lex is None else _union(found, _lexical_top(lex, depth, filters, bundle))
 
 
 def _lexical_top(rel: np.ndarray, depth: int, filters: Filters | None,

@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from pipelines.evaluation import Candidates, MatchFeatures, RankerModel, channel_features, cross_fit
+from pipelines.evaluation import Candidates, cross_fit
 from pipelines.judged import Judgments
+from serving.relevance import MatchFeatures, RankerModel, channel_features
 
 
 class Memoriser:
@@ -35,7 +36,7 @@ def toy(n_queries=12, per_query=5):
     frame = pl.DataFrame(records, schema=["query_id", "query", "item_id", "relevance"],
                          orient="row")
     ids = [f"item{r}" for r in range(n_queries * per_query)]
-    return Candidates(rows, {}), ids, Judgments(frame, 1.0, 3.0), features
+    return Candidates(rows, {}, {}), ids, Judgments(frame, 1.0, 3.0), features
 
 
 def test_cross_fitting_never_scores_a_query_with_a_model_that_saw_it():
@@ -89,7 +90,7 @@ def test_the_ranker_uses_trees_only_with_enough_training_queries():
 
 
 def test_the_ranker_only_reorders_what_the_hybrid_retrieved():
-    from pipelines.evaluation import on_top
+    from pipelines.evaluation import on_top_all as on_top
 
     hybrid = {1: np.array([0.9, 0.1, 0.5, 0.7, 0.3]), 2: np.array([0.2, 0.4])}
     ranker = {1: np.array([0.0, 9.0, 1.0, 2.0, 8.0]), 2: np.array([5.0, 1.0])}
