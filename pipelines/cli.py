@@ -198,7 +198,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 
     report = simulate(_settings(args), args.products, args.judgments, sessions=args.sessions,
                       rounds=args.rounds, seed=args.seed, max_queries=args.max_queries,
-                      shift_sessions=args.shift_sessions, chart=args.chart)
+                      shift_sessions=args.shift_sessions, chart=args.chart,
+                      retrain_every=args.retrain_every)
     if args.json:
         _emit(report)
         return
@@ -356,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queries", type=int, default=None,
                    help="use only the first M judged queries (by query id) with a relevant product")
     p.add_argument("--shift-sessions", type=int, default=200, help="intent-shift sessions")
+    p.add_argument("--retrain-every", type=int, default=4,
+                   help="run the batch retrain (position-debiased relevance model from the "
+                        "feedback, then the ranker) after every N rounds; 0: never")
     p.add_argument("--chart", type=Path, default=None,
                    help="PNG of the learning curve (default: <home>/simulate.png)")
     p.add_argument("--json", action="store_true")

@@ -17,6 +17,7 @@ exactly the state it had.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -105,6 +106,11 @@ class QueryRelevance:
         self._size = size
         self._cache: OrderedDict[tuple[int, str], dict[int, float]] = OrderedDict()
         self._models: dict[int, RelevanceModel] = {}  # keeps the ids in the keys alive
+
+    @functools.cached_property
+    def row_of(self) -> dict[str, int]:
+        """Item id -> row in the bundle."""
+        return {i: r for r, i in enumerate(self.bundle.items.item_ids.tolist())}
 
     def _understood(self, text: str) -> tuple[str | None, str | None]:
         if not self._vocabulary_built:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 
 from pipelines.judged import Judgments, load_judgments, score_rankings
 from pipelines.metrics import ndcg_at_k
@@ -261,6 +262,23 @@ def _measure(rec: Any, texts: dict[int, str], qids: Sequence[int],
     return {**{m: round(means[m], 4) for m in METRICS}, "n_queries": len(per_query)}
 
 
+def _retrain(settings: Settings, encoder: Encoder, updater: Any) -> dict[str, Any]:
+    """The batch retrain on the feedback so far; the updater continues from its checkpoint."""
+    from pipelines.retrain import retrain_ranker
+
+    start = time.monotonic()
+    out = retrain_ranker(settings, encoder=encoder)
+    updater.follow_checkpoint()
+    relevance = out.get("relevance", {})
+    summary = {"promoted": out["promoted"], "seconds": round(time.monotonic() - start, 1),
+               "relevance": {k: relevance.get(k) for k in
+                             ("queries", "cross_fitted", "zero_shot", "promoted")},
+               "log_loss_gain": out.get("log_loss_gain"), "promoted_by": out.get("promoted_by"),
+               "reason": out.get("reason")}
+    log.info("batch retrain: %s", summary)
+    return summary
+
+
 def _prepare_workspace(settings: Settings, name: str) -> Settings:
     """A private home ``<home>/simulate/<name>`` holding a copy of the live release and nothing
     else (no events, no ranker checkpoints), so every run starts from the untrained ranker."""
@@ -283,7 +301,8 @@ def simulate(settings: Settings, products: Path, judgments: Path, sessions: int 
              rounds: int = 8, seed: int = 0, encoder: Encoder | None = None,
              max_queries: int | None = None, seen_share: float = 0.5,
              click_model: ClickModel | None = None, shift_sessions: int = 200,
-             shift_interactions: int = 3, chart: Path | None = None) -> dict[str, Any]:
+             shift_interactions: int = 3, chart: Path | None = None,
+             retrain_every: int = 4) -> dict[str, Any]:
     """Build (or reuse) a release of ``products``, replay simulated shoppers through the real
     feedback loop, and measure search quality before, during and after.
 
@@ -301,6 +320,11 @@ def simulate(settings: Settings, products: Path, judgments: Path, sessions: int 
             one (``intent_shift_untrained``).
         shift_interactions: interactions with A's results before the switch.
         chart: PNG of the learning curve (default ``<home>/simulate.png``).
+        retrain_every: after every this many rounds, the batch retrain runs as its DAG would
+            (:func:`pipelines.retrain.retrain_ranker`): it fits the relevance model on the
+            position-debiased feedback, gated on the seen queries' judgments (never the
+            unseen ones'), then the ranker; the updater and serving continue from what it
+            published; 0: never.
 
     Returns a JSON-able report: ``seen`` and ``unseen`` (``before``/``after`` retrieval
     metrics), ``intent_shift``, the learning ``curve``, event and updater counters.
@@ -337,7 +361,16 @@ def simulate(settings: Settings, products: Path, judgments: Path, sessions: int 
                                         shift_interactions, random.Random(shift_rng_seed))
     shift_s = time.monotonic() - shift_start
 
+    # The judgments drive the shoppers. The batch retrain learns from their feedback alone
+    # and may check what it learned against the judgments of the seen queries only (a shop's
+    # staff judge queries that have traffic): unseen queries stay unseen.
     sim_settings = _prepare_workspace(settings, f"seed-{seed}")
+    seen_judgments = sim_settings.home / "seen-judgments.parquet"
+    raw = (pl.read_parquet(judgments) if Path(judgments).suffix == ".parquet"
+           else pl.read_csv(judgments))
+    raw.filter(pl.col("query_id").is_in(seen)).write_parquet(seen_judgments)
+    sim_settings = sim_settings.model_copy(update={"judgments": seen_judgments,
+                                                   "relevance_source": "feedback"})
     rec = Recommender.load(settings=sim_settings, encoder=encoder, watch=False)
     updater = NearlineUpdater(sim_settings, encoder)
     rng = random.Random(seed)
@@ -378,8 +411,12 @@ def simulate(settings: Settings, products: Path, judgments: Path, sessions: int 
                 feedback.update(e["type"] for e in events)
                 rec.record_many(shopper.end_now(events))
             update = updater.run_once()
+            retrain = None
+            if retrain_every and round_ % retrain_every == 0:
+                retrain = _retrain(sim_settings, encoder, updater)
             rec.reload()
-            curve.append({**measure(round_), "updater_seconds": update["seconds"]})
+            curve.append({**measure(round_), "updater_seconds": update["seconds"],
+                          **({"retrain": retrain} if retrain else {})})
         learn_s = time.monotonic() - sim_start
 
         # the same measurement on the live, trained ranker; these events are logged (the real

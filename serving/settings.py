@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     gate_min_judged_ndcg: float = Field(0.0, ge=0.0, le=1.0)
     golden_queries: Path | None = Field(None, description="Golden queries JSON for the gate.")
     judgments: Path | None = Field(None, description="Judged queries (Parquet/CSV) for the gate.")
+    relevance_source: Literal["auto", "judgments", "feedback"] = Field(
+        "auto", description="What the batch retrain fits the relevance model on: judgments "
+        "(human labels), feedback (position-debiased clicks; judgments, if set, then only "
+        "gate it), or auto (judgments if set, else feedback).")
     mlflow_tracking_uri: str | None = Field(None, description="None = SQLite under home/mlflow.")
     model_name: str = "instantrec"
     max_query_chars: int = Field(256, ge=1)

@@ -72,6 +72,13 @@ def test_simulated_feedback_through_the_real_loop(shared_data, tmp_path, encoder
     assert report["unseen"]["after"] == curve[-1]["unseen"]
     # feedback on the seen queries makes them better
     assert report["seen"]["after"]["ndcg@10"] > report["seen"]["before"]["ndcg@10"]
+    # the batch retrain ran once, after round 4, on the feedback of the seen queries only
+    retrains = [p["retrain"] for p in curve if "retrain" in p]
+    assert [p["round"] for p in curve if "retrain" in p] == [ROUNDS]
+    relevance = retrains[0]["relevance"]
+    assert relevance["queries"] == 6  # every seen query had enough pages; no unseen one
+    assert 0 < relevance["cross_fitted"]["queries"] <= 6  # judged on seen queries only
+    assert retrains[0]["promoted"] == (retrains[0]["promoted_by"] is not None)
 
     shift = report["intent_shift"]
     assert shift["sessions"] == SHIFT_SESSIONS and shift["events"] > 0
