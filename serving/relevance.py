@@ -7,8 +7,9 @@ Two stages, as a search engine runs them:
    per candidate (:func:`channel_features`). It orders the union of the dense and lexical
    candidates, and its top :data:`DEPTH` go on.
 2. **ranker**: the same ridge plus, with enough training queries, gradient-boosted trees, over
-   the channel features and :class:`MatchFeatures` (numbers and sizes, word pairs in order). It re-orders the hybrid's top :data:`DEPTH`; the rest stay below, in hybrid
-   order (:func:`on_top`).
+   the channel features and :class:`MatchFeatures` (numbers and sizes, word pairs in order).
+   It re-orders the hybrid's top :data:`DEPTH`; the rest stay below, in hybrid order
+   (:func:`on_top`). Served, the trees run as :class:`CompiledTrees`.
 
 ``instantrec eval`` scores exactly these classes, cross-fitted over judged queries; serving
 scores the live model's (:class:`RelevanceModel`, carried in the ranker checkpoint and trained
@@ -20,9 +21,7 @@ terms on top (:mod:`serving.ranker`).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import pickle
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +43,14 @@ FEATURES_VERSION = 1
 LOGIT_SCALE = 2.0
 N_CHANNEL_FEATURES = 11
 N_MATCH_FEATURES = 3
+
+
+def _digest(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(arrays[key]).tobytes())
+    return h.hexdigest()
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:
@@ -172,13 +179,14 @@ class RankerModel:
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> RankerModel:
         self.linear.fit(X, y)
+        self.compiled = None
         if self.trees is not None:
-            self.trees.fit(X, y)
+            self.compiled = CompiledTrees.from_sklearn(self.trees.fit(X, y))
         return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         linear = X @ self.linear.coef_ + self.linear.intercept_
-        return linear if self.trees is None else linear + self.trees.predict(X)
+        return linear if self.compiled is None else linear + self.compiled.predict(X)
 
 
 def on_top(score: np.ndarray, base: np.ndarray, depth: int = DEPTH) -> np.ndarray:
@@ -192,6 +200,67 @@ def on_top(score: np.ndarray, base: np.ndarray, depth: int = DEPTH) -> np.ndarra
     top[np.argsort(-base, kind="stable")[:depth]] = True
     below = score.min() - 1.0 - (base.max() - base)  # below every kept score, base order
     return np.where(top, score, below)
+
+
+TREE_DEPTH = 3  # the ranker stage's trees (RankerModel); compiled to complete trees this deep
+
+
+@dataclass
+class CompiledTrees:
+    """Gradient-boosted trees as plain arrays, evaluated for all trees at once.
+
+    scikit-learn's ``HistGradientBoostingRegressor.predict`` walks its trees one Python call
+    at a time, each an OpenMP region: measured on the Home Depot release, 18.9 ms p50 and
+    458 ms p99 for 200 trees over ~180 candidates on a busy 2-core machine. Here every tree is
+    padded to a complete binary tree of :data:`TREE_DEPTH` (a leaf above that depth routes
+    all its rows left to copies of itself) and all trees descend together: three vectorised
+    steps. Equal to scikit-learn's predictions (tested); features must not be NaN.
+    """
+
+    feature: np.ndarray    # (trees, 2**depth - 1) int
+    threshold: np.ndarray  # (trees, 2**depth - 1): go left when x <= threshold
+    leaf: np.ndarray       # (trees, 2**depth)
+    baseline: float
+
+    @classmethod
+    def from_sklearn(cls, model: Any, depth: int = TREE_DEPTH) -> CompiledTrees:
+        n_inner = 2 ** depth - 1
+        trees = [p[0].nodes for p in model._predictors]
+        feature = np.zeros((len(trees), n_inner), dtype=np.int64)
+        threshold = np.full((len(trees), n_inner), np.inf)
+        leaf = np.zeros((len(trees), n_inner + 1))
+
+        def fill(t: int, nodes: np.ndarray, node: int, pos: int, level: int) -> None:
+            rec = nodes[node]
+            if level == depth:
+                if not rec["is_leaf"]:
+                    raise ValueError(f"tree {t} is deeper than {depth}")
+                leaf[t, pos - n_inner] = rec["value"]
+                return
+            if rec["is_leaf"]:  # threshold stays +inf: every row goes left, to this value
+                fill(t, nodes, node, 2 * pos + 1, level + 1)
+                fill(t, nodes, node, 2 * pos + 2, level + 1)
+                return
+            if rec["is_categorical"]:
+                raise ValueError("categorical splits are not supported")
+            feature[t, pos] = rec["feature_idx"]
+            threshold[t, pos] = rec["num_threshold"]
+            fill(t, nodes, int(rec["left"]), 2 * pos + 1, level + 1)
+            fill(t, nodes, int(rec["right"]), 2 * pos + 2, level + 1)
+
+        for t, nodes in enumerate(trees):
+            fill(t, nodes, 0, 0, 0)
+        return cls(feature, threshold, leaf, float(np.ravel(model._baseline_prediction)[0]))
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        n_trees, n_inner = self.feature.shape
+        trees = np.arange(n_trees)
+        pos = np.zeros((len(X), n_trees), dtype=np.int64)
+        rows = np.arange(len(X))[:, None]
+        for _ in range(int(np.log2(n_inner + 1))):
+            x = X[rows, self.feature[trees, pos]]
+            pos = 2 * pos + 1 + (x > self.threshold[trees, pos])
+        return self.leaf[trees, pos - n_inner].sum(axis=1) + self.baseline
 
 
 @dataclass
@@ -212,8 +281,8 @@ class RelevanceModel:
     :data:`LOGIT_SCALE` for the hybrid's top :data:`DEPTH`, below them the rest.
     """
 
-    def __init__(self, hybrid: _Linear, linear: _Linear, trees: Any | None, spread: float,
-                 meta: dict[str, Any]) -> None:
+    def __init__(self, hybrid: _Linear, linear: _Linear, trees: CompiledTrees | None,
+                 spread: float, meta: dict[str, Any]) -> None:
         self.hybrid = hybrid
         self.linear = linear
         self.trees = trees
@@ -233,14 +302,12 @@ class RelevanceModel:
         hybrid = hybrid_model().fit(X[:, :N_CHANNEL_FEATURES], y)
         ranker = RankerModel(len(features)).fit(X, y)
         spread = float(np.std(ranker.predict(X))) or 1.0
-        import sklearn
-
+        trees = ranker.compiled
         return cls(_Linear(hybrid.coef_.copy(), float(hybrid.intercept_)),
                    _Linear(ranker.linear.coef_.copy(), float(ranker.linear.intercept_)),
-                   ranker.trees, spread,
+                   trees, spread,
                    {**meta, "queries": len(features), "examples": int(len(y)),
-                    "features_version": FEATURES_VERSION, "trees": ranker.trees is not None,
-                    "sklearn": sklearn.__version__})
+                    "features_version": FEATURES_VERSION, "trees": trees is not None})
 
     def hybrid_score(self, X: np.ndarray) -> np.ndarray:
         return self.hybrid.predict(X[:, :N_CHANNEL_FEATURES])
@@ -259,13 +326,16 @@ class RelevanceModel:
     # -- persistence (inside a ranker checkpoint: plain arrays, allow_pickle=False) ------
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        trees = b"" if self.trees is None else pickle.dumps(self.trees, protocol=5)
-        meta = {**self.meta, "spread": self.spread,
-                "trees_sha256": hashlib.sha256(trees).hexdigest()}
-        return {"rel_meta": np.array(json.dumps(meta, sort_keys=True)),
-                "rel_hybrid": np.append(self.hybrid.coef, self.hybrid.intercept),
-                "rel_linear": np.append(self.linear.coef, self.linear.intercept),
-                "rel_trees": np.frombuffer(trees, dtype=np.uint8)}
+        meta = {**self.meta, "spread": self.spread}
+        out = {"rel_hybrid": np.append(self.hybrid.coef, self.hybrid.intercept),
+               "rel_linear": np.append(self.linear.coef, self.linear.intercept)}
+        if self.trees is not None:
+            meta["trees_baseline"] = self.trees.baseline
+            out.update({"rel_tree_feature": self.trees.feature,
+                        "rel_tree_threshold": self.trees.threshold,
+                        "rel_tree_leaf": self.trees.leaf})
+        meta["sha256"] = _digest(out)
+        return {"rel_meta": np.array(json.dumps(meta, sort_keys=True)), **out}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> RelevanceModel | None:
@@ -276,18 +346,14 @@ class RelevanceModel:
             raise ReleaseError(f"relevance model has features version "
                                f"{meta.get('features_version')}, serving computes "
                                f"{FEATURES_VERSION}: retrain the ranker")
+        own = {k: v for k, v in arrays.items() if k.startswith("rel_") and k != "rel_meta"}
+        if _digest(own) != meta.pop("sha256", None):
+            raise ReleaseError("relevance model arrays do not match their checksum")
         trees = None
-        raw = arrays["rel_trees"].tobytes()
-        if hashlib.sha256(raw).hexdigest() != meta.pop("trees_sha256"):
-            raise ReleaseError("relevance model trees do not match their checksum")
-        if raw:
-            import sklearn
-
-            if meta.get("sklearn") != sklearn.__version__:
-                raise ReleaseError(f"relevance model trees were fitted with scikit-learn "
-                                   f"{meta.get('sklearn')}, this process has "
-                                   f"{sklearn.__version__}: retrain the ranker")
-            trees = pickle.load(io.BytesIO(raw))  # our own checkpoint, checksum verified
+        if "rel_tree_leaf" in own:
+            trees = CompiledTrees(own["rel_tree_feature"].astype(np.int64),
+                                  own["rel_tree_threshold"], own["rel_tree_leaf"],
+                                  float(meta.pop("trees_baseline")))
         h, lin = arrays["rel_hybrid"], arrays["rel_linear"]
         spread = float(meta.pop("spread"))
         return cls(_Linear(h[:-1].copy(), float(h[-1])), _Linear(lin[:-1].copy(), float(lin[-1])),

@@ -80,14 +80,31 @@ def test_a_checkpoint_carries_the_model_with_its_trees_and_refuses_a_tampered_on
 
     with np.load(path) as data:
         arrays = {k: data[k] for k in data.files}
-    arrays["rel_trees"] = arrays["rel_trees"].copy()
-    arrays["rel_trees"][100] ^= 1
+    tampered = {**arrays, "rel_tree_leaf": arrays["rel_tree_leaf"] + 0.5}
     with pytest.raises(ReleaseError, match="checksum"):
-        RelevanceModel.from_arrays(arrays)
+        RelevanceModel.from_arrays(tampered)
     arrays = {**arrays, "rel_meta": np.array(str(arrays["rel_meta"]).replace(
         '"features_version": 1', '"features_version": 99'))}
     with pytest.raises(ReleaseError, match="features version"):
         RelevanceModel.from_arrays(arrays)
+
+
+def test_compiled_trees_predict_what_scikit_learn_predicts():
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    from serving.relevance import TREE_DEPTH, CompiledTrees
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(4000, 6))
+    X[:, 5] = rng.integers(0, 3, 4000)  # a coarse feature: ties at thresholds, short trees
+    y = np.sin(X[:, 0]) + (X[:, 1] > 0.3) * X[:, 5] + rng.normal(0, 0.1, 4000)
+    for leaf in (20, 1500):  # 1500: many trees stop above the full depth
+        model = HistGradientBoostingRegressor(max_depth=TREE_DEPTH, max_iter=60,
+                                              min_samples_leaf=leaf, random_state=0).fit(X, y)
+        compiled = CompiledTrees.from_sklearn(model)
+        test = np.vstack([rng.normal(size=(500, 6)), X[:200]])
+        np.testing.assert_allclose(compiled.predict(test), model.predict(test), rtol=0,
+                                   atol=1e-9)
 
 
 def test_the_relevance_score_replaces_the_channel_terms_and_the_memory_learns_on_top():
