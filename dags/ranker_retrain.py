@@ -1,9 +1,11 @@
 """Ranker retrain: retrain the learned ranker on all feedback -> report.
 
 Runs daily, and whenever the catalogue refresh publishes a release (the ranker of a new
-release starts from scratch, so it is worth retraining at once). The candidate is published
-and becomes the registered ``champion`` only if it beats the live ranker on the most recent
-feedback; losing is a normal outcome, not a failure. The running nearline updater continues
+release starts from scratch, so it is worth retraining at once). It fits the relevance model
+(on INSTANTREC_JUDGMENTS or on position-debiased feedback, behind a cross-fitted nDCG@10
+gate), then the online terms on top. The candidate is published and becomes the registered
+``champion`` only if its relevance model passed that gate or it beats the live ranker on the
+most recent feedback; losing is a normal outcome, not a failure. The running nearline updater continues
 from a published checkpoint by itself. Settings come from INSTANTREC_* in the worker's
 environment. Every task calls one function, imported inside the task so parsing stays light.
 """

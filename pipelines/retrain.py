@@ -1,5 +1,9 @@
 """Batch retrain of the learned ranker on all the feedback in the event log, with a champion gate.
 
+First the relevance model (:mod:`serving.relevance`) is fitted, on judgments or on
+position-debiased feedback (:func:`fit_relevance`, :func:`feedback_relevance`), behind its own
+cross-fitted nDCG@10 gate; the online terms are then retrained on top of it as below.
+
 The nearline updater takes one online step per example as events arrive. This retrain reads
 the same log from the beginning, turns it into exactly the examples the updater would learn
 from (a fresh updater with a sink instead of steps), and trains a ranker with the same loss,
