@@ -195,6 +195,7 @@ class Recommender:
         self._user_key: bytes | None = None
         self._lexical = LexicalCache()
         self._candidates: LRUCache[tuple[int, ...]] = LRUCache(1024)
+        self._relevance: LRUCache[np.ndarray] = LRUCache(1024)
         self._reload_lock = threading.Lock()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -315,7 +316,8 @@ class Recommender:
         def retrieve() -> list[int]:
             return retrieve_candidates(state.bundle, vec, lex, depth, parsed)
 
-        if parsed is None and interest is None and dense_text is not None:
+        plain = parsed is None and interest is None and dense_text is not None
+        if plain:
             # the candidates of a plain query depend only on the release and the query: a
             # repeated query skips both channels' searches
             rows = list(self._candidates.get_or_compute(
@@ -329,9 +331,18 @@ class Recommender:
         rows_arr = np.asarray(rows)
         X = np.asarray(state.bundle.vectors[rows_arr], dtype=np.float64)
         rel = None
-        if state.ranker.relevance is not None and qvec is not None:
-            rel = relevance_scores(state.bundle, state.ranker.relevance, state.match,
-                                   self._lexical, text, lexical_text, qvec, rows_arr)
+        model = state.ranker.relevance
+        if model is not None and qvec is not None:
+            def score() -> np.ndarray:
+                out = relevance_scores(state.bundle, model, state.match, self._lexical, text,
+                                       lexical_text, qvec, rows_arr)
+                out.setflags(write=False)
+                return out
+
+            # so are a plain query's relevance scores, for one model (the key holds it)
+            rel = (self._relevance.get_or_compute(
+                (state.bundle.release_id, model, text, dense_text, lexical_text, depth), score)
+                if plain else score())
         z, feats = state.ranker.logits(vec.astype(np.float64), X, session_signal(interest),
                                        rows_arr, lex[rows_arr] if lex is not None else None,
                                        query_key(text) if text is not None else None, rel)

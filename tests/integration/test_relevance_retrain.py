@@ -47,6 +47,9 @@ def test_retrain_fits_the_relevance_model_that_serving_and_nearline_use(shared_d
     assert all("relevance" in r.signals for r in results)
     logits = [r.signals["logit"] for r in results]
     assert logits == sorted(logits, reverse=True)
+    # a repeated plain query reuses its candidates and their relevance scores
+    assert [r.signals for r in rec.recommend(query, k=10)] == [r.signals for r in results]
+    assert len(rec._relevance) == 1
     rows = [rec._state.row_of[r.item_id] for r in results]
     text = normalise_query(query, 10_000)
     dense_text, lexical_text = understood(text, rec._steps, rec._state.vocabulary)
