@@ -378,6 +378,7 @@ def judged_examples(settings: Settings, updater: NearlineUpdater) -> list[Exampl
 
 
 RELEVANCE_MIN_GAIN = 0.002  # cross-fitted judged nDCG@10 over the zero-shot fusion
+MIN_RELEVANCE_QUERIES = 5
 RELEVANCE_FOLDS = 5  # 80% of the queries train each fold: at 2, CrowdFlower's 37 were too few
 
 
@@ -491,7 +492,7 @@ def fit_relevance(settings: Settings, lookup: QueryRelevance, log_: Any = None,
     gate = judged if judged is not None else data
     report.update({"queries": len(data), "gate": "judgments" if judged is not None
                    else "feedback", "gate_queries": len(gate)})
-    if len(data) < 2 * RELEVANCE_FOLDS:
+    if len(data) < MIN_RELEVANCE_QUERIES:
         return None, {**report, "promoted": False, "reason": "too few queries"}
 
     def fold_of(text: str) -> int:
