@@ -20,7 +20,8 @@ from serving.errors import InvalidInputError
 ID_COLUMNS = ("product_id", "product_uid", "item_id", "id")
 
 
-def _read(path: Path) -> pl.DataFrame:
+def read_table(path: Path) -> pl.DataFrame:
+    """A Parquet or CSV file, with a clear error for anything else."""
     if not path.is_file():
         raise InvalidInputError(f"file {path} does not exist")
     if path.suffix.lower() == ".parquet":
@@ -71,7 +72,7 @@ def default_relevant_threshold(labels: pl.Series) -> float:
 
 
 def load_judgments(path: Path, relevant_threshold: float | None = None) -> Judgments:
-    df = _read(path)
+    df = read_table(path)
     missing = {"query_id", "query", "relevance"} - set(df.columns)
     if missing:
         raise InvalidInputError(f"judgments {path} lacks column(s) {sorted(missing)}")
@@ -93,7 +94,7 @@ def load_judgments(path: Path, relevant_threshold: float | None = None) -> Judgm
 
 def load_products(path: Path) -> pl.DataFrame:
     """Products as (item_id: str, title, description) with descriptions possibly empty."""
-    df = _read(path)
+    df = read_table(path)
     col = id_column(df, path)
     if "title" not in df.columns:
         raise InvalidInputError(f"products {path} has no 'title' column")

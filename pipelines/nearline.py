@@ -90,6 +90,31 @@ def _at(rel: np.ndarray | None, row: int) -> float:
     return float(rel[row]) if rel is not None else 0.0
 
 
+#: Position-based examination model for debiasing clicks: P(examined at rank p) = p ** -ETA.
+PROPENSITY_ETA = 1.0
+
+
+@dataclass
+class FeedbackTally:
+    """Per normalised query, what the updater saw: the result pages shown (session ids), each
+    item's exposure (the summed examination propensities of the ranks it was shown at) and its
+    weighted positives (click 1, cart 2, purchase 3). The batch retrain's position-debiased
+    relevance estimates come from it (:func:`pipelines.retrain.feedback_relevance`)."""
+
+    pages: dict[str, set[str]] = field(default_factory=dict)
+    exposure: dict[str, dict[str, float]] = field(default_factory=dict)
+    value: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def impression(self, query: str, session: str, item: str, position: int) -> None:
+        self.pages.setdefault(query, set()).add(session)
+        per = self.exposure.setdefault(query, {})
+        per[item] = per.get(item, 0.0) + position ** -PROPENSITY_ETA
+
+    def positive(self, query: str, item: str, weight: float) -> None:
+        per = self.value.setdefault(query, {})
+        per[item] = per.get(item, 0.0) + weight
+
+
 class QueryRelevance:
     """Relevance scores (:mod:`serving.relevance`) outside a request, for the nearline
     updater's and the batch retrain's examples: a query's candidates are what serving
@@ -129,7 +154,8 @@ class QueryRelevance:
     def features(self, text: str, rows: list[int] | None = None) -> tuple[list[int], np.ndarray]:
         """Candidate rows of ``text`` (with ``rows`` appended when missing) and features."""
         found, _, lexical_text, qvec = self.candidates(text)
-        extra = [r for r in (rows or []) if r not in set(found)]
+        known = set(found)
+        extra = [r for r in (rows or []) if r not in known]
         rows_out = found + extra
         return rows_out, relevance_features(self.bundle, self.match, self.lexical, text,
                                             lexical_text, qvec, np.asarray(rows_out))
@@ -179,8 +205,10 @@ class NearlineUpdater:
         self._lexical = LexicalCache()
         self.relevance = QueryRelevance(self.bundle, self.encoder,
                                         parse_steps(settings.query_steps), settings.candidates)
-        # With a sink, examples are collected (for batch training) instead of applied.
+        # With a sink, examples are collected (for batch training) instead of applied, and
+        # a tally of what was shown and chosen may be kept beside them.
         self.sink: list[Example] | None = None
+        self.tally: FeedbackTally | None = None
         self._published_seq = 0
         if restore:
             self.ranker = self._restore()
@@ -327,6 +355,8 @@ class NearlineUpdater:
                 key = (ev.session_id, ev.query)
                 shown = self.shown.setdefault(key, [])
                 shown.append(_Shown(ev.position, ev.item_id, ev.ts))
+                if learn and self.tally is not None and ev.position >= 1:
+                    self.tally.impression(ev.query, ev.session_id, ev.item_id, ev.position)
                 del shown[:-MAX_IMPRESSIONS_PER_LIST]
                 self.shown.move_to_end(key)
                 while len(self.shown) > MAX_KEYS:
@@ -339,6 +369,8 @@ class NearlineUpdater:
             counters["abuse_dropped"] += 1
             return
         counters[ev.type] += 1
+        if learn and self.tally is not None and ev.query is not None:
+            self.tally.positive(ev.query, ev.item_id, EVENT_WEIGHTS[ev.type])
         session = self.sessions.get(ev.session_id)
         interest = interest_vector(session, self.bundle.vectors, self.row_of, ev.ts,
                                    self.session_cfg)

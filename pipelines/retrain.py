@@ -52,14 +52,19 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import Array, ColSpec, DataType, Schema
 
 from pipelines.judged import Judgments
-from pipelines.nearline import Example, NearlineUpdater, QueryRelevance
+from pipelines.nearline import (
+    PROPENSITY_ETA,
+    Example,
+    FeedbackTally,
+    NearlineUpdater,
+    QueryRelevance,
+)
 from serving.checkpoint import load_latest, read_latest
 from serving.encoder import Encoder
 from serving.ranker import Ranker, RankerConfig, query_key, sigmoid
 from serving.recommender import LexicalCache
 from serving.release import Bundle
 from serving.relevance import RelevanceModel
-from serving.session import EVENT_WEIGHTS
 from serving.settings import Settings
 from serving.text import normalise_query
 
@@ -78,6 +83,7 @@ def _collect(settings: Settings, encoder: Encoder | None) -> NearlineUpdater:
     """A fresh updater that has read the whole log into its sink, learning nothing."""
     updater = NearlineUpdater(settings, encoder, restore=False)
     updater.sink = []  # with a sink the updater collects examples and never publishes
+    updater.tally = FeedbackTally()
     try:
         while updater.poll():
             pass
@@ -398,53 +404,35 @@ def relevance_data(judgments: Judgments, lookup: QueryRelevance,
     return out
 
 
-#: Position-based examination model for debiasing clicks: P(examined at rank p) = p ** -ETA.
-PROPENSITY_ETA = 1.0
 MIN_LISTS_PER_QUERY = 5  # a query's click estimate needs this many result pages seen
 SHRINK_EXPOSURE = 1.0    # prior weight, in examined impressions, of the query's mean rate
 
 
-def feedback_relevance(log_: Any, lookup: QueryRelevance,
+def feedback_relevance(tally: FeedbackTally, lookup: QueryRelevance,
                        ) -> dict[str, tuple[list[int], np.ndarray, np.ndarray, str]]:
     """Per normalised query with at least :data:`MIN_LISTS_PER_QUERY` result pages shown: the
     items shoppers were shown, their relevance features (computed among serving's
     candidates for the query) and a position-debiased estimate of each one's relevance.
 
     Shoppers examine top results more than lower ones (position-based model: an item at rank
-    p is examined with propensity p ** -:data:`PROPENSITY_ETA`, Joachims et al. 2017). Each
-    item's estimate is its weighted positives (click 1, cart 2, purchase 3) over its
-    exposure, the sum of the propensities of the ranks it was shown at: the positives it
-    would get per page if it were always examined. Items never shown carry no estimate and
-    are left out; the model extrapolates to them from their features."""
-    pages: dict[str, set[str]] = {}
-    exposure: dict[str, dict[str, float]] = {}
-    value: dict[str, dict[str, float]] = {}
-    after = 0
-    while batch := log_.read(after, 5000):
-        for logged in batch:
-            ev = logged.event
-            if ev.query is None or ev.position is None or ev.position < 1:
-                continue
-            if ev.type == "impression":
-                pages.setdefault(ev.query, set()).add(ev.session_id)
-                per = exposure.setdefault(ev.query, {})
-                per[ev.item_id] = per.get(ev.item_id, 0.0) + ev.position ** -PROPENSITY_ETA
-            elif ev.type in EVENT_WEIGHTS:
-                per = value.setdefault(ev.query, {})
-                per[ev.item_id] = per.get(ev.item_id, 0.0) + EVENT_WEIGHTS[ev.type]
-        after = batch[-1].offset
+    p is examined with propensity p ** -PROPENSITY_ETA, Joachims et al. 2017). Each item's
+    estimate is its weighted positives over its exposure (:class:`FeedbackTally`, kept by the
+    updater that replayed the log, so duplicates and abusive traffic are already dropped):
+    the positives it would get per page if it were always examined, shrunk toward the
+    query's mean rate by :data:`SHRINK_EXPOSURE`. Items never shown carry no estimate and are
+    left out; the model extrapolates to them from their features."""
     ids = lookup.bundle.items.item_ids
     out = {}
-    for text, sessions in pages.items():
+    for text, sessions in tally.pages.items():
         if len(sessions) < MIN_LISTS_PER_QUERY:
             continue
-        shown = exposure[text]
+        shown = tally.exposure[text]
         rows, X = lookup.features(text, [r for r in (lookup.row_of.get(i) for i in shown)
                                          if r is not None])
         keep = [j for j, r in enumerate(rows) if ids[r] in shown]
         if not keep:
             continue
-        per = value.get(text, {})
+        per = tally.value.get(text, {})
         # shrunk toward the query's mean rate: an item shown twice at rank 10 and clicked
         # once is not the best item on the page
         mean = sum(per.values()) / sum(shown.values())
@@ -454,12 +442,13 @@ def feedback_relevance(log_: Any, lookup: QueryRelevance,
     return out
 
 
-def fit_relevance(settings: Settings, lookup: QueryRelevance, log_: Any = None,
+def fit_relevance(settings: Settings, lookup: QueryRelevance,
+                  tally: FeedbackTally | None = None,
                   ) -> tuple[RelevanceModel | None, dict[str, Any]]:
     """The relevance model, if it passes its gate.
 
     Trained (``settings.relevance_source``) on ``settings.judgments`` (human labels) or on
-    the position-debiased feedback in ``log_`` (:func:`feedback_relevance`), against the live
+    the position-debiased feedback in ``tally`` (:func:`feedback_relevance`), against the live
     release's candidates. Gate: cross-fitted over :data:`RELEVANCE_FOLDS` folds of the queries
     (by a hash of their normalised text), the model's nDCG@10 on the held-out fold must beat
     the zero-shot fusion's on the same candidates by :data:`RELEVANCE_MIN_GAIN`. The gains
@@ -482,8 +471,8 @@ def fit_relevance(settings: Settings, lookup: QueryRelevance, log_: Any = None,
         report.update({"judgments": str(path), "judgments_sha256": _file_digest(path)})
     if source == "judgments":
         data = judged
-    elif log_ is not None:
-        data = feedback_relevance(log_, lookup)
+    elif tally is not None:
+        data = feedback_relevance(tally, lookup)
         report["propensity_eta"] = PROPENSITY_ETA
     else:
         data = None
@@ -549,7 +538,10 @@ def _retrain(settings: Settings, updater: NearlineUpdater, holdout: float,
     base = {"release_id": release_id, "offset": offset, "n_examples": len(examples)}
     lookup = updater.relevance
     champion, champion_seq = _champion(settings, bundle)
-    fitted, rel_report = fit_relevance(settings, lookup, updater.log)
+    done = _live_retrain(settings, release_id, offset)
+    if done is not None and not _new_judgments(settings, champion):
+        return {**done, **base}
+    fitted, rel_report = fit_relevance(settings, lookup, updater.tally)
     if rel_report:
         base["relevance"] = rel_report
     relevance = fitted or champion.relevance
@@ -565,9 +557,6 @@ def _retrain(settings: Settings, updater: NearlineUpdater, holdout: float,
         final = dataclasses.replace(champion, relevance=fitted, meta=dict(champion.meta))
         return _promote(settings, updater, final, champion_seq, base, reason=reason,
                         metrics=_relevance_metrics(rel_report), params={"epochs": 0})
-    done = _live_retrain(settings, release_id, offset)
-    if done is not None and fitted is None:
-        return {**done, **base}
 
     dim, n_items = bundle.manifest.encoder.dim, len(bundle.items)
     candidate = train_ranker(train, release_id, dim, n_items, epochs, relevance=relevance,
@@ -595,6 +584,14 @@ def _retrain(settings: Settings, updater: NearlineUpdater, holdout: float,
                              "log_loss_gain": gain, **_relevance_metrics(rel_report)},
                     params={"epochs": epochs, "holdout": holdout, "train_examples": len(train),
                             "holdout_examples": len(held), "min_gain": MIN_GAIN})
+
+
+def _new_judgments(settings: Settings, ranker: Ranker) -> bool:
+    """Whether ``settings.judgments`` differ from those the live relevance model saw."""
+    if settings.judgments is None:
+        return False
+    seen = ranker.relevance.meta.get("judgments_sha256") if ranker.relevance else None
+    return seen != _file_digest(Path(settings.judgments))
 
 
 def _relevance_metrics(report: dict[str, Any]) -> dict[str, float]:

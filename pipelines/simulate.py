@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipelines.judged import Judgments, load_judgments, score_rankings
+from pipelines.judged import Judgments, load_judgments, read_table, score_rankings
 from pipelines.metrics import ndcg_at_k
 from serving.encoder import Encoder
 from serving.errors import InvalidInputError, ReleaseError
@@ -366,9 +366,7 @@ def simulate(settings: Settings, products: Path, judgments: Path, sessions: int 
     # staff judge queries that have traffic): unseen queries stay unseen.
     sim_settings = _prepare_workspace(settings, f"seed-{seed}")
     seen_judgments = sim_settings.home / "seen-judgments.parquet"
-    raw = (pl.read_parquet(judgments) if Path(judgments).suffix == ".parquet"
-           else pl.read_csv(judgments))
-    raw.filter(pl.col("query_id").is_in(seen)).write_parquet(seen_judgments)
+    read_table(Path(judgments)).filter(pl.col("query_id").is_in(seen)).write_parquet(seen_judgments)
     sim_settings = sim_settings.model_copy(update={"judgments": seen_judgments,
                                                    "relevance_source": "feedback"})
     rec = Recommender.load(settings=sim_settings, encoder=encoder, watch=False)

@@ -136,36 +136,26 @@ def test_weighted_log_loss_known_answer_and_limits():
 def test_feedback_relevance_weights_each_positive_by_its_ranks_inverse_propensity():
     from types import SimpleNamespace
 
+    from pipelines.nearline import FeedbackTally
     from pipelines.retrain import MIN_LISTS_PER_QUERY, feedback_relevance
-    from serving.eventlog import LoggedEvent
-    from serving.events import Event
 
-    events = []
-
-    def add(session, query, item, kind, position):
-        events.append(LoggedEvent(len(events) + 1, Event(
-            f"e{len(events)}", 0.0, session, None, query, item, kind, position)))
-
+    tally = FeedbackTally()
     for s in range(10):  # ten pages of "drill": A at rank 1, B at rank 5
-        add(f"s{s}", "drill", "A", "impression", 1)
-        add(f"s{s}", "drill", "B", "impression", 5)
-    add("s0", "drill", "A", "click", 1)
-    add("s1", "drill", "A", "click", 1)
-    add("s2", "drill", "B", "click", 5)
-    add("s3", "drill", "B", "purchase", 5)
+        tally.impression("drill", f"s{s}", "A", 1)
+        tally.impression("drill", f"s{s}", "B", 5)
+    tally.positive("drill", "A", 1.0)  # two clicks on A
+    tally.positive("drill", "A", 1.0)
+    tally.positive("drill", "B", 1.0)  # a click and a purchase on B
+    tally.positive("drill", "B", 3.0)
     for s in range(MIN_LISTS_PER_QUERY - 1):  # too few pages to estimate anything
-        add(f"t{s}", "saw", "A", "impression", 1)
-        add(f"t{s}", "saw", "A", "click", 1)
-
-    class Log:
-        def read(self, after, limit):
-            return [e for e in events if e.offset > after][:limit]
+        tally.impression("saw", f"t{s}", "A", 1)
+        tally.positive("saw", "A", 1.0)
 
     ids = np.array(["A", "B", "C"], dtype=object)
     lookup = SimpleNamespace(bundle=SimpleNamespace(items=SimpleNamespace(item_ids=ids)),
                              row_of={"A": 0, "B": 1, "C": 2},
                              features=lambda text, rows: ([0, 1, 2], np.zeros((3, 14))))
-    out = feedback_relevance(Log(), lookup)
+    out = feedback_relevance(tally, lookup)
     assert set(out) == {"drill"}
     rows, X, gain, text = out["drill"]
     # only the items shown are estimated: A has 2 clicks over an exposure of 10 pages x 1/1;
