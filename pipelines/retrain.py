@@ -278,9 +278,9 @@ def ranker_model_name(settings: Settings) -> str:
 
 def _requirements() -> list[str]:
     # Explicit requirements: inferring them makes log_model load the model. Loading the model
-    # imports pipelines.retrain, hence these; scoring needs numpy (and scikit-learn for a
-    # relevance model with trees).
-    names = ("mlflow", "numpy", "pandas", "pydantic", "pydantic-settings", "scikit-learn")
+    # imports pipelines.retrain, hence these; scoring itself needs only numpy (a relevance
+    # model's trees are compiled to arrays).
+    names = ("mlflow", "numpy", "pandas", "pydantic", "pydantic-settings")
     return [f"{n}=={pkg_version(n)}" for n in names]
 
 
