@@ -129,8 +129,8 @@ class QueryRelevance:
         self._vocabulary: Vocabulary | None = None
         self._vocabulary_built = False
         self._size = size
-        self._cache: OrderedDict[tuple[int, str], dict[int, float]] = OrderedDict()
-        self._models: dict[int, RelevanceModel] = {}  # keeps the ids in the keys alive
+        # keyed by the model object itself (identity hash): a key keeps its model alive
+        self._cache: OrderedDict[tuple[RelevanceModel, str], dict[int, float]] = OrderedDict()
 
     @functools.cached_property
     def row_of(self) -> dict[str, int]:
@@ -161,18 +161,14 @@ class QueryRelevance:
                                             lexical_text, qvec, np.asarray(rows_out))
 
     def __call__(self, model: RelevanceModel, text: str, row: int) -> float:
-        key = (id(model), text)
+        key = (model, text)
         got = self._cache.get(key)
         if got is None or row not in got:
             rows, X = self.features(text, [row])
             got = dict(zip(rows, model.score(X).tolist(), strict=True))
-            self._models[id(model)] = model
             self._cache[key] = got
             while len(self._cache) > self._size:
                 self._cache.popitem(last=False)
-            if len(self._models) > 4:   # models no key refers to any more
-                live = {k[0] for k in self._cache}
-                self._models = {i: m for i, m in self._models.items() if i in live}
         self._cache.move_to_end(key)
         return got[row]
 

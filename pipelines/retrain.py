@@ -64,7 +64,7 @@ from serving.encoder import Encoder
 from serving.ranker import Ranker, RankerConfig, query_key, sigmoid
 from serving.recommender import LexicalCache
 from serving.release import Bundle
-from serving.relevance import RelevanceModel
+from serving.relevance import COL_BM25_REL, COL_COS, RelevanceModel
 from serving.settings import Settings
 from serving.text import normalise_query
 
@@ -504,8 +504,8 @@ def fit_relevance(settings: Settings, lookup: QueryRelevance,
             if fold_of(text) == fold and gain.any():
                 cv.append(ndcg(rows, gain, model.score(X)))
                 # the zero-shot ranker: w_dense * cosine + w_lexical * relative BM25
-                zero.append(ndcg(rows, gain, cfg.init_w_dense * X[:, 0]
-                                 + cfg.init_w_lexical * X[:, 2]))
+                zero.append(ndcg(rows, gain, cfg.init_w_dense * X[:, COL_COS]
+                                 + cfg.init_w_lexical * X[:, COL_BM25_REL]))
     cv_m = {"ndcg@10": float(np.mean(cv)) if cv else 0.0, "queries": len(cv)}
     zero_m = {"ndcg@10": float(np.mean(zero)) if zero else 0.0, "queries": len(zero)}
     promoted = bool(cv) and cv_m["ndcg@10"] >= zero_m["ndcg@10"] + RELEVANCE_MIN_GAIN

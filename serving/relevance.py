@@ -42,6 +42,8 @@ FEATURES_VERSION = 1
 #: A relevance score of one training standard deviation is worth this many logits online.
 LOGIT_SCALE = 2.0
 N_CHANNEL_FEATURES = 11
+#: Columns of :func:`channel_features` that the zero-shot ranker fuses (cosine, BM25 / best).
+COL_COS, COL_BM25_REL = 0, 2
 N_MATCH_FEATURES = 3
 
 
@@ -160,6 +162,21 @@ def hybrid_model(n_train_queries: int = 0) -> Any:
     return Ridge(alpha=1.0)
 
 
+@dataclass
+class _Linear:
+    coef: np.ndarray
+    intercept: float
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return X @ self.coef + self.intercept
+
+
+def _ranker_stage(linear: _Linear, trees: CompiledTrees | None, X: np.ndarray) -> np.ndarray:
+    """The ranker stage's score: ridge plus (when fitted) the trees."""
+    out = linear.predict(X)
+    return out if trees is None else out + trees.predict(X)
+
+
 class RankerModel:
     """The ranker stage: a ridge regression over the channel and match features, plus
     gradient-boosted trees on the same features once there are enough training queries
@@ -179,14 +196,14 @@ class RankerModel:
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> RankerModel:
         self.linear.fit(X, y)
+        self.fitted = _Linear(self.linear.coef_.copy(), float(self.linear.intercept_))
         self.compiled = None
         if self.trees is not None:
             self.compiled = CompiledTrees.from_sklearn(self.trees.fit(X, y))
         return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        linear = X @ self.linear.coef_ + self.linear.intercept_
-        return linear if self.compiled is None else linear + self.compiled.predict(X)
+        return _ranker_stage(self.fitted, self.compiled, X)
 
 
 def on_top(score: np.ndarray, base: np.ndarray, depth: int = DEPTH) -> np.ndarray:
@@ -263,15 +280,6 @@ class CompiledTrees:
         return self.leaf[trees, pos - n_inner].sum(axis=1) + self.baseline
 
 
-@dataclass
-class _Linear:
-    coef: np.ndarray
-    intercept: float
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        return X @ self.coef + self.intercept
-
-
 class RelevanceModel:
     """Hybrid and ranker stages fitted on judged queries, scored in logit units.
 
@@ -303,8 +311,7 @@ class RelevanceModel:
         ranker = RankerModel(len(features)).fit(X, y)
         spread = float(np.std(ranker.predict(X))) or 1.0
         trees = ranker.compiled
-        return cls(_Linear(hybrid.coef_.copy(), float(hybrid.intercept_)),
-                   _Linear(ranker.linear.coef_.copy(), float(ranker.linear.intercept_)),
+        return cls(_Linear(hybrid.coef_.copy(), float(hybrid.intercept_)), ranker.fitted,
                    trees, spread,
                    {**meta, "queries": len(features), "examples": int(len(y)),
                     "features_version": FEATURES_VERSION, "trees": trees is not None})
@@ -313,8 +320,7 @@ class RelevanceModel:
         return self.hybrid.predict(X[:, :N_CHANNEL_FEATURES])
 
     def ranker_score(self, X: np.ndarray) -> np.ndarray:
-        out = self.linear.predict(X)
-        return out if self.trees is None else out + self.trees.predict(X)
+        return _ranker_stage(self.linear, self.trees, X)
 
     def score(self, X: np.ndarray, depth: int = DEPTH) -> np.ndarray:
         """Relevance of one query's candidates (rows of ``X``), in logits."""
