@@ -21,7 +21,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _emit(payload: Any) -> None:
-    print(json.dumps(payload, indent=2, default=str))
+    # NaN and infinities are not JSON: a figure that was not measured must fail loudly first
+    print(json.dumps(payload, indent=2, default=str, allow_nan=False))
 
 
 def cmd_ingest(args: argparse.Namespace) -> None:
@@ -128,6 +129,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from pipelines import benchmarks
 
     result = benchmarks.load(args.what).run(_settings(args), args)
+    benchmarks.check_finite(result, f"bench {args.what}")
     if args.json:
         _emit(result)
     else:

@@ -33,3 +33,7 @@ class ReleaseError(InstantrecError):
 
 class EncoderError(InstantrecError):
     """The text encoder cannot be loaded or does not match what a release was built with."""
+
+
+class MeasurementError(InstantrecError):
+    """A benchmark could not measure the figure it exists to measure (it says why)."""

@@ -9,7 +9,11 @@ noisy machine.
 from __future__ import annotations
 
 import importlib
+import math
 from types import ModuleType
+from typing import Any
+
+from serving.errors import MeasurementError
 
 NAMES = ("nearline", "serving", "ann", "embed", "refresh", "growth")
 
@@ -25,3 +29,20 @@ def available() -> list[str]:
     import importlib.util
 
     return [n for n in NAMES if importlib.util.find_spec(f"pipelines.benchmarks.{n}")]
+
+
+def check_finite(result: Any, where: str) -> None:
+    """Raise :class:`MeasurementError` naming the first figure of ``result`` that is NaN or
+    infinite: a benchmark that could not measure something says so instead of printing it."""
+
+    def walk(value: Any, path: str) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise MeasurementError(f"{where}: {path or 'the result'} is {value}: not measured")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{path}.{key}" if path else str(key))
+        elif isinstance(value, list | tuple):
+            for i, item in enumerate(value):
+                walk(item, f"{path}[{i}]")
+
+    walk(result, "")

@@ -1,11 +1,22 @@
 """Updater throughput and cross-process freshness (``instantrec bench nearline``).
 
-Freshness is measured across processes, as a shop would see it: process A records a click
+Freshness is measured across processes, as a shop would see it: process A records a purchase
 and notes when ``record()`` returned; the nearline updater (its own process) applies it and
 publishes a checkpoint; process B, a serving process with hot reload on, notes when its
-``recommend()`` first reflects the click. Throughput is events/s the updater applies from a
-backlog of synthetic but realistic feedback (result lists of 10 impressions, one click at a
-position drawn from a position-biased distribution, some carts and purchases).
+``recommend()`` first reflects the purchase. What a purchase moves online is the (query, item)
+memory (``signals["query_item_bias"]``; the adapter, item biases and channel weights stay at
+their starting point, see :mod:`serving.ranker`), and through it the item's final score and
+rank, so B watches that signal and reports the score and rank it saw before and after. A probe
+that B never sees within the deadline is a failure of the benchmark, not a figure.
+
+The benchmark runs on a private copy of the home it is pointed at: its live release, and its
+live ranker checkpoint (with its relevance model and memory) when there is one, re-based on the
+copy's empty event log, so the figures are those of the ranker that home serves. A checkpoint
+trained for an older release is carried over to the live one by the updater, as in the shop.
+
+Throughput is events/s the updater applies from a backlog of synthetic but realistic feedback
+(result lists of 10 impressions, one click at a position drawn from a position-biased
+distribution, some carts).
 """
 
 from __future__ import annotations
@@ -23,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from serving.checkpoint import load_latest, publish_checkpoint, read_latest
+from serving.errors import MeasurementError
 from serving.eventlog import SqliteEventLog
 from serving.events import Event, parse_event
 from serving.release import read_pointer
@@ -31,22 +44,57 @@ from serving.settings import Settings
 QUERIES = ["coffee maker", "yoga mat", "headphones", "cordless drill", "office chair",
            "running shoes", "kids toys", "garden hose", "face moisturizer", "laptop",
            "cast iron skillet", "blender", "desk lamp", "backpack", "tent"]
+PROBE_DEADLINE_S = 30.0
+TARGET_S = 2.0          # DESIGN.md: a click changes everyone's ranking within seconds
+LOOK_DEPTH = 50         # how deep process B looks for the probe item
 
 
-def _prepare_home(settings: Settings, work: Path) -> Path:
-    """A private copy of the live release (or a fresh demo build) to benchmark on."""
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Copy a release directory by hard links where the filesystem allows (bundles are
+    hundreds of MB and never change once published)."""
+    try:
+        shutil.copytree(src, dst, copy_function=os.link)
+    except OSError:
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst)
+
+
+def _prepare_home(settings: Settings, work: Path) -> tuple[Path, dict[str, Any]]:
+    """A private copy of the live release and ranker (or a fresh demo build) to benchmark on;
+    returns the copy and what it holds."""
     home = work / "home"
     pointer = read_pointer(settings.releases_dir)
     if pointer is None:
         from pipelines.steps import run_build
 
         run_build(settings.model_copy(update={"home": home}), register=False)
-        return home
+        return home, {"source": "fresh demo build", "ranker": "untrained"}
     (home / "releases").mkdir(parents=True)
-    shutil.copytree(settings.releases_dir / pointer.release_id,
-                    home / "releases" / pointer.release_id)
+    _link_or_copy(settings.releases_dir / pointer.release_id,
+                  home / "releases" / pointer.release_id)
     shutil.copy(settings.releases_dir / "CURRENT", home / "releases" / "CURRENT")
-    return home
+    held: dict[str, Any] = {"source": str(settings.home), "release_id": pointer.release_id,
+                            "ranker": "untrained"}
+    latest = load_latest(settings.home)
+    if latest is None:
+        return home, held
+    ref, ranker = latest
+    if ref.release_id != pointer.release_id:
+        old = settings.releases_dir / ref.release_id
+        if old.is_dir():  # the updater reads the old item ids to carry biases over
+            _link_or_copy(old, home / "releases" / ref.release_id)
+    # Re-based on this copy's empty event log: the parameters, the relevance model and the
+    # memory are the home's; the offset and the updater's bookkeeping start afresh.
+    for key in ("offset", "applied", "ledger", "counters", "warm_from"):
+        ranker.meta.pop(key, None)
+    publish_checkpoint(home, ranker, 0)
+    held.update({
+        "ranker": "relevance model" if ranker.relevance is not None else "zero-shot",
+        "checkpoint_release_id": ref.release_id,
+        "checkpoint_for_live_release": ref.release_id == pointer.release_id,
+        "query_item_memory": len(ranker.query_item),
+    })
+    return home, held
 
 
 def synthetic_feedback(rec: Any, n_lists: int, seed: int = 0) -> list[Event]:
@@ -75,54 +123,91 @@ def synthetic_feedback(rec: Any, n_lists: int, seed: int = 0) -> list[Event]:
     return events
 
 
-def _reader(home: str) -> None:
-    """Process B: a serving process that reports when a probe's click shows in its results."""
+def probe_state(rec: Any, query: str, item_id: str) -> dict[str, float] | None:
+    """What ``rec`` serves for ``item_id`` under ``query``: its (query, item) memory, final
+    logit and rank, or None if it is not among the first LOOK_DEPTH results."""
+    for r in rec.recommend(query, k=LOOK_DEPTH):
+        if r.item_id == item_id:
+            return {"memory": r.signals["query_item_bias"], "logit": r.signals["logit"],
+                    "rank": r.rank}
+    return None
+
+
+def _reader(home: str, reload_interval_s: float) -> None:
+    """Process B: a serving process that reports when a probe's purchase shows in its
+    results (the item's (query, item) memory moved), with what it saw before and after."""
     from serving.recommender import Recommender
 
-    rec = Recommender.load(home, settings=Settings(home=Path(home), reload_interval_s=0.02))
-    print("ready", flush=True)
+    rec = Recommender.load(home, settings=Settings(home=Path(home),
+                                                   reload_interval_s=reload_interval_s))
+    print(json.dumps({"ready": rec.ranker_seq}), flush=True)
     for line in sys.stdin:
         probe = json.loads(line)
-        base = _bias(rec, probe)
-        print("armed", flush=True)
-        deadline = time.time() + 30
+        # first serve the live checkpoint, so that "before" is what the shop serves now and
+        # a checkpoint loaded later can only bring the probe's own purchase
+        latest = read_latest(Path(home))
+        sync_by = time.time() + PROBE_DEADLINE_S
+        while latest is not None and rec.ranker_seq < latest.seq and time.time() < sync_by:
+            time.sleep(0.002)
+        before = probe_state(rec, probe["query"], probe["item_id"])
+        why = None
+        if latest is not None and rec.ranker_seq < latest.seq:
+            why = f"process B did not load checkpoint {latest.seq} (serves {rec.ranker_seq})"
+        elif before is None:
+            why = f"the item is not in process B's first {LOOK_DEPTH} results"
+        print(json.dumps({"armed": why is None, "why": why}), flush=True)
+        if why is not None:
+            continue
+        deadline = time.time() + PROBE_DEADLINE_S
+        after = None
         while time.time() < deadline:
-            if _bias(rec, probe) != base:
-                print(json.dumps({"seen": time.time()}), flush=True)
+            now = probe_state(rec, probe["query"], probe["item_id"])
+            if now is not None and now["memory"] != before["memory"]:
+                after = now
                 break
             time.sleep(0.002)
-        else:
-            print(json.dumps({"seen": None}), flush=True)
+        print(json.dumps({"seen": time.time() if after else None, "before": before,
+                          "after": after}), flush=True)
 
 
 def _wait_caught_up(home: Path, offset: int, timeout_s: float = 300.0) -> None:
     """Block until the updater has published a checkpoint covering ``offset``."""
-    from serving.checkpoint import read_latest
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         latest = read_latest(home)
         if latest is not None and latest.offset >= offset:
-            time.sleep(0.2)  # let serving pick it up too
             return
         time.sleep(0.05)
-    raise TimeoutError(f"the nearline updater did not reach offset {offset} in {timeout_s} s")
+    raise MeasurementError(f"the nearline updater did not reach offset {offset} in "
+                           f"{timeout_s:.0f} s: no freshness can be measured")
 
 
-def _bias(rec: Any, probe: dict[str, str]) -> float:
-    for r in rec.recommend(probe["query"], k=10):
-        if r.item_id == probe["item_id"]:
-            return r.signals["item_bias"]
-    return float("nan")
+def _read_json(proc: subprocess.Popen, what: str) -> dict[str, Any]:
+    line = proc.stdout.readline()
+    if not line:
+        raise MeasurementError(f"the serving process (B) exited while {what} "
+                               f"(exit code {proc.poll()})")
+    return json.loads(line)
 
 
-def bench_nearline(settings: Settings, n_lists: int = 2000, probes: int = 20) -> dict[str, Any]:
+def _percentile(values: list[float], q: float) -> float:
+    return round(float(np.percentile(np.asarray(values), q)), 3)
+
+
+def bench_nearline(settings: Settings, n_lists: int = 2000, probes: int = 20,
+                   checkpoint_every_s: float | None = None,
+                   reload_interval_s: float | None = None) -> dict[str, Any]:
+    """Throughput over ``n_lists`` synthetic result lists, then ``probes`` purchases timed
+    from process A's ``record()`` to process B's results. The intervals default to the
+    settings' (what a shop runs)."""
     from pipelines.nearline import NearlineUpdater
     from serving.recommender import Recommender
 
+    checkpoint_every_s = checkpoint_every_s or settings.checkpoint_every_s
+    reload_interval_s = reload_interval_s or settings.reload_interval_s
     work = Path(tempfile.mkdtemp(prefix="instantrec-bench-"))
     try:
-        home = _prepare_home(settings, work)
+        home, held = _prepare_home(settings, work)
         env_settings = settings.model_copy(update={"home": home})
         rec = Recommender.load(home, settings=env_settings, watch=False)
 
@@ -134,62 +219,100 @@ def bench_nearline(settings: Settings, n_lists: int = 2000, probes: int = 20) ->
             updater.encoder.encode_query(q)
         summary = updater.run_once()
         events_per_s = summary["read"] / summary["seconds"]
+        del updater
 
         # 2. freshness across processes
         env = {**os.environ, "INSTANTREC_HOME": str(home),
-               "INSTANTREC_CHECKPOINT_EVERY_S": "0.05"}
+               "INSTANTREC_CHECKPOINT_EVERY_S": str(checkpoint_every_s)}
         updater_proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "nearline"],
                                         env=env, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
         reader = subprocess.Popen(
             [sys.executable, "-c",
-             f"from pipelines.benchmarks.nearline import _reader; _reader({str(home)!r})"],
+             "from pipelines.benchmarks.nearline import _reader; "
+             f"_reader({str(home)!r}, {reload_interval_s!r})"],
             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             text=True)
+        rows: list[dict[str, Any]] = []
         try:
-            assert reader.stdout.readline().strip() == "ready"
+            _read_json(reader, "starting")
             # one event after the updater started: once it is applied, the updater is live
             rec.record({"session_id": "bench-warmup", "item_id": str(rec.bundle.items.item_ids[0]),
                         "type": "impression"})
             _wait_caught_up(home, SqliteEventLog(env_settings.events_path).last_offset())
-            lags = []
             for i in range(probes):
                 q = QUERIES[i % len(QUERIES)]
                 item = rec.recommend(q, k=10)[i % 3].item_id
                 reader.stdin.write(json.dumps({"query": q, "item_id": item}) + "\n")
                 reader.stdin.flush()
-                assert reader.stdout.readline().strip() == "armed"
+                armed = _read_json(reader, "arming a probe")
+                if not armed["armed"]:
+                    raise MeasurementError(f"probe {i} ({item} for {q!r}) cannot be watched: "
+                                           f"{armed['why']}")
                 rec.record({"session_id": f"fresh-{i}", "query": q, "item_id": item,
                             "type": "purchase"})
                 t0 = time.time()
-                seen = json.loads(reader.stdout.readline())["seen"]
-                lags.append(float("nan") if seen is None else seen - t0)
+                seen = _read_json(reader, "watching a probe")
+                rows.append({"query": q, "item_id": item, "before": seen["before"],
+                             "after": seen["after"],
+                             "lag_s": None if seen["seen"] is None else seen["seen"] - t0})
                 time.sleep(0.1)
         finally:
             for proc in (reader, updater_proc):
                 proc.kill()
                 proc.wait()
-        lag = np.array(lags)
-        return {
+        return _freshness_report(rows, {
             "events_per_s": round(events_per_s, 1),
             "backlog_events": summary["read"],
             "backlog_seconds": summary["seconds"],
             "counters": summary["counters"],
-            "freshness_p50_s": round(float(np.nanpercentile(lag, 50)), 3),
-            "freshness_p95_s": round(float(np.nanpercentile(lag, 95)), 3),
-            "freshness_max_s": round(float(np.nanmax(lag)), 3),
-            "probes": probes, "probes_not_seen": int(np.isnan(lag).sum()),
-            "checkpoint_every_s": 0.05, "serving_reload_interval_s": 0.02,
+            "home": held,
+            "checkpoint_every_s": checkpoint_every_s,
+            "serving_reload_interval_s": reload_interval_s,
             "event_log": "sqlite (WAL, synchronous=FULL)",
-        }
+        })
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _freshness_report(rows: list[dict[str, Any]], out: dict[str, Any]) -> dict[str, Any]:
+    """The freshness figures of the probes; raises MeasurementError if any went unseen."""
+    missed = [r for r in rows if r["lag_s"] is None]
+    if missed:
+        raise MeasurementError(
+            f"{len(missed)} of {len(rows)} purchases never reached process B within "
+            f"{PROBE_DEADLINE_S:.0f} s (its (query, item) memory for the item did not move), "
+            f"e.g. {missed[0]['item_id']} for {missed[0]['query']!r}: freshness is not measured")
+    lags = [r["lag_s"] for r in rows]
+    moved = [r["after"]["memory"] - r["before"]["memory"] for r in rows]
+    ranks = [(r["before"]["rank"], r["after"]["rank"]) for r in rows]
+    out.update({
+        "probes": len(rows), "probes_not_seen": 0,
+        "freshness_p50_s": _percentile(lags, 50),
+        "freshness_p95_s": _percentile(lags, 95),
+        "freshness_max_s": round(max(lags), 3),
+        "target_s": TARGET_S, "within_target": sum(lag <= TARGET_S for lag in lags),
+        "watched": "signals['query_item_bias'] of the purchased item for the probe's query",
+        "memory_step_mean": round(float(np.mean(moved)), 4),
+        "logit_change_mean": round(float(np.mean(
+            [r["after"]["logit"] - r["before"]["logit"] for r in rows])), 4),
+        "rank_before_after": ranks,
+        "moved_up": sum(after < before for before, after in ranks),
+        "moved_down": sum(after > before for before, after in ranks),
+    })
+    return out
 
 
 def add_arguments(p: Any) -> None:
     p.add_argument("--lists", type=int, default=2000, help="result lists in the backlog")
     p.add_argument("--probes", type=int, default=20, help="freshness probes")
+    p.add_argument("--checkpoint-every-s", type=float, default=None,
+                   help="the updater's checkpoint interval (default: the settings', 0.5 s)")
+    p.add_argument("--reload-interval-s", type=float, default=None,
+                   help="serving's pointer polling interval (default: the settings', 1.0 s)")
 
 
 def run(settings: Settings, args: Any) -> dict[str, Any]:
-    return bench_nearline(settings, n_lists=args.lists, probes=args.probes)
+    return bench_nearline(settings, n_lists=args.lists, probes=args.probes,
+                          checkpoint_every_s=args.checkpoint_every_s,
+                          reload_interval_s=args.reload_interval_s)
