@@ -1,13 +1,25 @@
-"""Catalogue refresh: ingest -> embed (mapped shards) -> index -> evaluate -> publish -> register.
+"""Catalogue refresh: ingest -> embed (mapped shards) -> index -> evaluate -> publish -> register
+-> announce.
 
 Runs hourly; an unchanged catalogue re-embeds nothing and republishes nothing (release ids are
-deterministic). Settings come from INSTANTREC_* in the worker's environment; run params can
-point at another catalogue or gate file. Every task calls one function of
+deterministic), and an embedding shard with nothing pending never loads the encoder.
+``announce`` emits the ``instantrec_release`` asset, with the release id and the registered
+model version in the event's extra, only when a release went live that was not announced
+before; that event is what starts ``ranker_retrain``, so an unchanged catalogue does not
+retrain the ranker every hour. A release that fails its evaluation gate fails the run (it is
+registered, but not live). Settings come from INSTANTREC_* in the worker's environment; run
+params can point at another catalogue or gate file. Every task calls one function of
 ``pipelines.steps``, imported inside the task so parsing this file stays light.
+
+Scheduling: a new DAG is paused. Unpausing it starts one run for the most recent complete
+hourly interval at once (``catchup=False``: no backfill of the intervals since
+``start_date``), then one per hour. A run triggered (UI, REST API, ``airflow dags trigger``)
+while the DAG is paused is created but stays queued until the DAG is unpaused.
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 import pendulum
@@ -22,13 +34,24 @@ def _settings():
     return load_settings()
 
 
+def _log_failure(context) -> None:
+    """on_failure_callback: one line in the task log naming what failed and why."""
+    ti = context["ti"]
+    logging.getLogger("instantrec.dags").error(
+        "TASK FAILED dag=%s task=%s map_index=%s run_id=%s try=%s: %r", ti.dag_id, ti.task_id,
+        ti.map_index, ti.run_id, ti.try_number, context.get("exception"))
+
+
 @dag(
     dag_id="catalogue_refresh",
+    description="Hourly: ingest the catalogue, embed what changed, index, gate, publish, "
+                "register; announce a new live release",
     schedule="@hourly",
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
+    default_args={"owner": "instantrec", "retries": 2, "retry_delay": timedelta(seconds=30),
+                  "on_failure_callback": _log_failure},
     params={
         "catalogue": Param(None, type=["null", "string"],
                            description="CSV/Parquet catalogue snapshot (default: demo)"),
@@ -41,32 +64,40 @@ def _settings():
     doc_md=__doc__,
 )
 def catalogue_refresh():
-    @task
+    @task(execution_timeout=timedelta(minutes=20))
     def ingest() -> dict:
+        """Validate the catalogue snapshot and upsert new and changed items into the warehouse;
+        rejects are counted, and too many fail the run."""
         from pipelines.steps import run_ingest
 
         return run_ingest(_settings(), get_current_context()["params"]["catalogue"])
 
-    @task
+    @task(execution_timeout=timedelta(minutes=1))
     def plan_shards(ingested: dict) -> list[dict]:
+        """One mapped ``embed`` task per shard (param ``shards``)."""
         shards = int(get_current_context()["params"]["shards"])
         return [{"shard": i, "shards": shards} for i in range(shards)]
 
     # Shards run as wide as the executor allows (AIRFLOW__CORE__PARALLELISM / worker slots).
-    @task
+    @task(execution_timeout=timedelta(hours=2))
     def embed(shard: int, shards: int) -> dict:
+        """Embed this shard's new and changed items into a shard file (progress in the log);
+        with nothing pending it returns at once without loading the encoder."""
         from pipelines.steps import run_embed
 
         return run_embed(_settings(), shard, shards)
 
-    @task
+    @task(execution_timeout=timedelta(hours=1))
     def index(embedded: list[dict]) -> dict:
+        """Fold the shard files into the warehouse and stage a release bundle (Annoy + BM25)."""
         from pipelines.steps import run_index
 
         return run_index(_settings())
 
-    @task
+    @task(execution_timeout=timedelta(minutes=30))
     def evaluate(built: dict) -> dict:
+        """Evaluate the staged bundle (index recall, golden and judged queries) and decide the
+        gate."""
         from pipelines.evaluate import DEMO_GOLDEN
         from pipelines.steps import run_evaluate
 
@@ -76,29 +107,43 @@ def catalogue_refresh():
             golden = str(DEMO_GOLDEN)
         return run_evaluate(_settings(), built["bundle_dir"], golden, params["judgments"])
 
-    @task
+    @task(execution_timeout=timedelta(minutes=10))
     def publish(evaluated: dict) -> dict:
+        """Move the bundle into releases/ and, if the gate passed, the live pointer forward."""
         from pipelines.steps import run_publish
 
         return run_publish(_settings(), evaluated["bundle_dir"])
 
-    @task
+    @task(execution_timeout=timedelta(minutes=15))
     def register(published: dict) -> dict:
+        """Register the release in MLflow; the ``champion`` alias follows a live release."""
         from pipelines.steps import run_register
 
         return run_register(_settings(), published["path"])
 
-    @task(outlets=[RELEASE])
+    @task(inlets=[RELEASE], outlets=[RELEASE], execution_timeout=timedelta(minutes=5))
     def announce(published: dict, registered: dict) -> dict:
-        """Emit the release asset when the release is live; fail the run when its gate failed."""
-        if not published["gate_passed"]:
-            from airflow.exceptions import AirflowFailException
+        """Emit ``instantrec_release`` (extra: release id, model version) when the live release
+        is not the last one announced; skip, emitting nothing, when it is; fail the run when
+        the release failed its gate."""
+        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+        if not published["gate_passed"]:
             raise AirflowFailException(
                 f"release {published['release_id']} failed its evaluation gate; it is "
                 f"registered as version {registered['version']} but not live"
             )
-        return {"release_id": published["release_id"], "version": registered["version"]}
+        context = get_current_context()
+        # The last event, not this run's publish result: a run that published but failed
+        # before announcing is announced by the next run.
+        last = list(context["inlet_events"][RELEASE].ascending(False).limit(1))
+        if last and last[0].extra.get("release_id") == published["release_id"]:
+            raise AirflowSkipException(
+                f"release {published['release_id']} (version {registered['version']}) is "
+                f"already live and announced; no asset event")
+        extra = {"release_id": published["release_id"], "model_version": registered["version"]}
+        context["outlet_events"][RELEASE].extra = extra
+        return extra
 
     embedded = embed.expand_kwargs(plan_shards(ingest()))
     published = publish(evaluate(index(embedded)))

@@ -10,10 +10,15 @@ skipped. When it wins, ``announce`` emits the ``instantrec_encoder`` asset; the 
 ``catalogue_refresh`` run (hourly) embeds the whole catalogue with the champion, since its
 encoder version changed. Settings come from INSTANTREC_* in the worker's environment; every
 task calls one function of ``pipelines.finetune``, imported inside the task.
+
+Scheduling: a new DAG is paused. Unpausing it starts one run for the most recent complete
+week at once (``catchup=False``: no backfill), then one a week. A run triggered while the DAG
+is paused is created but stays queued until the DAG is unpaused.
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 import pendulum
@@ -28,13 +33,24 @@ def _settings():
     return load_settings()
 
 
+def _log_failure(context) -> None:
+    """on_failure_callback: one line in the task log naming what failed and why."""
+    ti = context["ti"]
+    logging.getLogger("instantrec.dags").error(
+        "TASK FAILED dag=%s task=%s map_index=%s run_id=%s try=%s: %r", ti.dag_id, ti.task_id,
+        ti.map_index, ti.run_id, ti.try_number, context.get("exception"))
+
+
 @dag(
     dag_id="encoder_finetune",
+    description="Weekly: fine-tune the encoder on feedback pairs; promote it only if held-out "
+                "nDCG@10 improves",
     schedule="@weekly",
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 1, "retry_delay": timedelta(minutes=1)},
+    default_args={"owner": "instantrec", "retries": 1, "retry_delay": timedelta(minutes=1),
+                  "on_failure_callback": _log_failure},
     params={
         "products": Param(None, type=["null", "string"], description="judged data: products"),
         "judgments": Param(None, type=["null", "string"], description="judged data: judgments"),
@@ -49,16 +65,19 @@ def _settings():
     doc_md=__doc__,
 )
 def encoder_finetune():
-    @task
+    @task(execution_timeout=timedelta(minutes=30))
     def collect_pairs() -> dict:
+        """Positive (query, item) pairs from feedback (and judged data), split by query hash."""
         from pipelines.finetune import collect_pairs as collect
 
         p = get_current_context()["params"]
         return collect(_settings(), p["products"], p["judgments"], float(p["holdout"]))
 
-    @task
+    @task(execution_timeout=timedelta(hours=4))
     def finetune(pairs: dict) -> dict:
-        from airflow.exceptions import AirflowSkipException
+        """Fine-tune the encoder with in-batch negatives on the training queries' pairs; skip
+        with fewer than two pairs."""
+        from airflow.sdk.exceptions import AirflowSkipException
 
         from pipelines.finetune import TrainConfig, train_encoder
 
@@ -70,25 +89,27 @@ def encoder_finetune():
                           item_max_tokens=settings.item_max_tokens)
         return train_encoder(settings, pairs["pairs_path"], cfg)
 
-    @task
+    @task(execution_timeout=timedelta(hours=2))
     def evaluate(pairs: dict, trained: dict) -> dict:
+        """Held-out nDCG@10 of the candidate and the champion (full-catalogue dense retrieval)."""
         from pipelines.finetune import evaluate_encoders
 
         return evaluate_encoders(_settings(), pairs["pairs_path"], trained["encoder_dir"],
                                  pairs["products"], pairs["judgments"])
 
-    @task
+    @task(execution_timeout=timedelta(minutes=30))
     def register(pairs: dict, trained: dict, evaluation: dict) -> dict:
+        """Register the candidate in MLflow; promote it (alias + CHAMPION) only if it won."""
         from pipelines.finetune import register_encoder
 
         promote = bool(get_current_context()["params"]["promote"])
         return register_encoder(_settings(), trained, evaluation, pairs, promote)
 
-    @task(outlets=[ENCODER])
+    @task(outlets=[ENCODER], execution_timeout=timedelta(minutes=5))
     def announce(registered: dict) -> dict:
         """Emit the encoder asset only when a new champion was promoted."""
         if not registered["promoted"]:
-            from airflow.exceptions import AirflowSkipException
+            from airflow.sdk.exceptions import AirflowSkipException
 
             raise AirflowSkipException(
                 f"{registered['model_name']} v{registered['version']} registered, not promoted: "

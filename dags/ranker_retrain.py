@@ -8,10 +8,18 @@ gate), then the online terms on top. The candidate is published and becomes the 
 most recent feedback; losing is a normal outcome, not a failure. The running nearline updater continues
 from a published checkpoint by itself. Settings come from INSTANTREC_* in the worker's
 environment. Every task calls one function, imported inside the task so parsing stays light.
+
+Scheduling: daily at 03:30 UTC, or as soon as ``catalogue_refresh`` announces a new live
+release (an ``instantrec_release`` asset event; its extra names the release id and model
+version; an unchanged catalogue emits none). A new DAG is paused: unpausing it starts no
+catch-up of past days (``catchup=False``), and asset events recorded while it was paused do
+not queue runs for it. A run triggered while the DAG is paused is created but stays queued
+until the DAG is unpaused.
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 import pendulum
@@ -35,14 +43,25 @@ def _settings():
     return load_settings()
 
 
+def _log_failure(context) -> None:
+    """on_failure_callback: one line in the task log naming what failed and why."""
+    ti = context["ti"]
+    logging.getLogger("instantrec.dags").error(
+        "TASK FAILED dag=%s task=%s map_index=%s run_id=%s try=%s: %r", ti.dag_id, ti.task_id,
+        ti.map_index, ti.run_id, ti.try_number, context.get("exception"))
+
+
 @dag(
     dag_id="ranker_retrain",
+    description="Daily and on each new live release: retrain the ranker on all feedback; "
+                "promote it only if it wins",
     schedule=AssetOrTimeSchedule(
         timetable=CronTriggerTimetable("30 3 * * *", timezone="UTC"), assets=[RELEASE]),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
+    default_args={"owner": "instantrec", "retries": 2, "retry_delay": timedelta(seconds=30),
+                  "on_failure_callback": _log_failure},
     params={
         "epochs": Param(5, type="integer", minimum=1, maximum=100,
                         description="passes over all examples"),
@@ -53,19 +72,19 @@ def _settings():
     doc_md=__doc__,
 )
 def ranker_retrain():
-    @task
+    @task(execution_timeout=timedelta(hours=2))
     def retrain() -> dict:
+        """Fit the relevance model and the online terms on all feedback against the live
+        release; publish and register the candidate, promoted only if it passes its gate."""
         from pipelines.steps import run_retrain
 
         params = get_current_context()["params"]
         return run_retrain(_settings(), holdout=float(params["holdout"]),
                            epochs=int(params["epochs"]))
 
-    @task
+    @task(execution_timeout=timedelta(minutes=5))
     def report(result: dict) -> dict:
         """Log the outcome; fail only if a promotion did not take effect."""
-        import logging
-
         log = logging.getLogger("ranker_retrain")
         if not result["promoted"]:
             if "reason" in result:
@@ -80,7 +99,7 @@ def ranker_retrain():
 
         latest = read_latest(_settings().home)
         if latest is None or latest.seq < result["checkpoint_seq"]:
-            from airflow.exceptions import AirflowFailException
+            from airflow.sdk.exceptions import AirflowFailException
 
             raise AirflowFailException(
                 f"ranker version {result['version']} was promoted as checkpoint "

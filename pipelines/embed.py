@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -77,22 +79,90 @@ def active_item_texts(warehouse: Path) -> tuple[list[str], list[str]]:
              for r in items.iter_rows(named=True)])
 
 
-def embed_items(warehouse: Path, work_dir: Path, encoder: Encoder, shard: int = 0,
-                shards: int = 1, batch_size: int = 64, progress: bool = False) -> EmbedReport:
+@dataclass(frozen=True)
+class EncoderLoader:
+    """An encoder that is not loaded yet: its :attr:`~serving.encoder.Encoder.version` (from
+    the weight files' digest, see :func:`serving.encoder.encoder_version`) and how to load it.
+
+    Loading the encoder takes 13-17 s on two cores; a shard with nothing pending never pays it.
+    """
+
+    version: str
+    load: Callable[[], Encoder]
+
+
+class ProgressLog:
+    """Log lines ``embed shard i/n: done/total items (pct), items/s, ETA`` at most every
+    ``every_s`` seconds, and once at the end: what a task log shows while a shard embeds."""
+
+    def __init__(self, label: str, total: int, every_s: float = 5.0) -> None:
+        self.label = label
+        self.total = total
+        self.every_s = every_s
+        self.done = 0
+        self._start = time.monotonic()
+        self._last = self._start
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.done < self.total and now - self._last < self.every_s:
+            return
+        self._last = now
+        elapsed = max(now - self._start, 1e-9)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        log.info("%s: %d/%d items (%.0f%%), %.1f items/s, ETA %.0f s", self.label, self.done,
+                 self.total, 100.0 * self.done / max(self.total, 1), rate, eta)
+
+
+def encode_logged(encoder: Encoder, texts: list[str], batch_size: int, label: str,
+                  every_s: float = 5.0) -> np.ndarray:
+    """``encoder.encode(texts)`` in chunks of a few batches, logging progress between chunks.
+
+    Texts are ordered by length before chunking, so each chunk still batches near-equal
+    lengths together as one :meth:`~serving.encoder.Encoder.encode` call would.
+    """
+    out = np.empty((len(texts), encoder.dim), dtype=np.float32)
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    chunk = batch_size * 2
+    progress = ProgressLog(label, len(texts), every_s)
+    for start in range(0, len(order), chunk):
+        idx = order[start:start + chunk]
+        out[idx] = encoder.encode([texts[i] for i in idx], batch_size=batch_size)
+        progress.update(len(idx))
+    return out
+
+
+def embed_items(warehouse: Path, work_dir: Path, encoder: Encoder | EncoderLoader,
+                shard: int = 0, shards: int = 1, batch_size: int = 64, progress: bool = False,
+                log_every_s: float = 5.0) -> EmbedReport:
     """Embed the pending items of one shard and write them to a shard file under ``work_dir``.
 
-    An unchanged item (same content hash, same encoder version) is never re-embedded.
+    An unchanged item (same content hash, same encoder version) is never re-embedded, and an
+    :class:`EncoderLoader` is loaded only if the shard has pending items. ``progress`` shows a
+    progress bar (the CLI); otherwise progress is logged every ``log_every_s`` seconds (a task
+    log).
     """
     start = datetime.now(UTC)
+    label = f"embed shard {shard}/{shards}"
     todo = pending_items(warehouse, encoder.version, shard, shards)
     out_dir = shard_dir(work_dir, encoder.version)
     out_path = out_dir / f"shard-{shard:04d}-of-{shards:04d}.parquet"
     if todo.height == 0:
-        log.info("embed shard %d/%d: nothing to do", shard, shards)
+        log.info("%s: nothing to do", label)
         return EmbedReport(shard, shards, encoder.version, 0, 0.0, None)
+    if isinstance(encoder, EncoderLoader):
+        log.info("%s: %d pending items; loading encoder %s", label, todo.height, encoder.version)
+        t0 = time.monotonic()
+        encoder = encoder.load()
+        log.info("%s: encoder loaded in %.1f s", label, time.monotonic() - t0)
     texts = [item_text(r["title"], r["brand"], r["category"], r["description"])
              for r in todo.iter_rows(named=True)]
-    vectors = encoder.encode(texts, batch_size=batch_size, progress=progress)
+    if progress:
+        vectors = encoder.encode(texts, batch_size=batch_size, progress=True)
+    else:
+        vectors = encode_logged(encoder, texts, batch_size, label, log_every_s)
     out_dir.mkdir(parents=True, exist_ok=True)
     frame = todo.select("item_id", "content_hash").with_columns(
         pl.Series("vector", vectors, dtype=pl.Array(pl.Float32, encoder.dim)))
@@ -100,7 +170,7 @@ def embed_items(warehouse: Path, work_dir: Path, encoder: Encoder, shard: int = 
     frame.write_parquet(tmp)
     os.replace(tmp, out_path)
     seconds = (datetime.now(UTC) - start).total_seconds()
-    log.info("embed shard %d/%d: %d items in %.1f s", shard, shards, todo.height, seconds)
+    log.info("%s: %d items in %.1f s", label, todo.height, seconds)
     return EmbedReport(shard, shards, encoder.version, todo.height, seconds, str(out_path))
 
 

@@ -26,11 +26,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PublishResult:
+    """``live``: the pointer names this release now; ``went_live``: this call moved it there
+    (it was not live before), i.e. a new release is serving; ``generation``: the pointer's."""
+
     release_id: str
     path: str
     live: bool
     generation: int | None
     gate_passed: bool
+    went_live: bool
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -39,7 +43,8 @@ class PublishResult:
 def publish_release(bundle_dir: Path, releases_dir: Path) -> PublishResult:
     """Publish the evaluated bundle at ``bundle_dir`` (staged or already published).
 
-    Idempotent: publishing the same release again changes nothing.
+    Idempotent: publishing the same release again changes nothing (and says
+    ``went_live=False``).
     """
     manifest = read_manifest(bundle_dir)
     final = releases_dir / manifest.release_id
@@ -64,15 +69,18 @@ def publish_release(bundle_dir: Path, releases_dir: Path) -> PublishResult:
                     manifest.gate)
         current = read_pointer(releases_dir)
         return PublishResult(manifest.release_id, str(final), False,
-                             current.generation if current else None, False)
+                             current.generation if current else None, False, False)
     with FileLock(str(releases_dir / ".pointer.lock"), timeout=60):
         current = read_pointer(releases_dir)
         if current is not None and current.release_id == manifest.release_id:
-            return PublishResult(manifest.release_id, str(final), True, current.generation, True)
+            log.info("release %s is already live (generation %d)", manifest.release_id,
+                     current.generation)
+            return PublishResult(manifest.release_id, str(final), True, current.generation, True,
+                                 False)
         generation = (current.generation if current else 0) + 1
         write_pointer(releases_dir, Pointer(manifest.release_id, generation))
     log.info("release %s is live (generation %d)", manifest.release_id, generation)
-    return PublishResult(manifest.release_id, str(final), True, generation, True)
+    return PublishResult(manifest.release_id, str(final), True, generation, True, True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -7,21 +7,38 @@ JSON-able dict: exactly what an Airflow XCom should carry (paths, ids, counts).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from serving.encoder import Encoder
 from serving.settings import Settings
 
+if TYPE_CHECKING:
+    from pipelines.embed import EncoderLoader
+
 DEMO_CATALOGUE = Path(__file__).parent / "demo" / "catalogue.csv"
 
 
-def _encoder(settings: Settings) -> Encoder:
+def _encoder_path(settings: Settings) -> Path | None:
     """The configured encoder; without one, the promoted fine-tune (``<home>/encoders/CHAMPION``)
-    if any, else the packaged default."""
+    if any; ``None`` is the packaged default."""
     from pipelines.finetune import champion_encoder_path
 
-    path = settings.encoder_path or champion_encoder_path(settings.home)
-    return Encoder(path, max_length=settings.item_max_tokens, precision=settings.embed_precision)
+    return settings.encoder_path or champion_encoder_path(settings.home)
+
+
+def _encoder(settings: Settings) -> Encoder:
+    """The encoder of :func:`_encoder_path`, loaded."""
+    return Encoder(_encoder_path(settings), max_length=settings.item_max_tokens,
+                   precision=settings.embed_precision)
+
+
+def _encoder_loader(settings: Settings) -> EncoderLoader:
+    """The encoder of :func:`_encoder_path`, identified by its version but not loaded yet."""
+    from pipelines.embed import EncoderLoader
+    from serving.encoder import encoder_version
+
+    return EncoderLoader(encoder_version(_encoder_path(settings), settings.item_max_tokens),
+                         lambda: _encoder(settings))
 
 
 def run_ingest(settings: Settings, catalogue: str | Path | None = None) -> dict[str, Any]:
@@ -34,10 +51,13 @@ def run_ingest(settings: Settings, catalogue: str | Path | None = None) -> dict[
 
 def run_embed(settings: Settings, shard: int = 0, shards: int = 1,
               progress: bool = False, encoder: Encoder | None = None) -> dict[str, Any]:
+    """Embed shard ``shard`` of ``shards``. Without ``encoder``, the configured one is loaded
+    only if the shard has pending items. ``progress``: a progress bar instead of log lines."""
     from pipelines.embed import embed_items
 
-    report = embed_items(settings.warehouse_path, settings.work_dir, encoder or _encoder(settings),
-                         shard, shards, settings.embed_batch_size, progress=progress)
+    report = embed_items(settings.warehouse_path, settings.work_dir,
+                         encoder or _encoder_loader(settings), shard, shards,
+                         settings.embed_batch_size, progress=progress)
     return report.to_dict()
 
 

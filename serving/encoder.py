@@ -79,6 +79,18 @@ def _weights_digest(path: str) -> str:
     return digest.hexdigest()
 
 
+def encoder_version(path: Path | str | None = None, max_length: int = 128) -> str:
+    """The :attr:`Encoder.version` of the encoder at ``path`` (``None``: the packaged default)
+    with a budget of ``max_length`` tokens, without loading it: hashes the weight files only."""
+    root = Path(path) if path is not None else default_encoder_path()
+    name = DEFAULT_ENCODER_NAME if path is None else root.name
+    return _version(name, _weights_digest(str(root))[:16], max_length)
+
+
+def _version(name: str, revision: str, max_length: int) -> str:
+    return f"{name}@{revision}/len{max_length}"
+
+
 class Encoder:
     """Encode texts to unit vectors of dimension :attr:`dim`.
 
@@ -134,7 +146,7 @@ class Encoder:
     @property
     def version(self) -> str:
         """Name, revision and token budget: vectors are comparable only within one version."""
-        return f"{self.name}@{self.revision}/len{self.max_length}"
+        return _version(self.name, self.revision, self.max_length)
 
     def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False,
                precision: Precision | None = None) -> np.ndarray:

@@ -49,7 +49,8 @@ export MLFLOW_DISABLE_TELEMETRY="${MLFLOW_DISABLE_TELEMETRY:-true}"
 # instantrec CLI writes its JSON results.
 export MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="${MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT:-true}"
 
-# --- Airflow 3.3 (standalone / LocalExecutor, SQLite metadata in $AIRFLOW_HOME/airflow.db) -----
+# --- Airflow 3.3 (LocalExecutor, SQLite metadata in $AIRFLOW_HOME/airflow.db) ---------------
+# Run it with infra/local/airflow.sh start|status|stop (every socket on loopback).
 export AIRFLOW_HOME="${AIRFLOW_HOME:-$_instantrec_repo/.airflow}"
 export AIRFLOW__CORE__DAGS_FOLDER="${AIRFLOW__CORE__DAGS_FOLDER:-$_instantrec_repo/dags}"
 export AIRFLOW__CORE__LOAD_EXAMPLES="${AIRFLOW__CORE__LOAD_EXAMPLES:-False}"
@@ -63,5 +64,15 @@ export AIRFLOW__API__PORT="${AIRFLOW__API__PORT:-8080}"
 # Task processes report to the execution API. Airflow's default URL is always
 # http://localhost:8080/execution/ whatever [api] port says, so follow the port explicitly.
 export AIRFLOW__CORE__EXECUTION_API_SERVER_URL="${AIRFLOW__CORE__EXECUTION_API_SERVER_URL:-http://127.0.0.1:$AIRFLOW__API__PORT/execution/}"
+
+# Log servers: `airflow scheduler` and `airflow triggerer` start one (`airflow serve-logs`, ports
+# [logging] worker_log_server_port 8793 / trigger_log_server_port 8794) and Airflow 3.3 binds it
+# on every interface, with no setting for the host. The embedded set-up does not need it (the
+# LocalExecutor's task logs are files under $AIRFLOW_HOME/logs, which the api-server reads), so
+# infra/local/airflow.sh (`make airflow-start`) runs them with --skip-serve-logs. `airflow
+# standalone` cannot skip it: it listens on 0.0.0.0/:: port 8793 and 8794.
+# The scheduler's health-check server stays off; were it enabled, it would bind loopback.
+export AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK="${AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK:-False}"
+export AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_HOST="${AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_HOST:-127.0.0.1}"
 
 unset _instantrec_repo
