@@ -14,7 +14,8 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install system-deps demo test test-unit test-integration lint clean
+.PHONY: install system-deps demo test test-unit test-integration lint clean \
+	airflow-start airflow-stop airflow-status
 
 install: $(STAMP)
 
@@ -47,6 +48,19 @@ demo: install
 	@$(BIN)/instantrec recommend "cast iron skillet" --k 5 2>/dev/null
 	@$(BIN)/instantrec recommend "running shoes" --k 5 --max-price 100 --in-stock 2>/dev/null
 	@echo "MLflow registry: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(INSTANTREC_HOME)/mlflow/mlflow.db --host 127.0.0.1"
+
+# The embedded Airflow as operators run it: api-server (UI, REST and execution API on
+# 127.0.0.1:8080), scheduler (LocalExecutor, --skip-serve-logs) and dag-processor, in the
+# background, stopped by PID; every socket on loopback (unlike `airflow standalone`, whose log
+# servers listen on all interfaces). PIDs and output in $(AIRFLOW_HOME)/run/.
+airflow-start: install
+	infra/local/airflow.sh start
+
+airflow-stop:
+	infra/local/airflow.sh stop
+
+airflow-status:
+	infra/local/airflow.sh status
 
 test: install system-deps
 	$(BIN)/pytest -q

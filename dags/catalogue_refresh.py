@@ -79,10 +79,11 @@ def catalogue_refresh():
         return [{"shard": i, "shards": shards} for i in range(shards)]
 
     # Shards run as wide as the executor allows (AIRFLOW__CORE__PARALLELISM / worker slots).
-    @task(execution_timeout=timedelta(hours=2))
+    # A mapped task does not take its docstring as doc_md: it is given explicitly.
+    @task(execution_timeout=timedelta(hours=2),
+          doc_md="Embed this shard's new and changed items into a shard file (progress in the "
+                 "log); with nothing pending it returns at once without loading the encoder.")
     def embed(shard: int, shards: int) -> dict:
-        """Embed this shard's new and changed items into a shard file (progress in the log);
-        with nothing pending it returns at once without loading the encoder."""
         from pipelines.steps import run_embed
 
         return run_embed(_settings(), shard, shards)

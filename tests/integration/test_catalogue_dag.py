@@ -16,11 +16,19 @@ REPO = Path(__file__).resolve().parents[2]
 RUN_DAG = """
 import json, sys
 from airflow.dag_processing.dagbag import DagBag
+from airflow.models.asset import AssetEvent, AssetModel
+from airflow.utils.session import create_session
+from sqlalchemy import select
 dag = DagBag(dag_folder=sys.argv[1]).dags["catalogue_refresh"]
-run = dag.test(run_conf={"shards": 2})
+run = dag.test(run_conf=json.loads(sys.argv[2]))
 tis = {ti.task_id + ("" if ti.map_index < 0 else f"[{ti.map_index}]"): str(ti.state)
        for ti in run.get_task_instances()}
-print("RESULT " + json.dumps({"state": str(run.state), "tasks": tis}))
+with create_session() as session:
+    events = [{"run_id": e.source_run_id, "extra": e.extra} for e in session.scalars(
+        select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+        .where(AssetModel.name == "instantrec_release").order_by(AssetEvent.id))]
+print("RESULT " + json.dumps({"state": str(run.state), "run_id": run.run_id, "tasks": tis,
+                              "release_events": events}))
 """
 
 
@@ -41,12 +49,15 @@ def dag_env(tmp_path_factory):
     return root, env
 
 
-def run_dag(env) -> dict:
-    out = subprocess.run([sys.executable, "-c", RUN_DAG, str(REPO / "dags")], env=env,
+def run_dag(env, conf: dict | None = None) -> dict:
+    out = subprocess.run([sys.executable, "-c", RUN_DAG, str(REPO / "dags"),
+                          json.dumps(conf or {"shards": 2})], env=env,
                          capture_output=True, text=True, timeout=600)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    result["output"] = out.stdout + out.stderr
+    return result
 
 
 def test_dag_run_publishes_registers_and_serves(dag_env):
@@ -88,8 +99,43 @@ def test_dag_run_publishes_registers_and_serves(dag_env):
         served = [r.item_id for r in rec.recommend("espresso machine", k=3)]
     assert list(table["item_id"][:3]) == served
 
-    # A second scheduled run over the unchanged catalogue changes nothing.
+    # The new live release is announced once, with its id and model version.
+    assert result["release_events"] == [{
+        "run_id": result["run_id"],
+        "extra": {"release_id": pointer.release_id, "model_version": int(champion.version)}}]
+
+    # A second scheduled run over the unchanged catalogue changes nothing, loads no encoder to
+    # embed nothing, and emits no asset event: ranker_retrain is not started again.
     again = run_dag(env)
     assert again["state"] == "success"
+    assert again["tasks"]["announce"] == "skipped"
+    assert {again["tasks"][f"embed[{i}]"] for i in range(2)} == {"success"}
+    assert again["release_events"] == result["release_events"]
+    assert "nothing to do" in again["output"] and "loading encoder" not in again["output"]
     assert read_pointer(home / "releases") == pointer
     assert len(client.search_model_versions("name = 'instantrec'")) == 1
+
+
+def test_gate_failure_fails_the_run_and_announces_nothing(dag_env, tmp_path):
+    from serving.release import read_pointer
+    from tests.conftest import read_demo_rows, write_rows
+
+    root, env = dag_env
+    before = read_pointer(root / "home" / "releases")
+    rows = read_demo_rows()
+    rows[0] = {**rows[0], "title": rows[0]["title"] + " (2026 edition)"}
+    catalogue = write_rows(tmp_path / "catalogue.csv", rows)
+    golden = tmp_path / "golden.json"
+    # an item of the catalogue that no espresso machine query finds: over-ear ANC headphones
+    golden.write_text(json.dumps([{"query": "espresso machine", "expected": ["SKU-10165"]}]))
+
+    failed = run_dag(env, {"shards": 1, "catalogue": str(catalogue), "golden": str(golden)})
+    assert failed["state"] == "failed", (failed["tasks"], failed["output"][-4000:])
+    assert failed["tasks"]["publish"] == "success" and failed["tasks"]["announce"] == "failed", (
+        failed["tasks"], failed["output"][-6000:])
+    assert read_pointer(root / "home" / "releases") == before
+    assert all(e["run_id"] != failed["run_id"] for e in failed["release_events"])
+    # the failure callback's one line: what failed, where, which try, and why
+    line = next(ln for ln in failed["output"].splitlines() if "TASK FAILED" in ln)
+    assert "dag=catalogue_refresh task=announce map_index=-1" in line
+    assert f"run_id={failed['run_id']} try=1" in line and "failed its evaluation gate" in line
