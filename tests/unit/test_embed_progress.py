@@ -1,0 +1,28 @@
+"""Embedding progress as task-log lines: done/total, share, rate and ETA."""
+
+from __future__ import annotations
+
+import logging
+
+from pipelines.embed import ProgressLog
+
+
+def test_progress_logs_every_interval_and_the_end(caplog):
+    caplog.set_level(logging.INFO, logger="pipelines.embed")
+    progress = ProgressLog("embed shard 1/4", total=10, every_s=0.0)
+    progress.update(4)
+    progress.update(6)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert lines[0].startswith("embed shard 1/4: 4/10 items (40%), ")
+    assert lines[1].startswith("embed shard 1/4: 10/10 items (100%), ")
+    assert lines[1].endswith("items/s, ETA 0 s")
+
+
+def test_progress_holds_lines_within_the_interval_but_not_the_last(caplog):
+    caplog.set_level(logging.INFO, logger="pipelines.embed")
+    progress = ProgressLog("embed shard 0/1", total=300, every_s=3600.0)
+    for _ in range(3):
+        progress.update(100)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("embed shard 0/1: 300/300 items (100%)")
