@@ -54,6 +54,38 @@ log = logging.getLogger(__name__)
 MAX_K = 1000
 
 
+class StageTimer:
+    """Wall time of one request's stages (:meth:`Recommender.recommend` with ``timings``):
+    each :meth:`lap` adds the seconds since the previous lap (or since the timer started) to
+    the named stage of ``out``. Stages that did not run are absent."""
+
+    __slots__ = ("_last", "out")
+
+    def __init__(self, out: dict[str, float]) -> None:
+        self.out = out
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.out[stage] = self.out.get(stage, 0.0) + (now - self._last)
+        self._last = now
+
+
+class _NoTimer:
+    """What a request without ``timings`` laps on: nothing is measured."""
+
+    __slots__ = ()
+
+    def lap(self, stage: str) -> None:
+        pass
+
+
+NO_TIMER = _NoTimer()
+#: The stages :meth:`Recommender.recommend` reports, in request order.
+STAGES = ("parse", "understand", "encode", "session", "bm25", "filters", "ann", "union",
+          "candidates_cached", "vectors", "features", "relevance", "ranker", "results")
+
+
 @dataclass(frozen=True)
 class Filters:
     """Business filters. ``categories`` matches exactly (any of); prices are inclusive."""
@@ -269,14 +301,23 @@ class Recommender:
 
     def recommend(self, query: str | None = None, k: int = 10,
                   filters: Filters | Mapping[str, Any] | None = None,
-                  session_id: str | None = None) -> list[Recommendation]:
+                  session_id: str | None = None,
+                  timings: dict[str, float] | None = None) -> list[Recommendation]:
         """Top ``k`` items for ``query`` after ``filters``, best first.
 
         With ``session_id``, the session's recent interactions shape the results; with no
         query, they alone do ("keep browsing"). Raises :class:`InvalidInputError`
         (QueryError / FilterError) naming the problem; rejected requests are counted in
         :attr:`counters`.
+
+        ``timings``, when given, receives the seconds this call spent in each stage that ran
+        (names in :data:`STAGES`: validation, query understanding, encoding, session, BM25
+        scores, the filter mask, ANN, the lexical top and union, the candidate cache, the
+        candidates' vectors, relevance features (incl. term coverage), relevance scoring,
+        the ranker's online terms, building results); their sum is the call's time up to
+        the last lap. Without it nothing is timed.
         """
+        watch: StageTimer | _NoTimer = StageTimer(timings) if timings is not None else NO_TIMER
         try:
             text = None
             if query is not None or session_id is None:
@@ -290,8 +331,11 @@ class Recommender:
             self.counters[f"rejected_{type(exc).__name__}"] += 1
             raise
         state = self._state  # one consistent snapshot for the whole request
+        watch.lap("parse")
         dense_text, lexical_text = understood(text, self._steps, state.vocabulary)
+        watch.lap("understand")
         qvec = state.encoder.encode_query(dense_text) if dense_text is not None else None
+        watch.lap("encode")
         now = time.time()
         session = self._sessions.get(session_id) if session_id is not None else None
         interest = interest_vector(session, state.bundle.vectors, state.row_of, now,
@@ -310,11 +354,13 @@ class Recommender:
             vec, _ = blend_query(qvec, interest, self._session_cfg)
             self.counters["intent_shifts"] += 1
         depth = max(k, self._settings.candidates)
+        watch.lap("session")
         lex = (self._lexical.relative(state.bundle, lexical_text) if lexical_text is not None
                else None)
+        watch.lap("bm25")
 
         def retrieve() -> list[int]:
-            return retrieve_candidates(state.bundle, vec, lex, depth, parsed)
+            return retrieve_candidates(state.bundle, vec, lex, depth, parsed, watch)
 
         plain = parsed is None and interest is None and dense_text is not None
         if plain:
@@ -323,19 +369,25 @@ class Recommender:
             rows = list(self._candidates.get_or_compute(
                 (state.bundle.release_id, dense_text, lexical_text, depth),
                 lambda: tuple(retrieve())))
+            watch.lap("candidates_cached")  # all of it when the candidates were cached
         else:
             rows = retrieve()
         self.counters["requests"] += 1
         if not rows:
             return []
         rows_arr = np.asarray(rows)
+        # one float64 copy of the candidates' vectors serves the relevance features and the
+        # ranker (both compute in float64)
         X = np.asarray(state.bundle.vectors[rows_arr], dtype=np.float64)
+        watch.lap("vectors")
         rel = None
         model = state.ranker.relevance
         if model is not None and qvec is not None:
             def score() -> np.ndarray:
-                out = relevance_scores(state.bundle, model, state.match, self._lexical, text,
-                                       lexical_text, qvec, rows_arr)
+                feats = relevance_features(state.bundle, state.match, self._lexical, text,
+                                           lexical_text, qvec, rows_arr, X)
+                watch.lap("features")
+                out = model.score(feats)
                 out.setflags(write=False)
                 return out
 
@@ -343,22 +395,36 @@ class Recommender:
             rel = (self._relevance.get_or_compute(
                 (state.bundle.release_id, model, text, dense_text, lexical_text, depth), score)
                 if plain else score())
+            watch.lap("relevance")
         z, feats = state.ranker.logits(vec.astype(np.float64), X, session_signal(interest),
                                        rows_arr, lex[rows_arr] if lex is not None else None,
                                        query_key(text) if text is not None else None, rel)
         order = np.argsort(-z, kind="stable")[:k]
-        items = state.bundle.items
+        watch.lap("ranker")
+        out = self._results(state.bundle, rows_arr[order], z[order], {
+            name: v[order] for name, v in feats.items()})
+        watch.lap("results")
+        return out
+
+    @staticmethod
+    def _results(bundle: Bundle, rows: np.ndarray, z: np.ndarray,
+                 feats: dict[str, np.ndarray]) -> list[Recommendation]:
+        """Recommendations for ``rows`` (best first) with logits ``z`` and their signals:
+        one conversion to Python floats per column rather than per value."""
+        items = bundle.items
+        prices = items.prices[rows].tolist()
+        scores = sigmoid(z).tolist()
+        columns = {name: np.asarray(v, dtype=np.float64).tolist() for name, v in feats.items()}
+        columns["logit"] = z.tolist()
         out = []
-        for rank, j in enumerate(order, start=1):
-            row = rows[j]
-            price = float(items.prices[row])
-            signals = {name: float(v[j]) for name, v in feats.items()}
-            signals["logit"] = float(z[j])
+        for j, row in enumerate(rows.tolist()):
+            price = prices[j]
             out.append(Recommendation(
                 item_id=str(items.item_ids[row]), title=str(items.titles[row]),
-                score=float(sigmoid(z[j])), rank=rank, category=items.categories[row],
-                brand=items.brands[row], price=None if np.isnan(price) else price,
-                in_stock=bool(items.in_stock[row]), signals=signals,
+                score=scores[j], rank=j + 1, category=items.categories[row],
+                brand=items.brands[row], price=None if price != price else price,  # NaN
+                in_stock=bool(items.in_stock[row]),
+                signals={name: col[j] for name, col in columns.items()},
             ))
         return out
 
@@ -553,12 +619,12 @@ def release_vocabulary(bundle: Bundle, steps: tuple[Step, ...],
 
 class LexicalCache:
     """Per release, for recent queries: relative BM25 scores (each query's scores over its
-    best score, in [0, 1]) with that best score, and (for the relevance model) the share of
-    the query's terms each item matches; bounded, thread-safe."""
+    best score, in [0, 1]) with that best score; bounded, thread-safe. The share of the
+    query's terms an item matches (for the relevance model) is read per request for the
+    candidates only (:meth:`coverage_of`)."""
 
     def __init__(self, size: int = 128) -> None:
         self._cache: LRUCache[tuple[np.ndarray, float]] = LRUCache(size)
-        self._coverage: LRUCache[tuple[np.ndarray, int]] = LRUCache(size)
 
     def relative(self, bundle: Bundle, text: str) -> np.ndarray | None:
         got = self.scored(bundle, text)
@@ -571,11 +637,14 @@ class LexicalCache:
         return self._cache.get_or_compute((bundle.release_id, text),
                                           lambda: _scored(bundle, text))
 
-    def coverage(self, bundle: Bundle, text: str) -> tuple[np.ndarray, int] | None:
+    def coverage_of(self, bundle: Bundle, text: str,
+                    rows: np.ndarray) -> tuple[np.ndarray, int] | None:
+        """The share of ``text``'s terms each of ``rows`` matches, and the number of terms
+        (:meth:`serving.lexical.LexicalIndex.coverage_rows`: from the terms' postings, the
+        same values as the whole-catalogue :meth:`~serving.lexical.LexicalIndex.coverage`)."""
         if bundle.lexical is None:
             return None
-        return self._coverage.get_or_compute((bundle.release_id, text),
-                                             lambda: bundle.lexical.coverage(text))
+        return bundle.lexical.coverage_rows(text, rows)
 
 
 def _scored(bundle: Bundle, text: str) -> tuple[np.ndarray, float]:
@@ -586,48 +655,57 @@ def _scored(bundle: Bundle, text: str) -> tuple[np.ndarray, float]:
     return rel, top
 
 
-def _relative_scores(bundle: Bundle, text: str) -> np.ndarray:
-    return _scored(bundle, text)[0]
-
-
 def relevance_scores(bundle: Bundle, model: RelevanceModel, match: MatchFeatures,
                      lexical: LexicalCache, text: str | None, lexical_text: str | None,
-                     qvec: np.ndarray, rows: np.ndarray) -> np.ndarray:
+                     qvec: np.ndarray, rows: np.ndarray,
+                     vectors: np.ndarray | None = None) -> np.ndarray:
     """The relevance model's logits for candidates ``rows`` of a query (normalised ``text``,
     its lexical rewrite ``lexical_text`` and the vector of its dense rewrite ``qvec``)."""
     return model.score(relevance_features(bundle, match, lexical, text, lexical_text, qvec,
-                                          rows))
+                                          rows, vectors))
 
 
 def relevance_features(bundle: Bundle, match: MatchFeatures, lexical: LexicalCache,
                        text: str | None, lexical_text: str | None, qvec: np.ndarray,
-                       rows: np.ndarray) -> np.ndarray:
+                       rows: np.ndarray, vectors: np.ndarray | None = None) -> np.ndarray:
     """The relevance model's features of candidates ``rows`` of a query, from this release's
-    vectors, BM25 index and titles, computed by the functions ``instantrec eval`` uses."""
-    cos = np.asarray(bundle.vectors[rows], dtype=np.float64) @ np.asarray(qvec, np.float64)
+    vectors, BM25 index and titles, computed by the functions ``instantrec eval`` uses.
+    ``vectors``: the candidates' vectors as float64 (``bundle.vectors[rows]``), if the
+    caller has them already."""
+    if vectors is None:
+        vectors = np.asarray(bundle.vectors[rows], dtype=np.float64)
+    cos = vectors @ np.asarray(qvec, np.float64)
     bm25 = np.zeros(len(rows))
     cover, n_terms = np.zeros(len(rows)), 0
     scored = lexical.scored(bundle, lexical_text) if lexical_text is not None else None
     if scored is not None:
         bm25 = scored[0][rows].astype(np.float64) * scored[1]
-        cov, n_terms = lexical.coverage(bundle, lexical_text)
-        cover = cov[rows]
+        cover, n_terms = lexical.coverage_of(bundle, lexical_text, rows)
     return query_features(channel_signals(cos, bm25, cover, n_terms), match, text or "", rows)
 
 
 def retrieve_candidates(bundle: Bundle, vec: np.ndarray, lex: np.ndarray | None, depth: int,
-                        filters: Filters | None = None) -> list[int]:
+                        filters: Filters | None = None,
+                        watch: StageTimer | _NoTimer = NO_TIMER) -> list[int]:
     """A request's candidates: the dense channel's ``depth`` nearest allowed items, then the
-    lexical channel's ``depth`` best that the dense channel did not bring."""
-    found, _ = _search(bundle, vec, depth, filters)
-    return found if lex is None else _union(found, _lexical_top(lex, depth, filters, bundle))
+    lexical channel's ``depth`` best that the dense channel did not bring. ``watch`` times
+    the filter mask (computed once for both channels), the ANN search and the union."""
+    mask = filters.mask(bundle) if filters is not None else None
+    if mask is not None:
+        watch.lap("filters")
+    found, _ = _search(bundle, vec, depth, mask)
+    watch.lap("ann")
+    if lex is None:
+        return found
+    out = _union(found, _lexical_top(lex, depth, mask))
+    watch.lap("union")
+    return out
 
 
-def _lexical_top(rel: np.ndarray, depth: int, filters: Filters | None,
-                 bundle: Bundle) -> list[int]:
-    """The lexical channel's candidates: the ``depth`` best-scoring allowed items."""
-    if filters is not None:
-        rel = np.where(filters.mask(bundle), rel, 0.0)
+def _lexical_top(rel: np.ndarray, depth: int, mask: np.ndarray | None) -> list[int]:
+    """The lexical channel's candidates: the ``depth`` best-scoring items ``mask`` allows."""
+    if mask is not None:
+        rel = np.where(mask, rel, 0.0)
     depth = min(depth, len(rel))
     top = np.argpartition(-rel, depth - 1)[:depth]
     return [int(r) for r in top[np.argsort(-rel[top], kind="stable")] if rel[r] > 0]
@@ -639,11 +717,10 @@ def _union(first: list[int], second: list[int]) -> list[int]:
 
 
 def _search(bundle: Bundle, qvec: np.ndarray, k: int,
-            filters: Filters | None) -> tuple[list[int], list[float]]:
-    """ANN search with over-fetch under filters; exact search over the filtered subset when
-    the filters are too selective for over-fetching to fill ``k``."""
+            mask: np.ndarray | None) -> tuple[list[int], list[float]]:
+    """ANN search with over-fetch under a filter ``mask`` (allowed rows); exact search over
+    the allowed subset when it is too selective for over-fetching to fill ``k``."""
     n = len(bundle.items)
-    mask = filters.mask(bundle) if filters is not None else None
     allowed = n if mask is None else int(mask.sum())
     want = min(k, allowed)
     if want == 0:

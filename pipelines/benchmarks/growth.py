@@ -5,8 +5,16 @@ bundle (the same :func:`pipelines.index.write_bundle` a release uses: Annoy tune
 recall target, the vectors, BM25 over the item texts, the item table, the manifest), publishes
 it in a home of its own, and starts a fresh serving process on it that answers real Home Depot
 queries exactly as ``instantrec bench serving`` does (:func:`pipelines.benchmarks.serving.
-measure_process`, ONNX query encoder): unseen queries, repeated ones, queries with a session,
-the stages of an unseen query, single-thread queries/s, peak and final resident memory.
+measure_process`, ONNX query encoder): unseen (held-out) queries, a share of them with
+business filters, repeated ones, queries with a session, the stages of an unseen request
+timed inside ``recommend()``, single-thread queries/s, peak and final resident memory.
+
+Served as a shop serves after a retrain (``--ranker relevance``): the serving benchmark's
+retrained live ranker (relevance model fitted on the training split of the judged queries, and
+its (query, item) memory from replayed clicks: :func:`pipelines.benchmarks.serving.
+prepare_ranker`) is carried over to each size's release by item id, as the nearline updater
+carries a ranker to a new release. ``zero-shot`` serves the untrained ranker, for comparison.
+Every catalogue carries the serving benchmark's synthetic prices and stock.
 
 Catalogues: sizes up to the real catalogue are random subsets of the real Home Depot items
 and their vectors (embedded by the project's encoder, through the evaluation's embedding
@@ -26,6 +34,7 @@ shared between replicas on one host.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import os
@@ -62,9 +71,12 @@ def catalogue_of_size(products: Any, real: np.ndarray, n: int, parent_cos: float
             (pl.col("item_id") + SYNTHETIC_SUFFIX + pl.Series(np.arange(len(parents))).cast(
                 pl.String)).alias("item_id"))
         items = pl.concat([products, children])
+    from pipelines.benchmarks.serving import synthetic_offers
+
+    prices, stock = synthetic_offers(items["item_id"].to_list())
     items = items.with_columns(
         pl.lit(None, dtype=pl.String).alias("category"), pl.lit(None, dtype=pl.String).alias("brand"),
-        pl.lit(None, dtype=pl.Float64).alias("price"), pl.lit(True).alias("in_stock"),
+        pl.Series("price", prices, dtype=pl.Float64), pl.Series("in_stock", stock),
         pl.concat_str([pl.col("item_id"), pl.col("title")], separator="\x1f")
         .hash(seed=0).cast(pl.String).alias("content_hash"))
     order = np.argsort(items["item_id"].to_numpy(), kind="stable")
@@ -92,9 +104,30 @@ def annoy_recall(bundle_dir: Path, vectors: np.ndarray, queries: np.ndarray, n_t
     return round(recall_at_k(found, exact_top_k(vectors, queries, k)), 4)
 
 
+def carry_ranker(shop_home: Path, home: Path, release_id: str, item_ids: np.ndarray) -> int:
+    """Publish under ``home`` the live ranker of ``shop_home`` (the serving benchmark's
+    retrained checkpoint: relevance model and (query, item) memory) carried over to release
+    ``release_id`` by item id, as the nearline updater carries it to a new release; returns
+    how many memory entries name items of this release."""
+    from serving.checkpoint import load_latest, publish_checkpoint
+    from serving.release import current_bundle_dir, load_bundle
+
+    latest = load_latest(shop_home)
+    if latest is None or latest[1].relevance is None:
+        raise RuntimeError(f"{shop_home} has no retrained ranker to carry over")
+    ranker = latest[1]
+    old_ids = load_bundle(current_bundle_dir(shop_home / "releases"),
+                          verify_files=False).items.item_ids
+    carried = ranker.for_release(release_id, old_ids, item_ids)
+    carried.meta = {k: v for k, v in carried.meta.items() if k.startswith("bench_")}
+    publish_checkpoint(home, carried, 0)
+    return len(carried.query_item)
+
+
 def bench_size(n: int, products: Any, real: np.ndarray, qvecs: np.ndarray, encoder: Any,
-               plan: dict[str, list[str]], work: Path, *, parent_cos: float, seed: int,
-               target: float, repeats: int, k: int) -> dict[str, Any]:
+               plan: dict[str, Any], work: Path, *, parent_cos: float, seed: int,
+               target: float, repeats: int, k: int, rankers: tuple[str, ...] = ("relevance",),
+               shop_home: Path | None = None, filter_share: float = 0.25) -> dict[str, Any]:
     from pipelines.benchmarks.serving import _median_of, _run_child
     from pipelines.evaluate import evaluate_release
     from pipelines.index import INDEX_FILE, LEXICAL_DIR, VECTORS_FILE, write_bundle
@@ -124,10 +157,23 @@ def bench_size(n: int, products: Any, real: np.ndarray, qvecs: np.ndarray, encod
     bundle = releases / release_id
     manifest = read_manifest(bundle)
     recall = annoy_recall(bundle, vectors, qvecs, manifest.index.n_trees, manifest.index.search_k)
+    memory_entries = None
+    if "relevance" in rankers:
+        if shop_home is None:
+            raise ValueError("the relevance ranker needs the serving benchmark's home")
+        memory_entries = carry_ranker(shop_home, home, release_id,
+                                      items["item_id"].to_numpy().astype(object))
     del items, vectors
-    runs = [_run_child(home, "onnx", plan, k) for _ in range(repeats)]
-    served = _median_of(runs)
-    end = [r["memory_at_end"] for r in runs]
+    served_by: dict[str, Any] = {}
+    all_runs = []
+    for ranker in rankers:
+        job = {"home": str(home), "backend": "onnx", "ranker": ranker, "plan": plan, "k": k,
+               "filter_share": filter_share, "concurrency": []}
+        runs = [_run_child(job) for _ in range(repeats)]
+        served_by[ranker] = _median_of(runs)
+        all_runs += runs
+    served = served_by[rankers[0]]
+    end = [r["memory_at_end"] for r in all_runs]
     result = {
         "items": n, "synthetic_items": max(0, n - products.height),
         "annoy": {"n_trees": manifest.index.n_trees, "search_k": manifest.index.search_k,
@@ -138,7 +184,8 @@ def bench_size(n: int, products: Any, real: np.ndarray, qvecs: np.ndarray, encod
                      "bm25": _size_mb(bundle / LEXICAL_DIR), "bundle": _size_mb(bundle)},
         "seconds": {"catalogue": round(catalogue_s, 1), "bundle": round(build_s, 1)},
         "gate": gate,
-        "serving": served,
+        "memory_entries": memory_entries,
+        "serving": served, "serving_by_ranker": served_by,
         "memory_at_end_mb": {key: round(float(np.median([m[key] for m in end])), 1)
                              for key in end[0]},
     }
@@ -148,19 +195,20 @@ def bench_size(n: int, products: Any, real: np.ndarray, qvecs: np.ndarray, encod
 
 def table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{
-        "items": r["items"], "peak_rss_mb": r["serving"]["peak_rss_mb"],
+        "items": r["items"], "ranker": ranker, "peak_rss_mb": served["peak_rss_mb"],
         "rss_anon_mb": r["memory_at_end_mb"]["anon_mb"],
         "rss_file_backed_mb": r["memory_at_end_mb"]["file_mb"],
-        "unseen_p50_ms": r["serving"]["unseen"]["p50_ms"],
-        "unseen_p99_ms": r["serving"]["unseen"]["p99_ms"],
-        "cached_p50_ms": r["serving"]["cached"]["p50_ms"],
-        "session_p50_ms": r["serving"]["session"]["p50_ms"],
-        "qps": r["serving"]["qps"], "stages_p50_ms": r["serving"]["stages_p50_ms"],
-        "load_s": r["serving"]["load_s"],
+        "unseen_p50_ms": served["unseen"]["p50_ms"],
+        "unseen_p99_ms": served["unseen"]["p99_ms"],
+        "unseen_filtered_p99_ms": served["unseen"]["filtered"].get("p99_ms"),
+        "cached_p50_ms": served["cached"]["p50_ms"],
+        "session_p50_ms": served["session"]["p50_ms"],
+        "qps": served["qps"], "stages_p50_ms": served["stages"]["p50_ms"],
+        "load_s": served["load_s"], "loadavg_1m": served["loadavg_1m"],
         "annoy_trees_search_k": [r["annoy"]["n_trees"], r["annoy"]["search_k"]],
         "annoy_real_recall_at_10": r["annoy"]["real_query_recall_at_10"],
         "bundle_mb": r["files_mb"]["bundle"], "bundle_build_s": r["seconds"]["bundle"],
-    } for r in results]
+    } for r in results for ranker, served in r["serving_by_ranker"].items()]
 
 
 def add_arguments(p: Any) -> None:
@@ -178,11 +226,27 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--work", type=Path, default=None,
                    help="where the per-size homes go (default <home>/bench/growth)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--ranker", choices=["relevance", "zero-shot", "both"], default="both",
+                   help="relevance: the serving benchmark's retrained live ranker (relevance "
+                        "model + memory) carried over to each size; zero-shot: untrained")
+    p.add_argument("--filter-share", type=float, default=0.25,
+                   help="share of unseen requests that carry business filters")
+    p.add_argument("--train-share", type=float, default=0.7,
+                   help="share of judged queries (by hash) that train the relevance model")
+    p.add_argument("--train-queries", type=int, default=0,
+                   help="at most this many training queries (0: all of the training split)")
+    p.add_argument("--click-queries", type=int, default=1000)
+    p.add_argument("--click-pages", type=int, default=3)
+    p.add_argument("--memory-queries", type=int, default=100)
+    p.add_argument("--seed-cache", type=Path, default=None,
+                   help="evaluation embedding cache (DuckDB) for the serving benchmark's release")
+    p.add_argument("--shop", type=Path, default=None,
+                   help="the serving benchmark's home (default <home>/bench/serving-<data set>)")
 
 
 def run(settings: Settings, args: Any) -> dict[str, Any]:
     from pipelines.benchmarks.ann import nearest_neighbour_cosine
-    from pipelines.benchmarks.serving import _plan
+    from pipelines.benchmarks.serving import OFFERS_LABEL, _plan, in_training_split, prepare_shop
     from pipelines.evaluation import embed_cached, product_texts
     from pipelines.judged import load_products
     from serving.encoder import Encoder
@@ -194,7 +258,16 @@ def run(settings: Settings, args: Any) -> dict[str, Any]:
     cache = args.vectors_cache or settings.home / "cache" / "embeddings.duckdb"
     real = np.ascontiguousarray(embed_cached(encoder, product_texts(products), cache,
                                              progress=False), dtype=np.float32)
-    plan = _plan(args.judgments, args.queries)
+    rankers = ("relevance", "zero-shot") if args.ranker == "both" else (args.ranker,)
+    shop_home, shop = None, None
+    clicked: list[str] = []
+    if "relevance" in rankers:  # the retrained ranker every size carries over
+        shop_args = argparse.Namespace(**{**vars(args), "work": args.shop})
+        shop_home, _, shop = prepare_shop(settings, shop_args)
+        clicked = shop.pop("click_queries")
+    plan = _plan(args.judgments, args.queries, levels=(),
+                 keep=lambda q: not in_training_split(q, args.train_share),
+                 memory=clicked[:args.memory_queries])
     qvecs = encoder.encode(plan["unseen"], precision="fp32")
     parent_cos = nearest_neighbour_cosine(real, args.seed)
     work = (args.work or settings.home / "bench" / "growth").resolve()
@@ -203,13 +276,16 @@ def run(settings: Settings, args: Any) -> dict[str, Any]:
     for n in (int(s) for s in str(args.sizes).split(",") if s.strip()):
         results.append(bench_size(n, products, real, qvecs, encoder, plan, work,
                                   parent_cos=parent_cos, seed=args.seed, target=target,
-                                  repeats=args.repeats, k=args.k))
+                                  repeats=args.repeats, k=args.k, rankers=rankers,
+                                  shop_home=shop_home, filter_share=args.filter_share))
         log.info("growth %d: %s", n, table(results[-1:])[0])
     return {
         "source": str(args.products), "real_items": products.height,
         "synthetic": {"method": "real parent's vector + Gaussian noise, renormalised; parent's "
                                 "title and description", "parent_cosine": round(parent_cos, 4)},
         "queries_per_process": len(plan["unseen"]), "recall_target": target,
+        "rankers": list(rankers), "shop": shop, "filter_share": args.filter_share,
+        "catalogue_offers": OFFERS_LABEL,
         "table": table(results), "results": results, "cpus": os.cpu_count(),
         "load_average_1m": round(os.getloadavg()[0], 2),
         "seconds": round(time.perf_counter() - started, 1),

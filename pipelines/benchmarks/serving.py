@@ -1,18 +1,41 @@
-"""Serving latency and throughput: recommend() p50/p95/p99, qps and peak RSS per query encoder.
+"""Serving latency and throughput of the served path as a shop runs it after a retrain.
 
 Runs on a real release of a judged catalogue (default: the 54,667 Home Depot products), built
-once under ``<home>/bench/serving-<data set>`` and kept up to date. Each repeat starts one fresh
-serving process per encoder backend (torch, onnx), alternating, so peers share the machine's
-load and every process starts cold; figures are medians over repeats.
+once under ``<home>/bench/serving-<data set>`` and kept up to date. The bench catalogue carries
+**synthetic** prices and stock (:func:`synthetic_offers`, deterministic from the item id, in
+the benchmark's own catalogue file only), so business filters have something to filter.
 
-In each process, after a warm-up:
-- ``unseen``: real judged queries never asked before in that process (encoder, lexical and
-  every other cache miss);
-- ``cached``: the most recent 100 of those asked again (a hot query: embedding and BM25
-  scores both cached);
-- ``session``: other unseen queries, each with a session that has three recorded clicks;
-- ``stages``: where an unseen query's time goes (encode, ANN, BM25, ranker), timed by calling
-  the same steps one by one;
+What a shop runs after a retrain (:func:`prepare_ranker`, cached in the bench home by release
+and model inputs, so a rerun fits nothing):
+
+- the judged queries are split by a salted hash of their normalised text: the relevance model
+  (ridge + compiled trees, :mod:`serving.relevance`) is fitted on the training part by the
+  batch retrain's own :func:`pipelines.retrain.fit_relevance` (its gate included) and
+  published as the live ranker checkpoint; only held-out queries are ever asked as "unseen";
+- the (query, item) memory gets real entries: synthetic position-biased clicks on result
+  pages of training queries (shown as served, clicked with probability ~ judged gain / rank)
+  are replayed through the real nearline updater, which publishes the checkpoint served.
+
+Each repeat starts one fresh serving process per (ranker, encoder backend): ``relevance`` (the
+live checkpoint above) and ``zero-shot`` (the same release with the untrained ranker, the
+figures the README quoted before); figures are medians over repeats. In each process, after a
+warm-up:
+
+- ``unseen``: held-out queries never asked before in that process (every cache misses); a
+  share of them (``--filter-share``) carries business filters (stock, price ranges), and
+  every result of a filtered request is checked against its filters;
+- ``stages``: where an unseen request's time goes, measured inside the real ``recommend()``
+  call (its ``timings`` hook): parse, understand, encode, session, BM25, filters, ANN, union,
+  vectors, relevance features (incl. term coverage), relevance scoring, ranker (online terms,
+  the (query, item) memory), results;
+- ``cached``: the most recent 100 plain unseen queries asked again (a hot query);
+- ``memory``: training queries with clicks in the memory, first time in the process;
+- ``session``: other held-out queries, each with a session that has three recorded clicks;
+- ``concurrency``: p50/p99 and qps with 1, 2 and 4 client threads sharing the process, each
+  level on its own held-out queries;
+- ``levers``: the term coverage read from postings of the candidates against whole-catalogue
+  score vectors (time and exact equality), and Annoy ``search_k`` against recall@10/@depth of
+  real query vectors (versus exact search) and the ANN stage's time;
 - ``qps``: single-thread requests/s over the unseen queries; ``peak_rss_mb``: the process's
   peak resident set (torch is always loaded: the batch path and the ONNX check need it).
 
@@ -23,6 +46,8 @@ an embedding cache), on both judged data sets.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -31,6 +56,8 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +69,33 @@ log = logging.getLogger(__name__)
 
 DATA = Path("../shared/data")
 BACKENDS = ("torch", "onnx")
+RANKERS = ("relevance", "zero-shot")
 HOT_QUERIES = 100   # within both the encoder's and the lexical scores' LRU caches
 SESSION_CLICKS = 3
+CONCURRENCY = (1, 2, 4)
+SPLIT_SALT = "bench-serving-split-v1"
+#: Business filters a filtered request carries, in turn (the bench catalogue's synthetic
+#: prices are log-uniform over 2..800, 90% of items in stock).
+FILTER_MIX: tuple[dict[str, Any], ...] = (
+    {"in_stock": True}, {"max_price": 50.0}, {"min_price": 20.0, "max_price": 200.0,
+                                               "in_stock": True})
+SEARCH_K_FACTORS = (0.5, 1.0, 2.0)
+OFFERS_LABEL = ("synthetic: price log-uniform 2..800 and in stock 90%, from a hash of the item "
+                "id (Home Depot has no prices or stock)")
 
 
 # -- the release ----------------------------------------------------------------------------
+
+def synthetic_offers(item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Made-up (price, in_stock) per item id, the same on every machine and run: price
+    log-uniform over 2..800 (two decimals), in stock nine times in ten."""
+    prices, stock = np.empty(len(item_ids)), np.empty(len(item_ids), dtype=bool)
+    for i, item in enumerate(item_ids):
+        h = hashlib.blake2b(str(item).encode(), digest_size=8, person=b"bench-offers").digest()
+        prices[i] = round(2.0 * 400.0 ** (int.from_bytes(h[:4], "big") / 2**32), 2)
+        stock[i] = h[4] % 10 != 0
+    return prices, stock
+
 
 def _seed_vectors(settings: Settings, encoder: Any, cache_path: Path) -> int:
     """Reuse vectors of an evaluation embedding cache for items whose exact text (hash of the
@@ -88,10 +137,10 @@ def _seed_vectors(settings: Settings, encoder: Any, cache_path: Path) -> int:
 
 def prepare_release(settings: Settings, products: Path, home: Path,
                     seed_cache: Path | None = None) -> dict[str, Any]:
-    """A published release of ``products`` (product_uid/item_id, title) under ``home``,
-    built by the real pipeline steps; re-running them is cheap when nothing changed (no item
-    is re-embedded and an identical release is kept), and rebuilds the index when the code
-    that builds it changed."""
+    """A published release of ``products`` (product_uid/item_id, title) under ``home``, with
+    :func:`synthetic_offers`, built by the real pipeline steps; re-running them is cheap when
+    nothing changed (no item is re-embedded and an identical release is kept), and rebuilds
+    the index when the code that builds it changed."""
     import polars as pl
 
     from pipelines.judged import load_products
@@ -105,9 +154,12 @@ def prepare_release(settings: Settings, products: Path, home: Path,
     home.mkdir(parents=True, exist_ok=True)
     catalogue = home / "catalogue.parquet"
     items = load_products(products).select(pl.col("item_id").alias("id"), "title", "description")
+    prices, stock = synthetic_offers(items["id"].to_list())
+    items = items.with_columns(pl.Series("price", [f"{p:.2f}" for p in prices]),
+                               pl.Series("in_stock", ["true" if s else "false" for s in stock]))
     items.write_parquet(catalogue)
     encoder = Encoder(settings.encoder_path, max_length=settings.item_max_tokens)
-    out: dict[str, Any] = {"ingest": run_ingest(bench, catalogue)}
+    out: dict[str, Any] = {"ingest": run_ingest(bench, catalogue), "offers": OFFERS_LABEL}
     out["seeded_vectors"] = _seed_vectors(bench, encoder, seed_cache) if seed_cache else 0
     out["embedded"] = run_embed(bench, encoder=encoder)["embedded"]
     bundle = run_index(bench, encoder)["bundle_dir"]
@@ -120,16 +172,207 @@ def prepare_release(settings: Settings, products: Path, home: Path,
     return out
 
 
+# -- what a shop runs after a retrain -------------------------------------------------------
+
+def in_training_split(text: str, train_share: float) -> bool:
+    """Whether a normalised query trains the bench's relevance model (a salted hash of the
+    text, so the split is the same on every run and machine); the rest are held out."""
+    h = int.from_bytes(hashlib.sha256(f"{SPLIT_SALT}:{text}".encode()).digest()[:8], "big")
+    return h / 2**64 < train_share
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def training_judgments(judgments: Path, item_ids: Sequence[str], out_dir: Path,
+                       train_share: float, max_queries: int | None) -> tuple[Path, list[str]]:
+    """The training part of ``judgments`` as a judgments file of its own (queries that judge
+    at least one item of the catalogue, at most ``max_queries`` of them, chosen by hash), and
+    those queries' normalised texts."""
+    import polars as pl
+
+    from pipelines.judged import id_column, read_table
+    from serving.text import normalise_query
+
+    raw = read_table(judgments)
+    col = id_column(raw, judgments)
+    raw = raw.with_columns(pl.col("query").map_elements(
+        lambda q: normalise_query(q, 10_000), return_dtype=pl.String).alias("_text"))
+    known = raw.filter(pl.col(col).cast(pl.String).is_in(list(item_ids)))
+    texts = sorted({t for t in known["_text"].unique().to_list()
+                    if in_training_split(t, train_share)},
+                   key=lambda t: hashlib.sha256(t.encode()).digest())
+    if max_queries:
+        texts = texts[:max_queries]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train = raw.filter(pl.col("_text").is_in(texts)).drop("_text")
+    tmp = out_dir / f".train-{os.getpid()}.parquet"
+    train.write_parquet(tmp)
+    path = out_dir / f"judgments-train-{_digest(tmp)}.parquet"
+    os.replace(tmp, path)
+    return path, texts
+
+
+def _fitted_relevance(bench: Settings, bundle: Any, encoder: Any, train: Path,
+                      cache: Path) -> tuple[Any, dict[str, Any]]:
+    """The relevance model the batch retrain fits on ``train`` against this release (cached
+    as ``cache``.npz/.json); if its gate refuses it, the same recipe fitted anyway, marked."""
+    from pipelines.judged import load_judgments
+    from pipelines.nearline import QueryRelevance
+    from pipelines.retrain import fit_relevance, relevance_data
+    from serving.query import parse_steps
+    from serving.relevance import RelevanceModel
+
+    arrays, report_path = cache.with_suffix(".npz"), cache.with_suffix(".json")
+    if arrays.is_file() and report_path.is_file():
+        with np.load(arrays, allow_pickle=False) as data:
+            model = RelevanceModel.from_arrays({k: data[k] for k in data.files})
+        return model, {**json.loads(report_path.read_text()), "cached": True}
+    start = time.perf_counter()
+    lookup = QueryRelevance(bundle, encoder, parse_steps(bench.query_steps), bench.candidates)
+    fit_settings = bench.model_copy(update={"judgments": train, "relevance_source": "judgments"})
+    model, report = fit_relevance(fit_settings, lookup)
+    report["gate_passed"] = model is not None
+    if model is None:
+        log.warning("the relevance model failed its gate (%s); served anyway for the benchmark",
+                    report)
+        data = relevance_data(load_judgments(train), lookup)
+        model = RelevanceModel.fit([d[1] for d in data.values()], [d[2] for d in data.values()],
+                                   source="judgments")
+    report["fit_seconds"] = round(time.perf_counter() - start, 1)
+    report["trees"] = model.trees is not None
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = arrays.with_name(f".{arrays.name}.tmp-{os.getpid()}")
+    with tmp.open("wb") as fh:
+        np.savez(fh, **model.to_arrays())
+    os.replace(tmp, arrays)
+    report_path.write_text(json.dumps(report, sort_keys=True, default=str))
+    return model, {**report, "cached": False}
+
+
+def synthetic_clicks(rec: Any, texts: Sequence[str], gains: dict[str, dict[str, float]],
+                     pages: int, k: int, seed: int, tag: str) -> list[dict[str, Any]]:
+    """Impressions of each query's first result page as ``rec`` serves it, ``pages`` times
+    (one session each), and one click per page at rank p with probability proportional to
+    (0.1 + judged gain) / p: position-biased, and drawn to what the judges found relevant."""
+    rng = random.Random(seed)
+    now = time.time() - 600.0
+    events: list[dict[str, Any]] = []
+    for i, text in enumerate(texts):
+        shown = [r.item_id for r in rec.recommend(text, k=k)]
+        if not shown:
+            continue
+        judged = gains.get(text, {})
+        weights = [(0.1 + judged.get(item, 0.0)) / pos for pos, item in enumerate(shown, 1)]
+        for page in range(pages):
+            sid = f"bench-{tag}-{i}-{page}"
+            ts = now + (i * pages + page) * 1e-3
+            events += [{"event_id": f"{sid}-i{pos}", "session_id": sid, "type": "impression",
+                        "item_id": item, "query": text, "position": pos, "ts": ts}
+                       for pos, item in enumerate(shown, 1)]
+            pos = rng.choices(range(1, len(shown) + 1), weights=weights)[0]
+            events.append({"event_id": f"{sid}-c", "session_id": sid, "type": "click",
+                           "item_id": shown[pos - 1], "query": text, "position": pos,
+                           "ts": ts + 0.5})
+    return events
+
+
+def prepare_ranker(settings: Settings, work: Path, judgments: Path, *, train_share: float,
+                   max_train_queries: int | None, click_queries: int, pages: int,
+                   k: int = 10, seed: int = 0) -> dict[str, Any]:
+    """Make the bench home's live ranker what a shop runs after a retrain: the relevance model
+    fitted on the training split of ``judgments`` (:func:`_fitted_relevance`) under a fresh
+    ranker, then ``pages`` pages of :func:`synthetic_clicks` on ``click_queries`` training
+    queries replayed through the nearline updater (the (query, item) memory). Reuses the live
+    checkpoint when it was made from the same inputs. Returns what was set up."""
+    import serving.relevance as relevance_module
+    from pipelines.judged import load_judgments
+    from pipelines.nearline import NearlineUpdater
+    from serving.checkpoint import load_latest, publish_checkpoint
+    from serving.eventlog import SqliteEventLog
+    from serving.events import parse_event
+    from serving.ranker import Ranker
+    from serving.recommender import Recommender, release_encoder
+    from serving.release import current_bundle_dir, load_bundle
+    from serving.relevance import FEATURES_VERSION
+    from serving.text import normalise_query
+
+    bench = settings.model_copy(update={"home": work, "golden_queries": None, "judgments": None,
+                                        "checkpoint_every_events": 10**9})
+    bundle = load_bundle(current_bundle_dir(bench.releases_dir))
+    train, texts = training_judgments(judgments, bundle.items.item_ids.tolist(),
+                                      work / "relevance", train_share, max_train_queries)
+    relevance_code = hashlib.sha256(Path(relevance_module.__file__).read_bytes()).hexdigest()[:16]
+    inputs = {"release_id": bundle.release_id, "judgments": train.name,
+              "features_version": FEATURES_VERSION, "relevance_code": relevance_code,
+              "candidates": bench.candidates, "query_steps": bench.query_steps}
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    setup = hashlib.sha256(f"{key}:{click_queries}:{pages}:{k}:{seed}".encode()).hexdigest()[:16]
+    out: dict[str, Any] = {"split": {"salt": SPLIT_SALT, "train_share": train_share,
+                                     "train_queries": len(texts)},
+                           "model_key": key, "setup_key": setup}
+    latest = load_latest(work)
+    if (latest is not None and latest[0].release_id == bundle.release_id
+            and latest[1].meta.get("bench_setup") == setup and latest[1].relevance is not None):
+        ref, ranker = latest
+        return {**out, "reused": True, "checkpoint_seq": ref.seq,
+                "relevance": dict(ranker.meta.get("bench_relevance", {})),
+                "memory_entries": len(ranker.query_item),
+                "click_queries": ranker.meta.get("bench_click_queries", [])}
+    encoder = release_encoder(bundle, bench, backend="torch")  # as the batch jobs encode
+    model, report = _fitted_relevance(bench, bundle, encoder, train,
+                                      work / "relevance" / f"model-{key}")
+    ranker = Ranker.initial(bundle.release_id, bundle.manifest.encoder.dim, len(bundle.items))
+    ranker.relevance = model
+    clicked = texts[:click_queries]
+    ranker.meta.update({"bench_setup": setup, "bench_click_queries": clicked,
+                        "bench_relevance": {k_: report[k_] for k_ in (
+                            "queries", "cross_fitted", "zero_shot", "gate_passed", "trees",
+                            "fit_seconds") if k_ in report}})
+    publish_checkpoint(work, ranker, 0)
+
+    # the clicks, in a log of their own (the checkpoint's offset counts events of this log)
+    gains = {}
+    judged = load_judgments(train)
+    by_qid = judged.gains()
+    for qid, query in judged.queries().iter_rows():
+        gains.setdefault(normalise_query(query, 10_000), {}).update(by_qid.get(qid, {}))
+    start = time.perf_counter()
+    rec = Recommender.load(work, settings=bench, watch=False)
+    events = synthetic_clicks(rec, clicked, gains, pages, k, seed, setup[:8])
+    rec.close()
+    log_path = work / "setup" / setup / "events.db"
+    for old in log_path.parent.glob("events.db*"):
+        old.unlink()
+    event_log = SqliteEventLog(log_path)
+    user_key = bench.user_key()
+    event_log.append([parse_event(e, user_key, bench.max_query_chars) for e in events])
+    updater = NearlineUpdater(bench, encoder=encoder, event_log=event_log)
+    summary = updater.run_once()
+    event_log.close()
+    ref, ranker = load_latest(work)
+    return {**out, "reused": False, "checkpoint_seq": ref.seq,
+            "relevance": dict(ranker.meta.get("bench_relevance", {})),
+            "memory_entries": len(ranker.query_item), "click_queries": clicked,
+            "events": len(events), "nearline": summary["counters"],
+            "setup_seconds": round(time.perf_counter() - start, 1)}
+
+
 # -- one serving process --------------------------------------------------------------------
 
-def _percentiles(seconds: list[float]) -> dict[str, float]:
+def _percentiles(seconds: Sequence[float]) -> dict[str, float]:
     ms = np.asarray(seconds) * 1e3
     return {"p50_ms": round(float(np.percentile(ms, 50)), 2),
             "p95_ms": round(float(np.percentile(ms, 95)), 2),
             "p99_ms": round(float(np.percentile(ms, 99)), 2), "n": len(ms)}
 
 
-def _timed(fn: Any, args_list: list[tuple[Any, ...]]) -> list[float]:
+def _timed(fn: Callable[..., Any], args_list: Sequence[tuple[Any, ...]]) -> list[float]:
     out = []
     for args in args_list:
         t0 = time.perf_counter()
@@ -138,26 +381,159 @@ def _timed(fn: Any, args_list: list[tuple[Any, ...]]) -> list[float]:
     return out
 
 
-def measure_process(home: str, backend: str, plan: dict[str, list[str]], k: int) -> dict[str, Any]:
-    """Everything measured inside one serving process (run by :func:`_child`)."""
-    from serving.ranker import query_key
-    from serving.recommender import Recommender, _lexical_top, _relative_scores, _search
-    from serving.session import session_signal
+def _violates(result: Any, filters: dict[str, Any]) -> bool:
+    price = result.price
+    if filters.get("in_stock") is not None and result.in_stock != filters["in_stock"]:
+        return True
+    if "min_price" in filters and (price is None or price < filters["min_price"]):
+        return True
+    return "max_price" in filters and (price is None or price > filters["max_price"])
 
+
+def filtered_requests(n: int, share: float, seed: int = 0) -> dict[int, dict[str, Any]]:
+    """Which of ``n`` requests carry filters (exactly round(share * n) of them, chosen at
+    random with ``seed``) and which filters (:data:`FILTER_MIX` in turn)."""
+    chosen = sorted(random.Random(seed).sample(range(n), round(share * n)))
+    return {j: FILTER_MIX[i % len(FILTER_MIX)] for i, j in enumerate(chosen)}
+
+
+def _stage_figures(timings: list[dict[str, float]], walls: list[float]) -> dict[str, Any]:
+    from serving.recommender import STAGES
+
+    mean_wall = float(np.mean(walls))
+    out: dict[str, Any] = {"p50_ms": {}, "p99_ms": {}, "mean_ms": {}, "share_of_request": {}}
+    for stage in STAGES:
+        got = [t[stage] for t in timings if stage in t]
+        if not got:
+            continue
+        mean = float(np.sum(got)) / len(timings)  # per request, 0 where the stage did not run
+        out["p50_ms"][stage] = round(float(np.median(got)) * 1e3, 3)
+        out["p99_ms"][stage] = round(float(np.percentile(got, 99)) * 1e3, 3)
+        out["mean_ms"][stage] = round(mean * 1e3, 3)
+        out["share_of_request"][stage] = round(mean / mean_wall, 4)
+    sums = [sum(t.values()) for t in timings]
+    out["sum_over_request"] = {"min": round(min(s / w for s, w in zip(sums, walls, strict=True)), 4),
+                               "max": round(max(s / w for s, w in zip(sums, walls, strict=True)), 4)}
+    return out
+
+
+def _concurrent(rec: Any, queries: Sequence[str], clients: int, k: int) -> dict[str, Any]:
+    """``queries`` issued by ``clients`` threads of a pool at once."""
+    def one(q: str) -> float:
+        t0 = time.perf_counter()
+        rec.recommend(q, k=k)
+        return time.perf_counter() - t0
+
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        t0 = time.perf_counter()
+        lat = list(pool.map(one, queries))
+        wall = time.perf_counter() - t0
+    return {**_percentiles(lat), "clients": clients, "qps": round(len(lat) / wall, 1)}
+
+
+def search_k_sweep(bundle: Any, qvecs: np.ndarray, depth: int,
+                   factors: Sequence[float] = SEARCH_K_FACTORS) -> list[dict[str, Any]]:
+    """The release's Annoy index at ``factors`` times its search_k: recall@10 and
+    recall@``depth`` of real query vectors against exact search, and the ANN call's time."""
+    depth = min(depth, len(bundle.items))
+    sims = -(np.asarray(bundle.vectors) @ qvecs.T)   # (items, queries)
+    exact_d = np.argpartition(sims, depth - 1, axis=0)[:depth].T
+    exact_10 = np.argpartition(sims, 9, axis=0)[:10].T
+    del sims
+    base = bundle.index.search_k
+    out = []
+    for factor in factors:
+        index = dataclasses.replace(bundle.index, search_k=max(1, round(base * factor)))
+        found, seconds = [], []
+        for q in qvecs:
+            t0 = time.perf_counter()
+            rows, _ = index.nearest(q, depth)
+            seconds.append(time.perf_counter() - t0)
+            found.append(rows)
+        rec10 = np.mean([len(set(f[:10]) & set(e.tolist())) / 10
+                         for f, e in zip(found, exact_10, strict=True)])
+        rec_d = np.mean([len(set(f) & set(e.tolist())) / depth
+                         for f, e in zip(found, exact_d, strict=True)])
+        out.append({"search_k": index.search_k, "factor": factor,
+                    "recall_at_10": round(float(rec10), 4),
+                    f"recall_at_{depth}": round(float(rec_d), 4),
+                    "ann": _percentiles(seconds)})
+    return out
+
+
+def coverage_lever(bundle: Any, texts: Sequence[str], qvecs: np.ndarray,
+                   depth: int) -> dict[str, Any]:
+    """Term coverage of each query's candidates: whole-catalogue score vectors per term (the
+    way it was) against the candidates' postings; times and whether they are identical."""
+    from serving.recommender import LexicalCache, retrieve_candidates
+
+    lexical, cache = bundle.lexical, LexicalCache()
+    whole, postings, same, sizes = [], [], 0, []
+    for text, q in zip(texts, qvecs, strict=True):
+        rows = np.asarray(retrieve_candidates(bundle, q, cache.relative(bundle, text), depth))
+        sizes.append(len(rows))
+        t0 = time.perf_counter()
+        cov, n_terms = lexical.coverage(text)
+        old = cov[rows]
+        t1 = time.perf_counter()
+        new, n_new = lexical.coverage_rows(text, rows)
+        t2 = time.perf_counter()
+        whole.append(t1 - t0)
+        postings.append(t2 - t1)
+        same += int(np.array_equal(old, new) and old.dtype == new.dtype and n_terms == n_new)
+    return {"whole_catalogue": _percentiles(whole), "postings": _percentiles(postings),
+            "identical": same, "queries": len(texts),
+            "candidates_p50": float(np.median(sizes))}
+
+
+def measure_process(job: dict[str, Any]) -> dict[str, Any]:
+    """Everything measured inside one serving process (run by :func:`_child`)."""
+    from serving.recommender import Recommender
+    from serving.release import current_bundle_dir
+
+    home, plan, k = job["home"], job["plan"], job["k"]
     t0 = time.perf_counter()
-    settings = Settings(home=Path(home), encoder_backend=backend)  # type: ignore[arg-type]
-    rec = Recommender.load(home, settings=settings, watch=False)
+    settings = Settings(home=Path(home), encoder_backend=job["backend"])
+    if job["ranker"] == "relevance":   # the live checkpoint: relevance model + memory
+        rec = Recommender.load(home, settings=settings, watch=False)
+    else:                              # the same release, untrained (zero-shot) ranker
+        rec = Recommender.from_bundle(current_bundle_dir(settings.releases_dir),
+                                      settings=settings)
     load_s = time.perf_counter() - t0
     for q in plan["warmup"]:
         rec.recommend(q, k=k)
         rec.recommend(q, k=k)
 
-    unseen = _timed(lambda q: rec.recommend(q, k=k), [(q,) for q in plan["unseen"]])
-    hot = plan["unseen"][-HOT_QUERIES:]
-    cached = _timed(lambda q: rec.recommend(q, k=k),
-                    [(hot[i % len(hot)],) for i in range(len(plan["unseen"]))])
+    # unseen queries, a share of them filtered; stages timed inside recommend()
+    unseen_q = plan["unseen"]
+    filtered = filtered_requests(len(unseen_q), job["filter_share"], job.get("seed", 0))
+    walls, timings, relevance_ran, violations, checked = [], [], 0, 0, 0
+    for j, q in enumerate(unseen_q):
+        f = filtered.get(j)
+        stages: dict[str, float] = {}
+        t = time.perf_counter()
+        results = rec.recommend(q, k=k, filters=f, timings=stages)
+        walls.append(time.perf_counter() - t)
+        timings.append(stages)
+        relevance_ran += bool(results) and "relevance" in results[0].signals
+        if f is not None:
+            checked += len(results)
+            violations += sum(_violates(r, f) for r in results)
+    plain = [w for j, w in enumerate(walls) if j not in filtered]
+    with_filters = [w for j, w in enumerate(walls) if j in filtered]
 
-    # sessions with clicks on results of a warm-up query, then an unseen query in each
+    hot = [q for j, q in enumerate(unseen_q) if j not in filtered][-HOT_QUERIES:]
+    cached = _timed(lambda q: rec.recommend(q, k=k),
+                    [(hot[i % len(hot)],) for i in range(len(unseen_q))])
+
+    memory_hits, memory = 0, []
+    for q in plan.get("memory", []):
+        t = time.perf_counter()
+        results = rec.recommend(q, k=k)
+        memory.append(time.perf_counter() - t)
+        memory_hits += sum(r.signals.get("query_item_bias", 0.0) != 0.0 for r in results)
+
+    # sessions with clicks on random items, then an unseen query in each
     ids = rec.bundle.items.item_ids
     rng = random.Random(7)
     sessions = []
@@ -168,97 +544,155 @@ def measure_process(home: str, backend: str, plan: dict[str, list[str]], k: int)
                           "item_id": str(ids[rng.randrange(len(ids))]), "position": c + 1}
                          for c in range(SESSION_CLICKS)])
         sessions.append(sid)
-    live_sessions = sum(rec._sessions.get(sid) is not None for sid in sessions)
-    session = _timed(lambda q, s: rec.recommend(q, k=k, session_id=s),
-                     list(zip(plan["session"], sessions, strict=True)))
+    shaped = []
 
-    # stages of an unseen query, each step on its own (no cache in between)
-    bundle, state = rec.bundle, rec._state
+    def in_session(q: str, s: str) -> None:
+        results = rec.recommend(q, k=k, session_id=s)
+        shaped.append(any(r.signals.get("session_affinity", 0.0) != 0.0 for r in results))
+
+    session = _timed(in_session, list(zip(plan["session"], sessions, strict=True)))
+
+    concurrency = [_concurrent(rec, qs, c, k)
+                   for c, qs in zip(job["concurrency"], plan["concurrency"], strict=True)]
+
+    bundle = rec.bundle
     depth = max(k, settings.candidates)
-    stage: dict[str, list[float]] = {"encode": [], "ann": [], "bm25": [], "ranker": []}
-    for q in plan["stages"]:
-        t = [time.perf_counter()]
-        vec = rec.encoder._embed_one(q)
-        t.append(time.perf_counter())
-        rows, _ = _search(bundle, vec, depth, None)
-        t.append(time.perf_counter())
-        lex = _relative_scores(bundle, q) if bundle.lexical is not None else None
-        if lex is not None:
-            rows = list(dict.fromkeys(rows + _lexical_top(lex, depth, None, bundle)))
-        t.append(time.perf_counter())
-        arr = np.asarray(rows)
-        state.ranker.logits(vec.astype(np.float64), np.asarray(bundle.vectors[arr], np.float64),
-                            session_signal(None), arr, lex[arr] if lex is not None else None,
-                            query_key(q))
-        t.append(time.perf_counter())
-        for name, a, b in zip(stage, t, t[1:], strict=False):
-            stage[name].append(b - a)
+    qvecs = np.vstack([rec.encoder.encode_query(q) for q in unseen_q]).astype(np.float32)
+    levers: dict[str, Any] = {"search_k": search_k_sweep(bundle, qvecs, depth)}
+    if bundle.lexical is not None:
+        levers["coverage"] = coverage_lever(bundle, unseen_q, qvecs, depth)
 
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    from threadpoolctl import threadpool_info
+
     from pipelines.benchmarks.ann import _memory_mb
 
     return {
         "memory_at_end": _memory_mb(),  # anonymous (heap) vs file-backed (mapped) pages
-        "backend": rec.encoder.backend, "n_items": len(bundle.items), "load_s": round(load_s, 2),
-        "unseen": _percentiles(unseen), "cached": _percentiles(cached),
-        "session": {**_percentiles(session), "sessions_with_clicks": live_sessions},
-        "stages_p50_ms": {n: round(float(np.median(v)) * 1e3, 2) for n, v in stage.items()},
-        "stages_p99_ms": {n: round(float(np.percentile(v, 99)) * 1e3, 2)
-                          for n, v in stage.items()},
-        "qps": round(len(unseen) / sum(unseen), 1),
+        "backend": rec.encoder.backend, "ranker": job["ranker"], "n_items": len(bundle.items),
+        "load_s": round(load_s, 2), "ranker_seq": rec.ranker_seq,
+        "relevance_ran": relevance_ran,
+        "unseen": {**_percentiles(walls), "plain": _percentiles(plain),
+                   "filtered": {**(_percentiles(with_filters) if with_filters else {"n": 0}),
+                                "share": round(len(with_filters) / len(walls), 4),
+                                "results_checked": checked, "violations": violations}},
+        "stages": _stage_figures(timings, walls),
+        "cached": _percentiles(cached),
+        "memory": {**(_percentiles(memory) if memory else {"n": 0}),
+                   "results_with_memory": memory_hits},
+        "session": {**_percentiles(session), "sessions_with_clicks": sum(shaped)},
+        "concurrency": concurrency, "levers": levers,
+        "qps": round(len(walls) / sum(walls), 1),
         "qps_cached": round(len(cached) / sum(cached), 1),
         "peak_rss_mb": round(rss_kb / 1024, 1),
+        "threadpools": [{"api": p.get("internal_api"), "threads": p.get("num_threads")}
+                        for p in threadpool_info()],
         "loadavg_1m": round(os.getloadavg()[0], 2),
     }
 
 
 def _child() -> None:
-    """Entry point of a serving process: reads its plan as JSON on stdin, prints figures."""
-    job = json.loads(sys.stdin.read())
-    print(json.dumps(measure_process(job["home"], job["backend"], job["plan"], job["k"])))
+    """Entry point of a serving process: reads its job as JSON on stdin, prints figures."""
+    print(json.dumps(measure_process(json.loads(sys.stdin.read()))))
 
 
-def _run_child(home: Path, backend: str, plan: dict[str, list[str]], k: int) -> dict[str, Any]:
-    job = json.dumps({"home": str(home), "backend": backend, "plan": plan, "k": k})
+def _run_child(job: dict[str, Any], blas_threads: int | None = None) -> dict[str, Any]:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if blas_threads:
+        env.update({v: str(blas_threads) for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                                    "MKL_NUM_THREADS")})
     proc = subprocess.run(
         [sys.executable, "-c", "from pipelines.benchmarks.serving import _child; _child()"],
-        input=job, capture_output=True, text=True, check=False,
-        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        input=json.dumps(job), capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"serving benchmark process ({backend}) failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"serving benchmark process ({job['ranker']}, {job['backend']}) "
+                           f"failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _plan(judgments: Path, n: int, seed: int = 0) -> dict[str, list[str]]:
-    """Disjoint sets of distinct, normalised real queries."""
+def _plan(judgments: Path, n: int, seed: int = 0, keep: Callable[[str], bool] | None = None,
+          memory: Sequence[str] = (), levels: Sequence[int] = CONCURRENCY,
+          ) -> dict[str, Any]:
+    """Disjoint sets of distinct, normalised real queries (only those ``keep`` accepts): a
+    warm-up, ``n`` unseen, ``n`` for sessions, ``n`` per concurrency level; ``memory`` are
+    asked as they are."""
     from pipelines.judged import load_judgments
     from serving.text import normalise_query
 
     raw = load_judgments(judgments).queries()["query"].to_list()
     queries = sorted({normalise_query(q, 10_000) for q in raw})
+    queries = [q for q in queries if keep is None or keep(q)]
     random.Random(seed).shuffle(queries)
-    warm, n = min(20, len(queries) // 8), min(n, (len(queries) - min(20, len(queries) // 8)) // 3)
+    warm = min(20, len(queries) // 8)
+    n = min(n, (len(queries) - warm) // (2 + len(levels)))
     if n < 1:
         raise ValueError(f"{judgments} has too few distinct queries for the benchmark")
     rest = queries[warm:]
     return {"warmup": queries[:warm], "unseen": rest[:n], "session": rest[n:2 * n],
-            "stages": rest[2 * n:3 * n]}
+            "concurrency": [rest[(2 + i) * n:(3 + i) * n] for i in range(len(levels))],
+            "memory": list(memory)}
+
+
+def _median(values: Sequence[float]) -> float:
+    return round(float(np.median(values)), 3)
 
 
 def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"backend": runs[0]["backend"], "n_items": runs[0]["n_items"],
-                           "runs": len(runs)}
-    for part in ("unseen", "cached", "session"):
-        out[part] = {p: round(float(np.median([r[part][p] for r in runs])), 2)
-                     for p in ("p50_ms", "p95_ms", "p99_ms")}
-        out[part]["n_per_run"] = runs[0][part]["n"]
-    out["session"]["sessions_with_clicks_min"] = min(r["session"].get("sessions_with_clicks", 0)
+    """Medians over repeated processes of the same (ranker, backend)."""
+    first = runs[0]
+    out: dict[str, Any] = {"backend": first["backend"], "ranker": first["ranker"],
+                           "n_items": first["n_items"], "runs": len(runs),
+                           "relevance_ran_min": min(r["relevance_ran"] for r in runs)}
+    pct = ("p50_ms", "p95_ms", "p99_ms")
+    for part in ("unseen", "cached", "session", "memory"):
+        if first[part]["n"] == 0:
+            out[part] = {"n_per_run": 0}
+            continue
+        out[part] = {p: _median([r[part][p] for r in runs]) for p in pct}
+        out[part]["n_per_run"] = first[part]["n"]
+    out["unseen"]["plain"] = {p: _median([r["unseen"]["plain"][p] for r in runs]) for p in pct}
+    filt = first["unseen"]["filtered"]
+    out["unseen"]["filtered"] = {
+        **({p: _median([r["unseen"]["filtered"][p] for r in runs]) for p in pct}
+           if filt["n"] else {}),
+        "n_per_run": filt["n"], "share": filt["share"],
+        "violations": sum(r["unseen"]["filtered"]["violations"] for r in runs),
+        "results_checked": sum(r["unseen"]["filtered"]["results_checked"] for r in runs)}
+    out["session"]["sessions_with_clicks_min"] = min(r["session"]["sessions_with_clicks"]
                                                      for r in runs)
-    for part in ("stages_p50_ms", "stages_p99_ms"):
-        out[part] = {s: round(float(np.median([r[part][s] for r in runs])), 2)
-                     for s in runs[0][part]}
+    if first["memory"]["n"]:
+        out["memory"]["results_with_memory_min"] = min(r["memory"]["results_with_memory"]
+                                                       for r in runs)
+    out["stages"] = {
+        fig: {s: _median([r["stages"][fig].get(s, 0.0) for r in runs])
+              for s in first["stages"][fig]}
+        for fig in ("p50_ms", "p99_ms", "mean_ms", "share_of_request")}
+    out["stages"]["sum_over_request_max"] = max(r["stages"]["sum_over_request"]["max"]
+                                                for r in runs)
+    out["concurrency"] = [
+        {"clients": level["clients"], "n_per_run": level["n"],
+         **{p: _median([r["concurrency"][i][p] for r in runs]) for p in (*pct, "qps")}}
+        for i, level in enumerate(first["concurrency"])]
+    out["levers"] = {"search_k": [
+        {"search_k": s["search_k"], "factor": s["factor"],
+         **{key: s[key] for key in s if key.startswith("recall")},
+         "ann_p50_ms": _median([r["levers"]["search_k"][i]["ann"]["p50_ms"] for r in runs]),
+         "ann_p99_ms": _median([r["levers"]["search_k"][i]["ann"]["p99_ms"] for r in runs])}
+        for i, s in enumerate(first["levers"]["search_k"])]}
+    if "coverage" in first["levers"]:
+        cov = [r["levers"]["coverage"] for r in runs]
+        out["levers"]["coverage"] = {
+            "whole_catalogue_p50_ms": _median([c["whole_catalogue"]["p50_ms"] for c in cov]),
+            "whole_catalogue_p99_ms": _median([c["whole_catalogue"]["p99_ms"] for c in cov]),
+            "postings_p50_ms": _median([c["postings"]["p50_ms"] for c in cov]),
+            "postings_p99_ms": _median([c["postings"]["p99_ms"] for c in cov]),
+            "identical": sum(c["identical"] for c in cov),
+            "queries": sum(c["queries"] for c in cov),
+            "candidates_p50": cov[0]["candidates_p50"]}
     for key in ("qps", "qps_cached", "peak_rss_mb", "load_s", "loadavg_1m"):
         out[key] = round(float(np.median([r[key] for r in runs])), 2)
+    out["loadavg_1m_max"] = max(r["loadavg_1m"] for r in runs)
+    out["threadpools"] = first["threadpools"]
     return out
 
 
@@ -328,12 +762,31 @@ def query_backend_quality(encoder_path: Path | None, data: dict[str, tuple[Path,
 def add_arguments(p: Any) -> None:
     p.add_argument("--products", type=Path, default=DATA / "homedepot" / "products.parquet")
     p.add_argument("--judgments", type=Path, default=DATA / "homedepot" / "judgments.parquet",
-                   help="real queries to ask (query column)")
-    p.add_argument("--queries", type=int, default=300, help="unseen queries per process")
+                   help="judged queries: the training split fits the relevance model, the "
+                        "held-out split is asked")
+    p.add_argument("--queries", type=int, default=300,
+                   help="unseen queries per process (and as many per session / concurrency "
+                        "level)")
     p.add_argument("--repeats", type=int, default=3,
-                   help="fresh processes per backend (0: skip the latency part)")
+                   help="fresh processes per (ranker, backend) (0: skip the latency part)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--backend", choices=[*BACKENDS, "both"], default="both")
+    p.add_argument("--ranker", choices=[*RANKERS, "both"], default="both",
+                   help="relevance: the live checkpoint after a retrain (relevance model + "
+                        "memory); zero-shot: the untrained ranker on the same release")
+    p.add_argument("--filter-share", type=float, default=0.25,
+                   help="share of unseen requests that carry business filters")
+    p.add_argument("--train-share", type=float, default=0.7,
+                   help="share of judged queries (by hash) that train the relevance model")
+    p.add_argument("--train-queries", type=int, default=0,
+                   help="at most this many training queries (0: all of the training split)")
+    p.add_argument("--click-queries", type=int, default=1000,
+                   help="training queries whose result pages get synthetic clicks")
+    p.add_argument("--click-pages", type=int, default=3, help="result pages per click query")
+    p.add_argument("--memory-queries", type=int, default=100,
+                   help="clicked training queries asked once per process (memory lookups)")
+    p.add_argument("--blas-threads", type=int, default=0,
+                   help="OPENBLAS/OMP/MKL_NUM_THREADS of the serving processes (0: as set)")
     p.add_argument("--work", type=Path, default=None,
                    help="release directory (default <home>/bench/serving-<data set>)")
     p.add_argument("--seed-cache", type=Path, default=None,
@@ -344,26 +797,60 @@ def add_arguments(p: Any) -> None:
                    help="item embedding cache for --quality (default <home>/cache/embeddings.duckdb)")
 
 
-def _latency(settings: Settings, args: Any) -> dict[str, Any]:
+def prepare_shop(settings: Settings, args: Any) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """The bench home with its release and (for the relevance ranker) its retrained live
+    checkpoint: (directory, release build report, ranker set-up report)."""
     work = args.work or settings.home / "bench" / f"serving-{args.products.parent.name}"
     work = work.resolve()
     build = prepare_release(settings, args.products, work, args.seed_cache)
-    plan = _plan(args.judgments, args.queries)
+    shop = prepare_ranker(settings, work, args.judgments, train_share=args.train_share,
+                          max_train_queries=args.train_queries or None,
+                          click_queries=args.click_queries, pages=args.click_pages, k=args.k)
+    return work, build, shop
+
+
+def _latency(settings: Settings, args: Any) -> dict[str, Any]:
+    started = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    work, build, shop = prepare_shop(settings, args)
+    clicked = shop["click_queries"]
+    plan = _plan(args.judgments, args.queries,
+                 keep=lambda q: not in_training_split(q, args.train_share),
+                 memory=clicked[:args.memory_queries])
     backends = list(BACKENDS) if args.backend == "both" else [args.backend]
-    runs: dict[str, list[dict[str, Any]]] = {b: [] for b in backends}
+    rankers = list(RANKERS) if args.ranker == "both" else [args.ranker]
+    peers = [(r, b) for r in rankers for b in backends]
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {p: [] for p in peers}
     for i in range(args.repeats):
-        for b in backends if i % 2 == 0 else backends[::-1]:  # alternate who goes first
-            runs[b].append(_run_child(work, b, plan, args.k))
-    per_backend = {b: _median_of(r) for b, r in runs.items()}
-    default = settings.encoder_backend if settings.encoder_backend in per_backend else backends[0]
-    top = per_backend[default]
+        for ranker, backend in peers if i % 2 == 0 else peers[::-1]:  # alternate the order
+            job = {"home": str(work), "backend": backend, "ranker": ranker, "plan": plan,
+                   "k": args.k, "filter_share": args.filter_share,
+                   "concurrency": list(CONCURRENCY)}
+            runs[(ranker, backend)].append(_run_child(job, args.blas_threads or None))
+    by_ranker: dict[str, dict[str, Any]] = {r: {} for r in rankers}
+    for (ranker, backend), r in runs.items():
+        by_ranker[ranker][backend] = _median_of(r)
+    default_backend = settings.encoder_backend if settings.encoder_backend in backends \
+        else backends[0]
+    default_ranker = rankers[0]
+    top = by_ranker[default_ranker][default_backend]
     return {
-        "n_items": top["n_items"], "default_backend": default,
+        "n_items": top["n_items"], "default_backend": default_backend,
+        "default_ranker": default_ranker,
         "unseen": top["unseen"], "cached": top["cached"], "session": top["session"],
+        "memory": top["memory"], "stages": top["stages"],
+        "stages_p50_ms": top["stages"]["p50_ms"], "concurrency": top["concurrency"],
+        "levers": top["levers"],
         "qps": top["qps"], "qps_measured_on": "unseen queries, one thread",
-        "peak_rss_mb": top["peak_rss_mb"], "stages_p50_ms": top["stages_p50_ms"],
-        "backends": per_backend, "repeats": args.repeats, "queries_per_run": len(plan["unseen"]),
-        "release": str(work), "build": build, "cpus": os.cpu_count(),
+        "peak_rss_mb": top["peak_rss_mb"], "backends": by_ranker[default_ranker],
+        "rankers": by_ranker, "repeats": args.repeats, "queries_per_run": len(plan["unseen"]),
+        "filter_share": args.filter_share, "filters": list(FILTER_MIX),
+        "catalogue_offers": OFFERS_LABEL, "blas_threads": args.blas_threads or "as set",
+        "release": str(work), "build": build,
+        "shop": {k_: v for k_, v in shop.items() if k_ != "click_queries"},
+        "cpus": os.cpu_count(),
+        "loadavg_1m": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},
+        "seconds": round(time.perf_counter() - started, 1),
     }
 
 

@@ -8,7 +8,7 @@ import argparse
 import numpy as np
 import polars as pl
 
-from pipelines.benchmarks import growth
+from pipelines.benchmarks import growth, serving
 from tests.conftest import make_settings
 
 
@@ -32,6 +32,10 @@ def test_a_subset_keeps_items_and_their_own_vectors_together():
         np.testing.assert_array_equal(vec, real[row_of[item]])
     assert set(items.columns) >= {"item_id", "title", "description", "category", "brand",
                                   "price", "in_stock", "content_hash"}
+    # the serving benchmark's synthetic offers, so filters have something to filter
+    prices, stock = serving.synthetic_offers(items["item_id"].to_list())
+    np.testing.assert_array_equal(items["price"].to_numpy(), prices)
+    np.testing.assert_array_equal(items["in_stock"].to_numpy(), stock)
 
 
 def test_synthetic_items_copy_their_parent_text_and_sit_near_its_vector():
@@ -60,15 +64,27 @@ def test_bench_growth_serves_every_size_from_a_real_release(shared_data, tiny_ho
     growth.add_arguments(parser)
     args = parser.parse_args(["--products", str(tiny_homedepot), "--judgments",
                               str(shared_data / "homedepot" / "judgments.parquet"),
-                              "--sizes", "40,90", "--queries", "4"])
+                              "--sizes", "40,90", "--queries", "4", "--train-queries", "30",
+                              "--click-queries", "10", "--click-pages", "2",
+                              "--memory-queries", "5", "--filter-share", "0.5"])
     out = growth.run(make_settings(tmp_path / "home"), args)
 
-    assert [row["items"] for row in out["table"]] == [40, 90]
+    assert [(row["items"], row["ranker"]) for row in out["table"]] == [
+        (40, "relevance"), (40, "zero-shot"), (90, "relevance"), (90, "zero-shot")]
     assert [r["synthetic_items"] for r in out["results"]] == [0, 30]
+    assert out["shop"]["memory_entries"] > 0
     for r in out["results"]:
         assert r["gate"]["passed"] is True
-        assert r["serving"]["n_items"] == r["items"]
-        assert r["serving"]["backend"] == "onnx"
-        assert 0 < r["serving"]["unseen"]["p50_ms"] <= r["serving"]["unseen"]["p99_ms"]
+        # the retrained ranker was carried over by item id: memory entries of items it holds
+        assert 0 < r["memory_entries"] <= out["shop"]["memory_entries"]
+        for ranker, served in r["serving_by_ranker"].items():
+            assert served["n_items"] == r["items"] and served["ranker"] == ranker
+            assert served["backend"] == "onnx"
+            assert 0 < served["unseen"]["p50_ms"] <= served["unseen"]["p99_ms"]
+            assert served["relevance_ran_min"] == (4 if ranker == "relevance" else 0)
+            assert ("relevance" in served["stages"]["p50_ms"]) == (ranker == "relevance")
+            assert 0 < served["stages"]["sum_over_request_max"] <= 1.0
+            assert served["unseen"]["filtered"]["n_per_run"] == 2
+            assert served["unseen"]["filtered"]["violations"] == 0
         assert 0 <= r["annoy"]["real_query_recall_at_10"] <= 1
         assert r["memory_at_end_mb"]["rss_mb"] > 0
