@@ -587,25 +587,6 @@ def encoder_model_name(settings: Settings) -> str:
     return f"{settings.model_name}-encoder"
 
 
-def _encoder_model_class() -> type:
-    import mlflow
-    import pandas as pd
-
-    class EncoderModel(mlflow.pyfunc.PythonModel):
-        """The fine-tuned encoder as an MLflow pyfunc: input rows with ``text``, output one
-        unit vector per row."""
-
-        def load_context(self, context: Any) -> None:
-            self._encoder = Encoder(Path(context.artifacts["encoder"]))
-
-        def predict(self, context: Any, model_input: pd.DataFrame,
-                    params: dict[str, Any] | None = None) -> pd.DataFrame:
-            vecs = self._encoder.encode([str(t) for t in model_input["text"].tolist()])
-            return pd.DataFrame({"vector": list(vecs.astype(np.float64))})
-
-    return EncoderModel
-
-
 def register_encoder(settings: Settings, trained: dict[str, Any], evaluation: dict[str, Any],
                      pairs: dict[str, Any], promote: bool = True,
                      min_gain: float = MIN_GAIN,
@@ -614,13 +595,12 @@ def register_encoder(settings: Settings, trained: dict[str, Any], evaluation: di
     ``<model_name>-encoder`` and, when the gate passed and ``promote``, move the ``champion``
     alias and ``<home>/encoders/CHAMPION`` to it. A version registered before for the same
     encoder id (a retried task) is reused."""
-    from importlib.metadata import version as pkg_version
-
     import mlflow
+    import pandas as pd
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, DataType, Schema
 
-    from pipelines.registry import configure_mlflow
+    from pipelines.registry import configure_mlflow, log_pyfunc
 
     decision = gate(evaluation, min_gain, max_recall_drop)
     experiment_id = configure_mlflow(settings, EXPERIMENT)
@@ -654,17 +634,14 @@ def register_encoder(settings: Settings, trained: dict[str, Any], evaluation: di
                 "gate_passed": str(decision["passed"]).lower(), "pairs_id": pairs["pairs_id"]}
         signature = ModelSignature(inputs=Schema([ColSpec("string", "text")]),
                                    outputs=Schema([ColSpec(Array(DataType.double), "vector")]))
-        reqs = [f"{n}=={pkg_version(n)}" for n in ("mlflow", "torch", "transformers", "numpy",
-                                                    "pandas", "pydantic", "pydantic-settings")]
         with mlflow.start_run(experiment_id=experiment_id, run_name=encoder_id) as run:
             mlflow.log_params(params)
             mlflow.log_metrics(metrics)
             mlflow.set_tags(tags)
             mlflow.log_dict(evaluation, "evaluation.json")
-            info = mlflow.pyfunc.log_model(
-                name="encoder", python_model=_encoder_model_class()(),
-                artifacts={"encoder": trained["encoder_dir"]}, signature=signature,
-                pip_requirements=reqs, registered_model_name=name)
+            info = log_pyfunc("encoder", "encoder", {"encoder": trained["encoder_dir"]},
+                              signature, name, input_example=pd.DataFrame(
+                                  {"text": ["cordless drill", "running shoes"]}))
             run_id = run.info.run_id
         version = int(info.registered_model_version)
         for k, v in tags.items():

