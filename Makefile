@@ -46,7 +46,10 @@ demo: install
 	@grep -o "DagRun Finished.*state=[a-z]*" $(AIRFLOW_HOME)/demo-run.log | sed 's/, run_start.*state=/ ... state=/'
 	@$(BIN)/instantrec recommend "wireless noise cancelling headphones" --k 5 2>/dev/null
 	@$(BIN)/instantrec recommend "cast iron skillet" --k 5 2>/dev/null
-	@$(BIN)/instantrec recommend "running shoes" --k 5 --max-price 100 --in-stock 2>/dev/null
+	@# Filters that keep what is relevant: the catalogue's five running shoes cost $$140-165;
+	@# at most $$150 and in stock drops the $$165 ASICS and the out-of-stock HOKA.
+	@echo "filters: max price 150, in stock"
+	@$(BIN)/instantrec recommend "running shoes" --k 3 --max-price 150 --in-stock 2>/dev/null
 	@echo "MLflow registry: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(INSTANTREC_HOME)/mlflow/mlflow.db --host 127.0.0.1"
 
 # The embedded Airflow as operators run it: api-server (UI, REST and execution API on
