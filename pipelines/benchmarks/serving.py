@@ -39,6 +39,12 @@ warm-up:
 - ``qps``: single-thread requests/s over the unseen queries; ``peak_rss_mb``: the process's
   peak resident set (torch is always loaded: the batch path and the ONNX check need it).
 
+``--batch-job embed`` measures the same under a concurrent batch job, as on a shop's box while
+the catalogue refresh runs: before each serving process starts, a separate process begins
+embedding the bench catalogue's titles with the real encoder (catalogue precision, in
+``--batch-threads`` torch threads) in a loop, and it is stopped by its PID once the serving
+process is done; its items/s during the run are reported beside the latency figures.
+
 ``--quality`` adds the check that decides whether a query backend may serve: dense-channel
 nDCG@10 with queries encoded by torch, ONNX fp32 and ONNX int8, items embedded by torch (from
 an embedding cache), on both judged data sets.
@@ -610,6 +616,75 @@ def _run_child(job: dict[str, Any], blas_threads: int | None = None) -> dict[str
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _batch_child() -> None:
+    """Entry point of the concurrent batch job: embeds the catalogue titles (argv: catalogue
+    parquet, status file, torch threads) in batches of 256, round after round, until it is
+    terminated; after each batch it overwrites the status file with ``items seconds``."""
+    import polars as pl
+    import torch
+
+    from serving.encoder import Encoder
+
+    catalogue, status, threads = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    torch.set_num_threads(threads)
+    titles = pl.read_parquet(catalogue, columns=["title"])["title"].cast(pl.Utf8).to_list()
+    encoder = Encoder(precision=Settings().embed_precision)
+    done, started = 0, time.perf_counter()
+    while True:
+        for i in range(0, len(titles), 256):
+            encoder.encode(titles[i:i + 256], batch_size=64)
+            done += len(titles[i:i + 256])
+            tmp = status.with_suffix(".tmp")
+            tmp.write_text(f"{done} {time.perf_counter() - started:.3f}")
+            os.replace(tmp, status)
+
+
+class BatchJob:
+    """The concurrent batch job around one serving process: started (and waited for until its
+    first batch is embedded, so the serving process meets it at full speed), then stopped by
+    its PID; :attr:`figures` holds its items/s over the serving process's lifetime."""
+
+    def __init__(self, catalogue: Path, threads: int, status_dir: Path) -> None:
+        self.catalogue, self.threads = catalogue, threads
+        self.status = status_dir / f"batch-job-{os.getpid()}.status"
+        self.figures: dict[str, Any] = {}
+
+    def _read(self) -> tuple[int, float] | None:
+        try:
+            items, seconds = self.status.read_text().split()
+        except (FileNotFoundError, ValueError):
+            return None
+        return int(items), float(seconds)
+
+    def __enter__(self) -> BatchJob:
+        self.status.unlink(missing_ok=True)
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from pipelines.benchmarks.serving import _batch_child; "
+             "_batch_child()", str(self.catalogue), str(self.status), str(self.threads)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while self._read() is None:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the concurrent batch job exited before its first batch:\n"
+                                   f"{self.proc.stderr.read()[-3000:]}")
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError("the concurrent batch job embedded nothing in 300 s")
+            time.sleep(0.2)
+        self._start = self._read()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = self._read()
+        os.kill(self.proc.pid, 15)
+        self.proc.wait(timeout=30)
+        self.status.unlink(missing_ok=True)
+        items, seconds = end[0] - self._start[0], end[1] - self._start[1]
+        self.figures = {"items": items, "items_per_s": round(items / seconds, 1)
+                        if seconds > 0 else None, "threads": self.threads}
+
+
 def _plan(judgments: Path, n: int, seed: int = 0, keep: Callable[[str], bool] | None = None,
           memory: Sequence[str] = (), levels: Sequence[int] = CONCURRENCY,
           ) -> dict[str, Any]:
@@ -787,6 +862,11 @@ def add_arguments(p: Any) -> None:
                    help="clicked training queries asked once per process (memory lookups)")
     p.add_argument("--blas-threads", type=int, default=0,
                    help="OPENBLAS/OMP/MKL_NUM_THREADS of the serving processes (0: as set)")
+    p.add_argument("--batch-job", choices=["none", "embed"], default="none",
+                   help="embed: a concurrent batch job (the encoder embedding the catalogue "
+                        "in a loop) runs beside every serving process")
+    p.add_argument("--batch-threads", type=int, default=1,
+                   help="torch threads of the concurrent batch job")
     p.add_argument("--work", type=Path, default=None,
                    help="release directory (default <home>/bench/serving-<data set>)")
     p.add_argument("--seed-cache", type=Path, default=None,
@@ -821,15 +901,26 @@ def _latency(settings: Settings, args: Any) -> dict[str, Any]:
     rankers = list(RANKERS) if args.ranker == "both" else [args.ranker]
     peers = [(r, b) for r in rankers for b in backends]
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {p: [] for p in peers}
+    batch: dict[tuple[str, str], list[dict[str, Any]]] = {p: [] for p in peers}
     for i in range(args.repeats):
         for ranker, backend in peers if i % 2 == 0 else peers[::-1]:  # alternate the order
             job = {"home": str(work), "backend": backend, "ranker": ranker, "plan": plan,
                    "k": args.k, "filter_share": args.filter_share,
                    "concurrency": list(CONCURRENCY)}
-            runs[(ranker, backend)].append(_run_child(job, args.blas_threads or None))
+            if args.batch_job == "embed":
+                with BatchJob(work / "catalogue.parquet", args.batch_threads, work) as bj:
+                    runs[(ranker, backend)].append(_run_child(job, args.blas_threads or None))
+                batch[(ranker, backend)].append(bj.figures)
+            else:
+                runs[(ranker, backend)].append(_run_child(job, args.blas_threads or None))
     by_ranker: dict[str, dict[str, Any]] = {r: {} for r in rankers}
     for (ranker, backend), r in runs.items():
         by_ranker[ranker][backend] = _median_of(r)
+        if batch[(ranker, backend)]:
+            b = batch[(ranker, backend)]
+            by_ranker[ranker][backend]["batch_job"] = {
+                "items_per_s": _median([x["items_per_s"] for x in b]),
+                "items": sum(x["items"] for x in b), "threads": args.batch_threads}
     default_backend = settings.encoder_backend if settings.encoder_backend in backends \
         else backends[0]
     default_ranker = rankers[0]
@@ -846,6 +937,9 @@ def _latency(settings: Settings, args: Any) -> dict[str, Any]:
         "rankers": by_ranker, "repeats": args.repeats, "queries_per_run": len(plan["unseen"]),
         "filter_share": args.filter_share, "filters": list(FILTER_MIX),
         "catalogue_offers": OFFERS_LABEL, "blas_threads": args.blas_threads or "as set",
+        "batch_job": (top.get("batch_job", {}) | {"kind": "embed the catalogue titles in a "
+                      "loop, beside every serving process"}) if args.batch_job == "embed"
+        else "none",
         "release": str(work), "build": build,
         "shop": {k_: v for k_, v in shop.items() if k_ != "click_queries"},
         "cpus": os.cpu_count(),

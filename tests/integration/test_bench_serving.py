@@ -105,3 +105,23 @@ def test_the_split_keeps_held_out_queries_apart():
     train = [t for t in texts if bench_serving.in_training_split(t, 0.7)]
     assert 0.65 < len(train) / len(texts) < 0.75
     assert train == [t for t in texts if bench_serving.in_training_split(t, 0.7)]
+
+
+def test_bench_serving_under_a_concurrent_batch_job(shared_data, tiny_homedepot, tmp_path):
+    """--batch-job embed: the encoder embeds the catalogue beside each serving process, is
+    stopped by its PID afterwards, and its throughput during the run is reported."""
+    import psutil
+
+    settings = make_settings(tmp_path / "home")
+    args = _args(shared_data, tiny_homedepot, "--ranker", "relevance", "--batch-job", "embed")
+    before = {p.pid for p in psutil.process_iter()}
+    out = bench_serving.run(settings, args)
+
+    job = out["batch_job"]
+    assert job["threads"] == 1 and job["items"] >= 60 and job["items_per_s"] > 0
+    assert out["rankers"]["relevance"]["onnx"]["batch_job"]["items"] == job["items"]
+    assert out["unseen"]["p50_ms"] > 0
+    left = [p for p in psutil.process_iter(["cmdline"])
+            if p.pid not in before and "_batch_child" in " ".join(p.info["cmdline"] or ())]
+    assert left == []
+    assert not list(Path(out["release"]).glob("batch-job-*"))
