@@ -60,8 +60,6 @@ from serving.text import normalise_query
 
 log = logging.getLogger(__name__)
 
-EXPERIMENT = "instantrec-encoder"
-CHAMPION = "champion"
 POINTER = "CHAMPION"
 EVENT_WEIGHTS = {"click": 1.0, "add_to_cart": 2.0, "purchase": 3.0}
 JUDGED_WEIGHT = 2.0        # a human "relevant" counts like an add-to-cart
@@ -598,22 +596,16 @@ def register_encoder(settings: Settings, trained: dict[str, Any], evaluation: di
     import mlflow
     import pandas as pd
     from mlflow.models import ModelSignature
+    from mlflow.models.model import ModelInfo
     from mlflow.types.schema import Array, ColSpec, DataType, Schema
 
-    from pipelines.registry import configure_mlflow, log_pyfunc
+    from pipelines.registry import log_pyfunc, promote_version, register_version
 
     decision = gate(evaluation, min_gain, max_recall_drop)
-    experiment_id = configure_mlflow(settings, EXPERIMENT)
-    client = mlflow.MlflowClient()
     name = encoder_model_name(settings)
     encoder_id = trained["encoder_id"]
-    found = []
-    if client.search_registered_models(filter_string=f"name = '{name}'"):
-        found = client.search_model_versions(
-            filter_string=f"name = '{name}' and tag.encoder_id = '{encoder_id}'")
-    if found:
-        version, run_id = int(found[0].version), str(found[0].run_id)
-    else:
+
+    def log_run() -> ModelInfo:
         metrics: dict[str, float] = {}
         for set_name, res in evaluation["sets"].items():
             for role in ("incumbent", "candidate"):
@@ -630,25 +622,24 @@ def register_encoder(settings: Settings, trained: dict[str, Any], evaluation: di
                   "judged_pairs": pairs["judged_pairs"], "base": trained["base"],
                   "base_revision": trained["base_revision"], "min_gain": min_gain,
                   "incumbent": evaluation["incumbent"]}
-        tags = {"encoder_id": encoder_id, "revision": trained["revision"],
-                "gate_passed": str(decision["passed"]).lower(), "pairs_id": pairs["pairs_id"]}
         signature = ModelSignature(inputs=Schema([ColSpec("string", "text")]),
                                    outputs=Schema([ColSpec(Array(DataType.double), "vector")]))
-        with mlflow.start_run(experiment_id=experiment_id, run_name=encoder_id) as run:
-            mlflow.log_params(params)
-            mlflow.log_metrics(metrics)
-            mlflow.set_tags(tags)
-            mlflow.log_dict(evaluation, "evaluation.json")
-            info = log_pyfunc("encoder", "encoder", {"encoder": trained["encoder_dir"]},
-                              signature, name, input_example=pd.DataFrame(
-                                  {"text": ["cordless drill", "running shoes"]}))
-            run_id = run.info.run_id
-        version = int(info.registered_model_version)
-        for k, v in tags.items():
-            client.set_model_version_tag(name, str(version), k, v)
+        mlflow.log_params(params)
+        mlflow.log_metrics(metrics)
+        mlflow.set_tags(tags)
+        mlflow.log_dict(evaluation, "evaluation.json")
+        return log_pyfunc("encoder", "encoder", {"encoder": trained["encoder_dir"]},
+                          signature, name, input_example=pd.DataFrame(
+                              {"text": ["cordless drill", "running shoes"]}))
+
+    tags = {"encoder_id": encoder_id, "revision": trained["revision"],
+            "gate_passed": str(decision["passed"]).lower(), "pairs_id": pairs["pairs_id"]}
+    registered = register_version(settings, "encoder", name, {"encoder_id": encoder_id},
+                                  encoder_id, log_run, version_tags=tags)
+    version, run_id = registered.version, registered.run_id
     promoted = bool(decision["passed"] and promote)
     if promoted:
-        client.set_registered_model_alias(name, CHAMPION, str(version))
+        promote_version(settings, name, version)
         write_json_atomic(encoders_dir(settings) / POINTER,
                           {"encoder": encoder_id, "revision": trained["revision"],
                            "model_name": name, "version": version})

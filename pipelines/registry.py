@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import ast
 import logging
-import os
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, packages_distributions, requires
 from importlib.metadata import version as pkg_version
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import mlflow
 import pandas as pd
@@ -39,8 +39,11 @@ from serving.settings import Settings
 
 log = logging.getLogger(__name__)
 
-EXPERIMENT = "instantrec-catalogue"
 CHAMPION = "champion"
+# One experiment per kind of model, all in the same store.
+EXPERIMENTS = {"release": "instantrec-catalogue", "ranker": "instantrec-ranker",
+               "encoder": "instantrec-encoder"}
+EXPERIMENT = EXPERIMENTS["release"]
 DISTRIBUTION = "instantrec"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_models.py")
 SERVING_DIR = Path(serving.__file__).parent
@@ -88,16 +91,20 @@ class RegisterResult:
         return asdict(self)
 
 
-def configure_mlflow(settings: Settings, experiment_name: str = EXPERIMENT) -> str:
-    """Point MLflow at the settings' tracking/registry store; returns the id of
-    ``experiment_name``, created with its artefacts beside the database by default."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout is JSON
+def use_store(settings: Settings) -> None:
+    """Point MLflow's tracking and registry at the settings' store (its SQLite directory
+    created); process environment is left as it is."""
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.tracking_uri)
     if settings.tracking_uri.startswith("sqlite:///"):
         Path(settings.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True,
                                                                           exist_ok=True)
+
+
+def configure_mlflow(settings: Settings, experiment_name: str = EXPERIMENT) -> str:
+    """Point MLflow at the settings' tracking/registry store; returns the id of
+    ``experiment_name``, created with its artefacts beside the database by default."""
+    use_store(settings)
     experiment = mlflow.get_experiment_by_name(experiment_name)
     if experiment is not None:
         return experiment.experiment_id
@@ -106,6 +113,63 @@ def configure_mlflow(settings: Settings, experiment_name: str = EXPERIMENT) -> s
         settings.mlflow_artifact_root.mkdir(parents=True, exist_ok=True)
         location = settings.mlflow_artifact_root.as_uri()
     return mlflow.create_experiment(experiment_name, artifact_location=location)
+
+
+# -- one way to register a version and one to promote it ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A model version: the one just registered, or (``reused``) the one an earlier attempt
+    with the same key tags registered."""
+
+    version: int
+    run_id: str
+    reused: bool
+
+
+def find_version(client: mlflow.MlflowClient, name: str, tags: dict[str, str]) -> Any:
+    """The version of ``name`` carrying all of ``tags`` (a retried task's), or None."""
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        return None
+    where = " and ".join(f"tag.{k} = '{v}'" for k, v in tags.items())
+    found = client.search_model_versions(filter_string=f"name = '{name}' and {where}")
+    return found[0] if found else None
+
+
+def register_version(settings: Settings, kind: Literal["release", "ranker", "encoder"],
+                     name: str, key_tags: dict[str, str], run_name: str,
+                     log_run: Callable[[], ModelInfo],
+                     version_tags: dict[str, str] | None = None,
+                     description: Callable[[int], str] | None = None) -> Registered:
+    """Register one version of ``name`` in ``kind``'s experiment, at most once per ``key_tags``.
+
+    The version already registered with ``key_tags`` is reused (a retried task); otherwise a
+    run named ``run_name`` is started, ``log_run()`` logs into it (params, metrics, artefacts
+    and the pyfunc, via :func:`log_pyfunc`, returning its ``ModelInfo``), and the new version
+    is tagged with ``key_tags`` and ``version_tags`` and given ``description(version)``.
+    """
+    experiment_id = configure_mlflow(settings, EXPERIMENTS[kind])
+    client = mlflow.MlflowClient()
+    existing = find_version(client, name, key_tags)
+    if existing is not None:
+        log.info("reusing %s v%s registered for %s", name, existing.version, key_tags)
+        return Registered(int(existing.version), str(existing.run_id), True)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
+        info = log_run()
+        run_id = run.info.run_id
+    version = int(info.registered_model_version)
+    for key, value in {**key_tags, **(version_tags or {})}.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    if description is not None:
+        client.update_model_version(name, str(version), description=description(version))
+    return Registered(version, run_id, False)
+
+
+def promote_version(settings: Settings, name: str, version: int, alias: str = CHAMPION) -> None:
+    """Move ``alias`` (``champion``) of ``name`` to ``version``."""
+    use_store(settings)
+    mlflow.MlflowClient().set_registered_model_alias(name, alias, str(version))
 
 
 # -- the pyfunc's environment -----------------------------------------------------------------
@@ -255,48 +319,38 @@ def register_release(release_dir: Path, settings: Settings) -> RegisterResult:
     alias still follows the gate.
     """
     manifest = read_manifest(release_dir)
-    experiment_id = configure_mlflow(settings)
-    client = mlflow.MlflowClient()
     name = settings.model_name
-    existing = []
-    if client.search_registered_models(filter_string=f"name = '{name}'"):
-        existing = client.search_model_versions(
-            filter_string=f"name = '{name}' and tag.release_id = '{manifest.release_id}'")
-    if existing:
-        mv = existing[0]
-        version, run_id = int(mv.version), mv.run_id
-    else:
-        gate = manifest.gate or {}
+    gate = manifest.gate or {}
+
+    def log_run() -> ModelInfo:
         artifacts = {"release": str(release_dir)}
         if manifest.encoder.path is not None:  # a fine-tuned encoder travels with its release
             artifacts["encoder"] = manifest.encoder.path
-        with mlflow.start_run(experiment_id=experiment_id,
-                              run_name=f"release-{manifest.release_id}") as run:
-            mlflow.log_params({
-                "release_id": manifest.release_id, "encoder": manifest.encoder.name,
-                "encoder_revision": manifest.encoder.revision, "dim": manifest.encoder.dim,
-                "n_trees": manifest.index.n_trees, "search_k": manifest.index.search_k,
-                "index_seed": manifest.index.seed, "item_count": manifest.item_count,
-                **{metric_name(f"gate_{k}"): v
-                   for k, v in (gate.get("thresholds") or {}).items()},
-            })
-            mlflow.log_metrics(release_metrics(manifest))
-            mlflow.log_dict(manifest.model_dump(mode="json"), "manifest.json")
-            mlflow.set_tags({"release_id": manifest.release_id,
-                             "gate_passed": str(bool(gate.get("passed")))})
-            info = log_pyfunc("release", "release", artifacts, SIGNATURE, name,
-                              input_example=INPUT_EXAMPLE)
-            run_id = run.info.run_id
-        version = int(info.registered_model_version)
-        client.set_model_version_tag(name, str(version), "release_id", manifest.release_id)
-        for key, value in release_tags(manifest).items():
-            client.set_model_version_tag(name, str(version), key, value)
-        client.update_model_version(name, str(version),
-                                    description=release_description(manifest, name, version))
-        client.update_registered_model(name, description=MODEL_DESCRIPTION.format(name=name))
-    champion = bool(manifest.gate and manifest.gate.get("passed"))
+        mlflow.log_params({
+            "release_id": manifest.release_id, "encoder": manifest.encoder.name,
+            "encoder_revision": manifest.encoder.revision, "dim": manifest.encoder.dim,
+            "n_trees": manifest.index.n_trees, "search_k": manifest.index.search_k,
+            "index_seed": manifest.index.seed, "item_count": manifest.item_count,
+            **{metric_name(f"gate_{k}"): v for k, v in (gate.get("thresholds") or {}).items()},
+        })
+        mlflow.log_metrics(release_metrics(manifest))
+        mlflow.log_dict(manifest.model_dump(mode="json"), "manifest.json")
+        mlflow.set_tags({"release_id": manifest.release_id,
+                         "gate_passed": str(bool(gate.get("passed")))})
+        return log_pyfunc("release", "release", artifacts, SIGNATURE, name,
+                          input_example=INPUT_EXAMPLE)
+
+    registered = register_version(
+        settings, "release", name, {"release_id": manifest.release_id},
+        f"release-{manifest.release_id}", log_run, version_tags=release_tags(manifest),
+        description=lambda version: release_description(manifest, name, version))
+    if not registered.reused:
+        mlflow.MlflowClient().update_registered_model(
+            name, description=MODEL_DESCRIPTION.format(name=name))
+    champion = bool(gate.get("passed"))
     if champion:
-        client.set_registered_model_alias(name, CHAMPION, str(version))
-    log.info("release %s registered as %s v%d%s", manifest.release_id, name, version,
-             " (champion)" if champion else "")
-    return RegisterResult(manifest.release_id, run_id, name, version, champion)
+        promote_version(settings, name, registered.version)
+    log.info("release %s registered as %s v%d%s", manifest.release_id, name,
+             registered.version, " (champion)" if champion else "")
+    return RegisterResult(manifest.release_id, registered.run_id, name, registered.version,
+                          champion)

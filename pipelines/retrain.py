@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 import polars as pl
 from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
 from mlflow.types.schema import Array, ColSpec, DataType, Schema
 
 from pipelines.judged import Judgments
@@ -59,6 +60,7 @@ from pipelines.nearline import (
     QueryRelevance,
 )
 from pipelines.pyfunc_models import RankerModel  # noqa: F401 - versions logged as pickles name it here
+from pipelines.registry import log_pyfunc, promote_version, register_version
 from serving.checkpoint import load_latest, read_latest
 from serving.encoder import Encoder
 from serving.ranker import Ranker, RankerConfig, query_key
@@ -70,8 +72,6 @@ from serving.text import normalise_query
 
 log = logging.getLogger(__name__)
 
-EXPERIMENT = "instantrec-ranker"
-CHAMPION = "champion"
 MIN_EXAMPLES = 20
 MIN_GAIN = 1e-4     # held-out log-loss (nats per unit weight) the candidate must win by
 
@@ -239,13 +239,6 @@ def ranker_input_example(ranker: Ranker) -> pd.DataFrame:
                          "query": ["cordless drill"] * rows})
 
 
-def configure_ranker_mlflow(settings: Settings) -> str:
-    """The ranker experiment's id, beside the catalogue's in the same store."""
-    from pipelines.registry import configure_mlflow
-
-    return configure_mlflow(settings, EXPERIMENT)
-
-
 def ranker_model_name(settings: Settings) -> str:
     return f"{settings.model_name}-ranker"
 
@@ -254,43 +247,26 @@ def _metrics(prefix: str, m: dict[str, Any]) -> dict[str, float]:
     return {f"{prefix}_{k}": float(v) for k, v in m.items() if v is not None}
 
 
-def _existing_version(client: mlflow.MlflowClient, name: str, tags: dict[str, str]) -> Any:
-    """The model version already registered for these inputs (a retried run), or None."""
-    if not client.search_registered_models(filter_string=f"name = '{name}'"):
-        return None
-    where = " and ".join(f"tag.{k} = '{v}'" for k, v in tags.items())
-    found = client.search_model_versions(filter_string=f"name = '{name}' and {where}")
-    return found[0] if found else None
-
-
 def _register(settings: Settings, ranker: Ranker, params: dict[str, Any],
               metrics: dict[str, float], tags: dict[str, str]) -> tuple[int, str]:
     """Log a run with the checkpoint and register it as a pyfunc version; returns
     (version, run id). A version registered earlier for the same ``tags`` is reused."""
-    from pipelines.registry import log_pyfunc
-
-    experiment_id = configure_ranker_mlflow(settings)
-    client = mlflow.MlflowClient()
-    name = ranker_model_name(settings)
-    existing = _existing_version(client, name, tags)
-    if existing is not None:
-        log.info("reusing %s v%s registered for the same feedback", name, existing.version)
-        return int(existing.version), str(existing.run_id)
     with tempfile.TemporaryDirectory(prefix="ranker-") as tmp:
         path = Path(tmp) / f"ckpt-{int(tags['offset']):012d}.npz"
-        ranker.save(path)
-        with mlflow.start_run(experiment_id=experiment_id,
-                              run_name=f"ranker-{tags['release_id']}-{tags['offset']}") as run:
+
+        def log_run() -> ModelInfo:
+            ranker.save(path)
             mlflow.log_params(params)
             mlflow.log_metrics(metrics)
             mlflow.set_tags(tags)
             mlflow.log_artifact(str(path), artifact_path="checkpoint")
-            info = log_pyfunc("ranker", "ranker", {"checkpoint": str(path)}, SIGNATURE, name,
+            return log_pyfunc("ranker", "ranker", {"checkpoint": str(path)}, SIGNATURE,
+                              ranker_model_name(settings),
                               input_example=ranker_input_example(ranker), scope="import")
-    version = int(info.registered_model_version)
-    for key, value in tags.items():
-        client.set_model_version_tag(name, str(version), key, value)
-    return version, run.info.run_id
+
+        registered = register_version(settings, "ranker", ranker_model_name(settings), tags,
+                                      f"ranker-{tags['release_id']}-{tags['offset']}", log_run)
+    return registered.version, registered.run_id
 
 
 # -- the retrain ------------------------------------------------------------------------------
@@ -544,7 +520,7 @@ def _retrain(settings: Settings, updater: NearlineUpdater, holdout: float,
            "holdout": holdout, "candidate": cand_m, "champion": {**champ_m, "seq": champion_seq},
            "log_loss_gain": gain,
            "promoted_by": ("relevance" if fitted is not None else "log_loss") if promoted else None}
-    return _promote(settings, updater, final, champion_seq, out, promote=promoted,
+    return _promote(settings, updater, final, champion_seq, out, promoted=promoted,
                     metrics={**_metrics("candidate", cand_m), **_metrics("champion", champ_m),
                              "log_loss_gain": gain, **_relevance_metrics(rel_report)},
                     params={"epochs": epochs, "holdout": holdout, "train_examples": len(train),
@@ -569,8 +545,8 @@ def _relevance_metrics(report: dict[str, Any]) -> dict[str, float]:
 
 def _promote(settings: Settings, updater: NearlineUpdater, final: Ranker, champion_seq: int,
              out: dict[str, Any], metrics: dict[str, float], params: dict[str, Any],
-             promote: bool = True, reason: str | None = None) -> dict[str, Any]:
-    """Register ``final`` as a version of the ranker model; if ``promote``, publish it as the
+             promoted: bool = True, reason: str | None = None) -> dict[str, Any]:
+    """Register ``final`` as a version of the ranker model; if ``promoted``, publish it as the
     checkpoint at the log's end and move the ``champion`` alias."""
     offset, release_id = updater.offset, updater.bundle.release_id
     relevance = out.get("relevance", {})
@@ -582,15 +558,15 @@ def _promote(settings: Settings, updater: NearlineUpdater, final: Ranker, champi
         metrics=metrics,
         tags={"release_id": release_id, "offset": str(offset),
               "epochs": str(params.get("epochs", 0)), "holdout": str(params.get("holdout", "")),
-              "champion_seq": str(champion_seq), "promoted": str(promote).lower(),
+              "champion_seq": str(champion_seq), "promoted": str(promoted).lower(),
               "judgments": str(relevance.get("judgments_sha256", "none"))},
     )
-    result: dict[str, Any] = {"promoted": promote, **out,
+    result: dict[str, Any] = {"promoted": promoted, **out,
                               "model_name": ranker_model_name(settings), "version": version,
                               "run_id": run_id}
     if reason is not None:
         result["reason"] = f"{reason}; the relevance model alone was retrained"
-    if promote:
+    if promoted:
         final.meta["retrain_version"] = version
         # The collecting updater holds exactly the transient state (sessions, impressions,
         # replay window) and counters at ``offset``: its own publish() writes the warm-up
@@ -599,8 +575,7 @@ def _promote(settings: Settings, updater: NearlineUpdater, final: Ranker, champi
         updater.publish()
         ref = read_latest(settings.home)
         result["checkpoint_seq"] = ref.seq if ref else None
-        mlflow.MlflowClient().set_registered_model_alias(result["model_name"], CHAMPION,
-                                                         str(version))
+        promote_version(settings, result["model_name"], version)
         log.info("published retrained ranker v%d at offset %d", version, offset)
     return result
 
@@ -616,8 +591,7 @@ def _live_retrain(settings: Settings, release_id: str, offset: int) -> dict[str,
             or ranker.meta.get("retrain_offset") != offset or "retrain_version" not in ranker.meta):
         return None
     version = int(ranker.meta["retrain_version"])
-    configure_ranker_mlflow(settings)
     name = ranker_model_name(settings)
-    mlflow.MlflowClient().set_registered_model_alias(name, CHAMPION, str(version))
+    promote_version(settings, name, version)
     return {"promoted": False, "model_name": name, "version": version, "checkpoint_seq": ref.seq,
             "reason": f"no new feedback since the retrain registered as version {version}"}
