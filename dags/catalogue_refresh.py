@@ -25,7 +25,9 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 
-RELEASE = Asset(name="instantrec_release", uri="instantrec://releases/current")
+from serving.layout import RELEASE_ASSET  # names only: nothing heavy at parse time
+
+RELEASE = Asset(name=RELEASE_ASSET[0], uri=RELEASE_ASSET[1])
 
 
 def _settings():
@@ -99,14 +101,11 @@ def catalogue_refresh():
     def evaluate(built: dict) -> dict:
         """Evaluate the staged bundle (index recall, golden and judged queries) and decide the
         gate."""
-        from pipelines.evaluate import DEMO_GOLDEN
         from pipelines.steps import run_evaluate
 
         params = get_current_context()["params"]
-        golden = params["golden"]
-        if golden is None and params["catalogue"] is None:
-            golden = str(DEMO_GOLDEN)
-        return run_evaluate(_settings(), built["bundle_dir"], golden, params["judgments"])
+        return run_evaluate(_settings(), built["bundle_dir"], params["golden"],
+                            params["judgments"], demo=params["catalogue"] is None)
 
     @task(execution_timeout=timedelta(minutes=10))
     def publish(evaluated: dict) -> dict:

@@ -24,7 +24,9 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 
-ENCODER = Asset(name="instantrec_encoder", uri="instantrec://encoders/champion")
+from serving.layout import ENCODER_ASSET  # names only: nothing heavy at parse time
+
+ENCODER = Asset(name=ENCODER_ASSET[0], uri=ENCODER_ASSET[1])
 
 
 def _settings():
@@ -68,10 +70,10 @@ def encoder_finetune():
     @task(execution_timeout=timedelta(minutes=30))
     def collect_pairs() -> dict:
         """Positive (query, item) pairs from feedback (and judged data), split by query hash."""
-        from pipelines.finetune import collect_pairs as collect
+        from pipelines.steps import run_collect_pairs
 
         p = get_current_context()["params"]
-        return collect(_settings(), p["products"], p["judgments"], float(p["holdout"]))
+        return run_collect_pairs(_settings(), p["products"], p["judgments"], float(p["holdout"]))
 
     @task(execution_timeout=timedelta(hours=4))
     def finetune(pairs: dict) -> dict:
@@ -79,31 +81,28 @@ def encoder_finetune():
         with fewer than two pairs."""
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from pipelines.finetune import TrainConfig, train_encoder
+        from pipelines.steps import run_train_encoder
 
         if pairs["train_pairs"] < 2:
             raise AirflowSkipException(f"not enough training pairs: {pairs['train_pairs']}")
         p = get_current_context()["params"]
-        settings = _settings()
-        cfg = TrainConfig(max_steps=int(p["max_steps"]), epochs=int(p["epochs"]),
-                          item_max_tokens=settings.item_max_tokens)
-        return train_encoder(settings, pairs["pairs_path"], cfg)
+        return run_train_encoder(_settings(), pairs["pairs_path"], int(p["max_steps"]),
+                                 int(p["epochs"]))
 
     @task(execution_timeout=timedelta(hours=2))
     def evaluate(pairs: dict, trained: dict) -> dict:
         """Held-out nDCG@10 of the candidate and the champion (full-catalogue dense retrieval)."""
-        from pipelines.finetune import evaluate_encoders
+        from pipelines.steps import run_evaluate_encoders
 
-        return evaluate_encoders(_settings(), pairs["pairs_path"], trained["encoder_dir"],
-                                 pairs["products"], pairs["judgments"])
+        return run_evaluate_encoders(_settings(), pairs, trained)
 
     @task(execution_timeout=timedelta(minutes=30))
     def register(pairs: dict, trained: dict, evaluation: dict) -> dict:
         """Register the candidate in MLflow; promote it (alias + CHAMPION) only if it won."""
-        from pipelines.finetune import register_encoder
+        from pipelines.steps import run_register_encoder
 
         promote = bool(get_current_context()["params"]["promote"])
-        return register_encoder(_settings(), trained, evaluation, pairs, promote)
+        return run_register_encoder(_settings(), pairs, trained, evaluation, promote)
 
     @task(outlets=[ENCODER], execution_timeout=timedelta(minutes=5))
     def announce(registered: dict) -> dict:

@@ -33,8 +33,10 @@ from airflow.sdk import (
     task,
 )
 
-# The asset catalogue_refresh emits when a release goes live (same name and uri).
-RELEASE = Asset(name="instantrec_release", uri="instantrec://releases/current")
+from serving.layout import RELEASE_ASSET  # names only: nothing heavy at parse time
+
+# The asset catalogue_refresh emits when a release goes live.
+RELEASE = Asset(name=RELEASE_ASSET[0], uri=RELEASE_ASSET[1])
 
 
 def _settings():
@@ -84,32 +86,16 @@ def ranker_retrain():
 
     @task(execution_timeout=timedelta(minutes=5))
     def report(result: dict) -> dict:
-        """Log the outcome; fail only if a promotion did not take effect."""
-        log = logging.getLogger("ranker_retrain")
-        if not result["promoted"]:
-            if "reason" in result:
-                log.info("ranker not retrained: %s", result["reason"])
-            else:
-                log.info("kept the champion: held-out log-loss candidate %.4f vs champion "
-                         "%.4f (version %s registered, not promoted)",
-                         result["candidate"]["log_loss"], result["champion"]["log_loss"],
-                         result["version"])
-            return {"promoted": False, "version": result.get("version")}
-        from serving.checkpoint import read_latest
+        """Log the outcome; fail (without retries) only if a promotion did not take effect."""
+        from airflow.sdk.exceptions import AirflowFailException
 
-        latest = read_latest(_settings().home)
-        if latest is None or latest.seq < result["checkpoint_seq"]:
-            from airflow.sdk.exceptions import AirflowFailException
+        from pipelines.steps import report_retrain
+        from serving.errors import ReleaseError
 
-            raise AirflowFailException(
-                f"ranker version {result['version']} was promoted as checkpoint "
-                f"{result['checkpoint_seq']}, but the live pointer is at "
-                f"{latest.seq if latest else 'nothing'}: the ranker pointer went backwards")
-        log.info("promoted ranker version %s: held-out log-loss %.4f (champion %.4f), "
-                 "checkpoint %d at offset %d", result["version"],
-                 result["candidate"]["log_loss"], result["champion"]["log_loss"],
-                 result["checkpoint_seq"], result["offset"])
-        return {"promoted": True, "version": result["version"], "offset": result["offset"]}
+        try:
+            return report_retrain(_settings(), result)
+        except ReleaseError as exc:
+            raise AirflowFailException(str(exc)) from exc
 
     report(retrain())
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.errors import InstantrecError
+from serving.layout import embedding_cache
 from serving.settings import Settings, load_settings
 
 
@@ -177,7 +178,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     encoder = Encoder(settings.encoder_path, max_length=settings.item_max_tokens,
                       precision=settings.embed_precision)
     report = evaluate_judged(Path(args.products), Path(args.judgments), args.protocol, encoder,
-                             settings.home / "cache" / "embeddings.duckdb",
+                             embedding_cache(settings.home),
                              per_query=args.per_query,
                              relevant_threshold=args.relevant_threshold,
                              query_steps=args.query_steps, methods=args.methods)

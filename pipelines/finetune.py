@@ -53,18 +53,20 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from pipelines.metrics import MIN_NDCG_GAIN
+from pipelines.splits import hash_unit
 from serving.encoder import Encoder, default_encoder_path
+from serving.layout import embedding_cache, encoders_dir
 from serving.manifest import write_json_atomic
+from serving.session import EVENT_WEIGHTS
 from serving.settings import Settings
 from serving.text import normalise_query
 
 log = logging.getLogger(__name__)
 
 POINTER = "CHAMPION"
-EVENT_WEIGHTS = {"click": 1.0, "add_to_cart": 2.0, "purchase": 3.0}
 JUDGED_WEIGHT = 2.0        # a human "relevant" counts like an add-to-cart
 MAX_PAIR_WEIGHT = 5.0      # many clicks on one pair should not drown the rest of the batch
-MIN_GAIN = 0.002           # held-out nDCG@10 the candidate must gain (and recall@100 may lose)
 SCALE = 20.0               # inverse temperature of the in-batch softmax
 QUERY_MAX_TOKENS = 32
 EVAL_DEPTH = 100
@@ -76,7 +78,7 @@ META = "finetune.meta"     # training summary saved beside the weights
 
 def query_bucket(query: str) -> float:
     """Stable position of a normalised query in [0, 1): sha256, first 8 bytes."""
-    return int.from_bytes(hashlib.sha256(query.encode()).digest()[:8], "big") / 2.0 ** 64
+    return hash_unit(query)
 
 
 def is_heldout(query: str, holdout: float, fold: int = 0) -> bool:
@@ -365,17 +367,13 @@ def base_encoder_path(settings: Settings) -> Path:
     return Path(settings.encoder_path) if settings.encoder_path else default_encoder_path()
 
 
-def encoders_dir(settings: Settings) -> Path:
-    return settings.home / "encoders"
-
-
 def champion_encoder_path(home: Path) -> Path | None:
     """The promoted encoder directory named by ``<home>/encoders/CHAMPION``, or None."""
-    pointer = home / "encoders" / POINTER
+    pointer = encoders_dir(home) / POINTER
     if not pointer.is_file():
         return None
     name = json.loads(pointer.read_text())["encoder"]
-    path = home / "encoders" / name
+    path = encoders_dir(home) / name
     if not path.is_dir():
         from serving.errors import EncoderError
 
@@ -413,7 +411,7 @@ def train_encoder(settings: Settings, pairs_path: str | Path,
     recipe = {k: v for k, v in asdict(cfg).items() if k != "threads"}
     key = json.dumps({"base": base_rev, "pairs": Path(pairs_path).stem, **recipe}, sort_keys=True)
     encoder_id = "ft-" + hashlib.sha256(key.encode()).hexdigest()[:12]
-    root = encoders_dir(settings)
+    root = encoders_dir(settings.home)
     final = root / encoder_id
     meta_path = final / META
     out = {"encoder_id": encoder_id, "encoder_dir": str(final), "base": str(base),
@@ -514,7 +512,7 @@ def evaluate_encoders(settings: Settings, pairs_path: str | Path, encoder_dir: s
     from pipelines.evaluation import embed_cached, method_rankings
     from pipelines.judged import score_rankings
 
-    cache_path = cache_path or settings.home / "cache" / "embeddings.duckdb"
+    cache_path = cache_path or embedding_cache(settings.home)
     pairs = pl.read_parquet(pairs_path)
     sets = _eval_sets(settings, pairs, products, judgments)
     incumbent = Encoder(incumbent_encoder_path(settings), max_length=settings.item_max_tokens)
@@ -562,7 +560,7 @@ def _sample_catalogue(catalogue: pl.DataFrame, texts: list[str], judg: Any,
     return catalogue[keep], [texts[r] for r in keep]
 
 
-def gate(evaluation: dict[str, Any], min_gain: float = MIN_GAIN,
+def gate(evaluation: dict[str, Any], min_gain: float = MIN_NDCG_GAIN,
          max_recall_drop: float | None = None) -> dict[str, Any]:
     """Promote iff held-out nDCG@10 gains >= ``min_gain`` and recall@100 loses no more than
     ``max_recall_drop`` (default: ``min_gain``) on the gate set; no held-out queries means no
@@ -587,7 +585,7 @@ def encoder_model_name(settings: Settings) -> str:
 
 def register_encoder(settings: Settings, trained: dict[str, Any], evaluation: dict[str, Any],
                      pairs: dict[str, Any], promote: bool = True,
-                     min_gain: float = MIN_GAIN,
+                     min_gain: float = MIN_NDCG_GAIN,
                      max_recall_drop: float | None = None) -> dict[str, Any]:
     """Log the run (params, held-out metrics), register the encoder directory as a version of
     ``<model_name>-encoder`` and, when the gate passed and ``promote``, move the ``champion``
@@ -640,7 +638,7 @@ def register_encoder(settings: Settings, trained: dict[str, Any], evaluation: di
     promoted = bool(decision["passed"] and promote)
     if promoted:
         promote_version(settings, name, version)
-        write_json_atomic(encoders_dir(settings) / POINTER,
+        write_json_atomic(encoders_dir(settings.home) / POINTER,
                           {"encoder": encoder_id, "revision": trained["revision"],
                            "model_name": name, "version": version})
         log.info("encoder %s promoted as %s v%d", encoder_id, name, version)
@@ -655,7 +653,7 @@ def register_encoder(settings: Settings, trained: dict[str, Any], evaluation: di
 def finetune_encoder(settings: Settings, products: Path | None = None,
                      judgments: Path | None = None, holdout: float = 0.2, fold: int = 0,
                      cfg: TrainConfig | None = None, promote: bool = True,
-                     min_gain: float = MIN_GAIN, hybrid: bool = False,
+                     min_gain: float = MIN_NDCG_GAIN, hybrid: bool = False,
                      cache_path: Path | None = None,
                      max_items: int | None = None) -> dict[str, Any]:
     """The whole fine-tune in one process: pairs -> train -> evaluate -> register/promote.

@@ -101,7 +101,7 @@ def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, order, axis=1)
 
 
-def recall_at_k(found: list[list[int]], truth: np.ndarray) -> float:
+def neighbour_recall(found: list[list[int]], truth: np.ndarray) -> float:
     """Mean over queries of |found ∩ truth| / |truth|."""
     hits = [len(set(f) & set(t.tolist())) / len(t) for f, t in zip(found, truth, strict=True)]
     return float(np.mean(hits)) if hits else 1.0
@@ -152,7 +152,7 @@ def tune_index(vectors: np.ndarray, seed: int, target: float = 0.95, k: int = 10
         n_trees, search_k, tuned_at = reuse
         index = _build(vectors, n_trees, seed)
         found = _probe(index, vectors, search_k, queries, k)
-        recall = recall_at_k(found, truth)
+        recall = neighbour_recall(found, truth)
         point = {"n_trees": n_trees, "search_k": search_k, "recall_at_10": recall,
                  "reused_from_items": tuned_at}
         if recall >= target:
@@ -173,7 +173,7 @@ def tune_index(vectors: np.ndarray, seed: int, target: float = 0.95, k: int = 10
             if n_trees == start_trees and search_k <= start_search_k:
                 continue
             found = _probe(index, vectors, search_k, queries, k)
-            recall = recall_at_k(found, truth)
+            recall = neighbour_recall(found, truth)
             tuning.append({"n_trees": n_trees, "search_k": search_k, "recall_at_10": recall})
             if recall >= target:
                 best = (index, IndexChoice(n_trees, search_k, recall, tuning))
@@ -310,7 +310,7 @@ def check_delta(plan: DeltaPlan, vectors: np.ndarray, seed: int, target: float,
         queries = vectors[pick] + rng.normal(0, noise, size=(len(pick), vectors.shape[1]))
         queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
         truth = exact_top_k(vectors, queries, k)
-        recall = recall_at_k([rows for rows, _ in index.nearest_many(queries, k)], truth)
+        recall = neighbour_recall([rows for rows, _ in index.nearest_many(queries, k)], truth)
     finally:
         ann.unload()
     point = {"n_trees": plan.n_trees, "search_k": plan.search_k, "recall_at_10": recall,

@@ -11,6 +11,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from sklearn.metrics import ndcg_score
 
+# The smallest judged nDCG@10 gain that counts as a win in any gate (the relevance model's over
+# the zero-shot fusion, a fine-tuned encoder's over the incumbent): below it is fold noise.
+MIN_NDCG_GAIN = 0.002
+
 
 def ndcg_at_k(ranking: Sequence[str], gains: Mapping[str, float], k: int = 10) -> float:
     """nDCG@k of ``ranking`` (best first); ``gains`` maps judged items to gain >= 0.

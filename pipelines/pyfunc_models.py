@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 
-class ReleaseModel(mlflow.pyfunc.PythonModel):
+class ReleasePyfunc(mlflow.pyfunc.PythonModel):
     """A release bundle as an MLflow pyfunc: input rows with ``query`` (and optional ``k``,
     default 10), output one row per recommendation (``request`` = the input row, ``query``,
     ``rank`` from 1, ``item_id``, ``title``, ``score``).
@@ -51,7 +51,7 @@ class ReleaseModel(mlflow.pyfunc.PythonModel):
                                            "score"])
 
 
-class RankerModel(mlflow.pyfunc.PythonModel):
+class RankerPyfunc(mlflow.pyfunc.PythonModel):
     """A ranker checkpoint as an MLflow pyfunc.
 
     Input rows: ``query_vector`` (the blended query vector the recommender searches with),
@@ -93,7 +93,7 @@ class RankerModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({"logit": z, "score": sigmoid(z)})
 
 
-class EncoderModel(mlflow.pyfunc.PythonModel):
+class EncoderPyfunc(mlflow.pyfunc.PythonModel):
     """An encoder directory (artefact ``encoder``) as an MLflow pyfunc: input rows with
     ``text``, output one unit vector (``vector``, float64) per row."""
 
@@ -109,7 +109,7 @@ class EncoderModel(mlflow.pyfunc.PythonModel):
 
 
 MODELS: dict[str, type[mlflow.pyfunc.PythonModel]] = {
-    "release": ReleaseModel, "ranker": RankerModel, "encoder": EncoderModel}
+    "release": ReleasePyfunc, "ranker": RankerPyfunc, "encoder": EncoderPyfunc}
 
 if __name__ != "pipelines.pyfunc_models":  # run by MLflow as a model's code
     mlflow.models.set_model(MODELS[mlflow.models.ModelConfig().get("model")]())

@@ -33,7 +33,6 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 import serving
-from pipelines.pyfunc_models import ReleaseModel  # noqa: F401 - versions logged as pickles name it here
 from serving.manifest import Manifest, read_manifest
 from serving.settings import Settings
 

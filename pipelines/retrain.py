@@ -13,7 +13,7 @@ in arrival order.
 Gate: the last ``holdout`` share of distinct event offsets (the most recent feedback) is held
 out; a candidate trained on the rest is compared with the current champion (the live
 checkpoint) on it. The candidate wins when its weighted held-out log-loss is lower by at least
-:data:`MIN_GAIN`. Log-loss and not pairwise accuracy decides, because it is what both models
+:data:`MIN_LOG_LOSS_GAIN`. Log-loss and not pairwise accuracy decides, because it is what both models
 were trained to minimise and it uses every example, not only clicks with skipped items above.
 
 What is published is not that candidate but the same recipe (same epochs, same seed) trained
@@ -52,6 +52,7 @@ from mlflow.models.model import ModelInfo
 from mlflow.types.schema import Array, ColSpec, DataType, Schema
 
 from pipelines.judged import Judgments
+from pipelines.metrics import MIN_NDCG_GAIN
 from pipelines.nearline import (
     PROPENSITY_ETA,
     Example,
@@ -59,8 +60,8 @@ from pipelines.nearline import (
     NearlineUpdater,
     QueryRelevance,
 )
-from pipelines.pyfunc_models import RankerModel  # noqa: F401 - versions logged as pickles name it here
 from pipelines.registry import log_pyfunc, promote_version, register_version
+from pipelines.splits import hash_fold
 from serving.checkpoint import load_latest, read_latest
 from serving.encoder import Encoder
 from serving.ranker import Ranker, RankerConfig, query_key
@@ -73,7 +74,7 @@ from serving.text import normalise_query
 log = logging.getLogger(__name__)
 
 MIN_EXAMPLES = 20
-MIN_GAIN = 1e-4     # held-out log-loss (nats per unit weight) the candidate must win by
+MIN_LOG_LOSS_GAIN = 1e-4     # held-out log-loss (nats per unit weight) the candidate must win by
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -324,7 +325,6 @@ def judged_examples(settings: Settings, updater: NearlineUpdater) -> list[Exampl
     return out
 
 
-RELEVANCE_MIN_GAIN = 0.002  # cross-fitted judged nDCG@10 over the zero-shot fusion
 MIN_RELEVANCE_QUERIES = 5
 RELEVANCE_FOLDS = 5  # 80% of the queries train each fold: at 2, CrowdFlower's 37 were too few
 
@@ -392,7 +392,7 @@ def fit_relevance(settings: Settings, lookup: QueryRelevance,
     the position-debiased feedback in ``tally`` (:func:`feedback_relevance`), against the live
     release's candidates. Gate: cross-fitted over :data:`RELEVANCE_FOLDS` folds of the queries
     (by a hash of their normalised text), the model's nDCG@10 on the held-out fold must beat
-    the zero-shot fusion's on the same candidates by :data:`RELEVANCE_MIN_GAIN`. The gains
+    the zero-shot fusion's on the same candidates by :data:`MIN_NDCG_GAIN`. The gains
     are the judgments' whenever there are judgments (a model trained on feedback is then
     judged on the judged queries, all candidates), else the feedback estimates of the shown
     items (which favour the ranking that chose what was shown). Returns (model or None,
@@ -425,9 +425,6 @@ def fit_relevance(settings: Settings, lookup: QueryRelevance,
     if len(data) < MIN_RELEVANCE_QUERIES:
         return None, {**report, "promoted": False, "reason": "too few queries"}
 
-    def fold_of(text: str) -> int:
-        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") % RELEVANCE_FOLDS
-
     def ndcg(rows: list[int], gain: np.ndarray, score: np.ndarray) -> float:
         ranking = [ids[rows[j]] for j in np.argsort(-score, kind="stable")[:100]]
         return ndcg_at_k(ranking, {ids[r]: float(g) for r, g in zip(rows, gain, strict=True)
@@ -437,19 +434,19 @@ def fit_relevance(settings: Settings, lookup: QueryRelevance,
     cv: list[float] = []
     zero: list[float] = []
     for fold in range(RELEVANCE_FOLDS):
-        train = [d for d in data.values() if fold_of(d[3]) != fold]
+        train = [d for d in data.values() if hash_fold(d[3], RELEVANCE_FOLDS) != fold]
         if not train:
             continue
         model = RelevanceModel.fit([d[1] for d in train], [d[2] for d in train])
         for rows, X, gain, text in gate.values():
-            if fold_of(text) == fold and gain.any():
+            if hash_fold(text, RELEVANCE_FOLDS) == fold and gain.any():
                 cv.append(ndcg(rows, gain, model.score(X)))
                 # the zero-shot ranker: w_dense * cosine + w_lexical * relative BM25
                 zero.append(ndcg(rows, gain, cfg.init_w_dense * X[:, COL_COS]
                                  + cfg.init_w_lexical * X[:, COL_BM25_REL]))
     cv_m = {"ndcg@10": float(np.mean(cv)) if cv else 0.0, "queries": len(cv)}
     zero_m = {"ndcg@10": float(np.mean(zero)) if zero else 0.0, "queries": len(zero)}
-    promoted = bool(cv) and cv_m["ndcg@10"] >= zero_m["ndcg@10"] + RELEVANCE_MIN_GAIN
+    promoted = bool(cv) and cv_m["ndcg@10"] >= zero_m["ndcg@10"] + MIN_NDCG_GAIN
     report.update({"cross_fitted": cv_m, "zero_shot": zero_m, "promoted": promoted})
     log.info("relevance model on %d queries (%s; gate on %s): cross-fitted nDCG@10 %.4f vs "
              "zero-shot %.4f -> %s", len(data), source, report["gate"], cv_m["ndcg@10"],
@@ -508,7 +505,7 @@ def _retrain(settings: Settings, updater: NearlineUpdater, holdout: float,
     # A relevance model that passed its own gate is a new base for every query; the log-loss
     # comparison cannot judge it fairly (the champion has already learned the held-out
     # events online), so it is reported, and the relevance gate decides.
-    promoted = gain >= MIN_GAIN or fitted is not None
+    promoted = gain >= MIN_LOG_LOSS_GAIN or fitted is not None
     log.info("held-out log-loss: candidate %.4f, champion (seq %d) %.4f -> %s",
              cand_m["log_loss"], champion_seq, champ_m["log_loss"],
              "promote" if promoted else "keep the champion")
@@ -524,7 +521,7 @@ def _retrain(settings: Settings, updater: NearlineUpdater, holdout: float,
                     metrics={**_metrics("candidate", cand_m), **_metrics("champion", champ_m),
                              "log_loss_gain": gain, **_relevance_metrics(rel_report)},
                     params={"epochs": epochs, "holdout": holdout, "train_examples": len(train),
-                            "holdout_examples": len(held), "min_gain": MIN_GAIN})
+                            "holdout_examples": len(held), "min_gain": MIN_LOG_LOSS_GAIN})
 
 
 def _new_judgments(settings: Settings, ranker: Ranker) -> bool:

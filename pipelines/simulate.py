@@ -27,7 +27,6 @@ part (embedding the catalogue into ``<home>``) is done once and reused.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import random
@@ -44,6 +43,7 @@ import polars as pl
 
 from pipelines.judged import Judgments, load_judgments, read_table, score_rankings
 from pipelines.metrics import ndcg_at_k
+from pipelines.splits import hash_unit
 from serving.encoder import Encoder
 from serving.errors import InvalidInputError, ReleaseError
 from serving.settings import Settings
@@ -161,8 +161,7 @@ class Feedback:
 
 def query_bucket(query_id: int) -> float:
     """A stable number in [0, 1) from a query id (sha256), the same on every machine."""
-    digest = hashlib.sha256(f"instantrec-simulate:{query_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+    return hash_unit(f"instantrec-simulate:{query_id}")
 
 
 def split_queries(judgments: Judgments, seen_share: float = 0.5,

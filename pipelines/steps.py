@@ -6,6 +6,7 @@ JSON-able dict: exactly what an Airflow XCom should carry (paths, ids, counts).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,8 @@ from serving.settings import Settings
 
 if TYPE_CHECKING:
     from pipelines.embed import EncoderLoader
+
+log = logging.getLogger(__name__)
 
 DEMO_CATALOGUE = Path(__file__).parent / "demo" / "catalogue.csv"
 
@@ -74,11 +77,13 @@ def run_index(settings: Settings, encoder: Encoder | None = None) -> dict[str, A
 
 
 def run_evaluate(settings: Settings, bundle_dir: str | Path, golden: str | Path | None = None,
-                 judgments: str | Path | None = None,
-                 encoder: Encoder | None = None) -> dict[str, Any]:
-    from pipelines.evaluate import evaluate_release
+                 judgments: str | Path | None = None, encoder: Encoder | None = None,
+                 demo: bool = False) -> dict[str, Any]:
+    """Evaluate a staged bundle and decide its gate. ``demo``: the bundle holds the demo
+    catalogue, so without golden queries given or configured the demo's own gate it."""
+    from pipelines.evaluate import DEMO_GOLDEN, evaluate_release
 
-    golden = golden or settings.golden_queries
+    golden = golden or settings.golden_queries or (DEMO_GOLDEN if demo else None)
     judgments = judgments or settings.judgments
     result = evaluate_release(Path(bundle_dir), settings, encoder,
                               Path(golden) if golden else None,
@@ -103,17 +108,15 @@ def run_build(settings: Settings, catalogue: str | Path | None = None,
               progress: bool = False, encoder: Encoder | None = None) -> dict[str, Any]:
     """The whole catalogue refresh in one process, as the DAG runs it step by step.
 
-    With the demo catalogue and no golden file given, the demo golden queries gate it.
+    With the demo catalogue and no golden file given or configured, the demo golden queries
+    gate it.
     """
-    from pipelines.evaluate import DEMO_GOLDEN
-
-    if golden is None and catalogue is None and settings.golden_queries is None:
-        golden = DEMO_GOLDEN
     encoder = encoder or _encoder(settings)
     out: dict[str, Any] = {"ingest": run_ingest(settings, catalogue)}
     out["embed"] = run_embed(settings, progress=progress, encoder=encoder)
     out["index"] = run_index(settings, encoder)
-    out["evaluate"] = run_evaluate(settings, out["index"]["bundle_dir"], golden, encoder=encoder)
+    out["evaluate"] = run_evaluate(settings, out["index"]["bundle_dir"], golden, encoder=encoder,
+                                   demo=catalogue is None)
     out["publish"] = run_publish(settings, out["index"]["bundle_dir"])
     if register:
         out["register"] = run_register(settings, out["publish"]["path"])
@@ -129,6 +132,73 @@ def run_retrain(settings: Settings, holdout: float = 0.2, epochs: int = 5,
     return retrain_ranker(settings, holdout=holdout, epochs=epochs, encoder=encoder)
 
 
+def report_retrain(settings: Settings, result: dict[str, Any]) -> dict[str, Any]:
+    """Log a retrain's outcome (``result`` of :func:`run_retrain`) and check that a promotion
+    took effect: the live ranker pointer is at the promoted checkpoint or past it.
+
+    Raises :class:`serving.errors.ReleaseError` when the pointer went backwards."""
+    from serving.checkpoint import read_latest
+    from serving.errors import ReleaseError
+
+    if not result["promoted"]:
+        if "reason" in result:
+            log.info("ranker not retrained: %s", result["reason"])
+        else:
+            log.info("kept the champion: held-out log-loss candidate %.4f vs champion %.4f "
+                     "(version %s registered, not promoted)", result["candidate"]["log_loss"],
+                     result["champion"]["log_loss"], result["version"])
+        return {"promoted": False, "version": result.get("version")}
+    latest = read_latest(settings.home)
+    if latest is None or latest.seq < result["checkpoint_seq"]:
+        raise ReleaseError(
+            f"ranker version {result['version']} was promoted as checkpoint "
+            f"{result['checkpoint_seq']}, but the live pointer is at "
+            f"{latest.seq if latest else 'nothing'}: the ranker pointer went backwards")
+    log.info("promoted ranker version %s: held-out log-loss %.4f (champion %.4f), checkpoint %d "
+             "at offset %d", result["version"], result["candidate"]["log_loss"],
+             result["champion"]["log_loss"], result["checkpoint_seq"], result["offset"])
+    return {"promoted": True, "version": result["version"], "offset": result["offset"]}
+
+
+def run_collect_pairs(settings: Settings, products: str | Path | None = None,
+                      judgments: str | Path | None = None,
+                      holdout: float = 0.2) -> dict[str, Any]:
+    """Positive (query, item) pairs from feedback (and judged data), split by query hash into
+    training and held-out queries; returns the pairs file and counts."""
+    from pipelines.finetune import collect_pairs
+
+    return collect_pairs(settings, Path(products) if products else None,
+                         Path(judgments) if judgments else None, holdout)
+
+
+def run_train_encoder(settings: Settings, pairs_path: str | Path, max_steps: int | None = 200,
+                      epochs: int = 1) -> dict[str, Any]:
+    """Fine-tune the encoder on the training pairs of ``pairs_path``; returns its directory."""
+    from pipelines.finetune import TrainConfig, train_encoder
+
+    cfg = TrainConfig(max_steps=max_steps, epochs=epochs,
+                      item_max_tokens=settings.item_max_tokens)
+    return train_encoder(settings, pairs_path, cfg)
+
+
+def run_evaluate_encoders(settings: Settings, pairs: dict[str, Any],
+                          trained: dict[str, Any]) -> dict[str, Any]:
+    """Held-out nDCG@10 of the candidate (``trained``) and the incumbent encoder."""
+    from pipelines.finetune import evaluate_encoders
+
+    return evaluate_encoders(settings, pairs["pairs_path"], trained["encoder_dir"],
+                             pairs["products"], pairs["judgments"])
+
+
+def run_register_encoder(settings: Settings, pairs: dict[str, Any], trained: dict[str, Any],
+                         evaluation: dict[str, Any], promote: bool = True) -> dict[str, Any]:
+    """Register the candidate encoder in MLflow; promote it only if it won on held-out
+    queries (and ``promote``)."""
+    from pipelines.finetune import register_encoder
+
+    return register_encoder(settings, trained, evaluation, pairs, promote)
+
+
 def run_finetune(settings: Settings, products: str | Path | None = None,
                  judgments: str | Path | None = None, holdout: float = 0.2, fold: int = 0,
                  max_steps: int | None = 200, epochs: int = 1, promote: bool = True,
@@ -136,11 +206,12 @@ def run_finetune(settings: Settings, products: str | Path | None = None,
                  eval_max_items: int | None = None, threads: int = 2) -> dict[str, Any]:
     """Fine-tune the encoder on feedback (and judged) pairs of the training queries; register
     it, and promote it only if it beats the incumbent on the held-out queries."""
-    from pipelines.finetune import MIN_GAIN, TrainConfig, finetune_encoder
+    from pipelines.finetune import TrainConfig, finetune_encoder
+    from pipelines.metrics import MIN_NDCG_GAIN
 
     cfg = TrainConfig(max_steps=max_steps, epochs=epochs, item_max_tokens=settings.item_max_tokens,
                       threads=threads)
     return finetune_encoder(settings, Path(products) if products else None,
                             Path(judgments) if judgments else None, holdout, fold, cfg, promote,
-                            MIN_GAIN if min_gain is None else min_gain, hybrid,
+                            MIN_NDCG_GAIN if min_gain is None else min_gain, hybrid,
                             max_items=eval_max_items)

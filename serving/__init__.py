@@ -1,25 +1,48 @@
 """instantrec serving: ``from serving import Recommender``.
 
-Loads the latest release (and, later, ranker checkpoints) and answers requests. Never imports
-Airflow, MLflow or ``pipelines``.
+Loads the latest release and ranker checkpoints and answers requests. Never imports Airflow,
+MLflow or ``pipelines``. The names below are imported on first use, so that light modules
+(``serving.layout``, ``serving.errors``) can be imported, e.g. by DAG files at parse time,
+without loading the recommender and its libraries.
 """
 
 from __future__ import annotations
 
-from serving.errors import (
-    CatalogueError,
-    EncoderError,
-    FilterError,
-    InstantrecError,
-    InvalidInputError,
-    QueryError,
-    ReleaseError,
-)
-from serving.recommender import Filters, Recommendation, Recommender
-from serving.settings import Settings, load_settings
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from serving.errors import (
+        CatalogueError,
+        EncoderError,
+        FilterError,
+        InstantrecError,
+        InvalidInputError,
+        QueryError,
+        ReleaseError,
+    )
+    from serving.recommender import Filters, Recommendation, Recommender
+    from serving.settings import Settings, load_settings
+
+_HOMES = {
+    "serving.errors": ["CatalogueError", "EncoderError", "FilterError", "InstantrecError",
+                       "InvalidInputError", "QueryError", "ReleaseError"],
+    "serving.recommender": ["Filters", "Recommendation", "Recommender"],
+    "serving.settings": ["Settings", "load_settings"],
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 
 __all__ = [
     "CatalogueError", "EncoderError", "FilterError", "Filters", "InstantrecError",
     "InvalidInputError", "QueryError", "Recommendation", "Recommender", "ReleaseError",
     "Settings", "load_settings",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'serving' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

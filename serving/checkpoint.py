@@ -19,6 +19,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from serving.errors import ReleaseError
+from serving.layout import rankers_dir
 from serving.manifest import write_json_atomic
 from serving.ranker import Ranker
 
@@ -34,10 +35,6 @@ class CheckpointRef:
     file: str
     offset: int
     seq: int
-
-
-def rankers_dir(home: Path) -> Path:
-    return home / "rankers"
 
 
 def read_latest(home: Path) -> CheckpointRef | None:

@@ -20,11 +20,12 @@ from typing import Any, Literal
 import numpy as np
 
 from serving.cache import LRUCache
-from serving.checkpoint import CheckpointRef, load_latest, rankers_dir, read_latest
+from serving.checkpoint import CheckpointRef, load_latest, read_latest
 from serving.encoder import Encoder
 from serving.errors import FilterError, InvalidInputError, QueryError, ReleaseError
 from serving.eventlog import AppendResult, EventLog
 from serving.events import Event, EventError, parse_event
+from serving.layout import encoders_dir, rankers_dir
 from serving.manifest import Manifest
 from serving.query import (
     DEFAULT_STEPS,
@@ -563,7 +564,7 @@ def _encoder_path(bundle: Bundle, settings: Settings) -> Path | None:
     if spec.path is None:
         return settings.encoder_path
     recorded = Path(spec.path)
-    for candidate in (recorded, settings.home / "encoders" / recorded.name):
+    for candidate in (recorded, encoders_dir(settings.home) / recorded.name):
         if candidate.is_dir():
             return candidate
     if settings.encoder_path is not None:

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from serving import layout
 from serving.query import DEFAULT_STEPS, parse_steps
 
 
@@ -74,25 +75,25 @@ class Settings(BaseSettings):
 
     @property
     def warehouse_path(self) -> Path:
-        return self.home / "warehouse.duckdb"
+        return layout.warehouse_path(self.home)
 
     @property
     def releases_dir(self) -> Path:
-        return self.home / "releases"
+        return layout.releases_dir(self.home)
 
     @property
     def work_dir(self) -> Path:
-        return self.home / "work"
+        return layout.work_dir(self.home)
 
     @property
     def events_path(self) -> Path:
-        return self.home / "events" / "events.db"
+        return layout.events_path(self.home)
 
     def user_key(self) -> bytes:
         """The user-id hashing key: configured, or created once (0600) under home/secrets."""
         if self.user_id_key is not None:
             return self.user_id_key.get_secret_value().encode()
-        path = self.home / "secrets" / "user_id_key"
+        path = layout.user_key_path(self.home)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".key-{os.getpid()}-{secrets.token_hex(4)}")
@@ -113,11 +114,11 @@ class Settings(BaseSettings):
     def tracking_uri(self) -> str:
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri
-        return f"sqlite:///{(self.home / 'mlflow' / 'mlflow.db').resolve()}"
+        return f"sqlite:///{(layout.mlflow_dir(self.home) / 'mlflow.db').resolve()}"
 
     @property
     def mlflow_artifact_root(self) -> Path:
-        return (self.home / "mlflow" / "artifacts").resolve()
+        return (layout.mlflow_dir(self.home) / "artifacts").resolve()
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from serving.layout import embedding_cache
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -194,9 +195,9 @@ def _tune_annoy(vectors: np.ndarray, seed: int, target: float):
 
 
 def _annoy_recall(index: Any, queries: np.ndarray, truth: np.ndarray, search_k: int) -> float:
-    from pipelines.index import recall_at_k
+    from pipelines.index import neighbour_recall
 
-    return recall_at_k([index.get_nns_by_vector(q, K, search_k=search_k) for q in queries], truth)
+    return neighbour_recall([index.get_nns_by_vector(q, K, search_k=search_k) for q in queries], truth)
 
 
 def bench_size(vectors: np.ndarray, queries: np.ndarray, work: Path, *, label: str, seed: int,
@@ -207,7 +208,7 @@ def bench_size(vectors: np.ndarray, queries: np.ndarray, work: Path, *, label: s
     import hnswlib
     from threadpoolctl import threadpool_limits
 
-    from pipelines.index import SEARCH_K_FACTORS, recall_at_k
+    from pipelines.index import SEARCH_K_FACTORS, neighbour_recall
 
     n, dim = vectors.shape
     work.mkdir(parents=True, exist_ok=True)
@@ -256,7 +257,7 @@ def bench_size(vectors: np.ndarray, queries: np.ndarray, work: Path, *, label: s
     for ef in EF_GRID:
         hnsw.set_ef(max(ef, K))
         labels, _ = hnsw.knn_query(queries, k=K)
-        recall = recall_at_k(labels.tolist(), truth)
+        recall = neighbour_recall(labels.tolist(), truth)
         ef_sweep.append({"ef": ef, "recall_at_10": round(recall, 4)})
         if recall >= target:
             break
@@ -510,7 +511,7 @@ def run(settings: Settings, args: Any) -> dict[str, Any]:
         queries = np.load(args.query_vectors).astype(np.float32)
         source = str(args.vectors)
     else:
-        cache = args.vectors_cache or settings.home / "cache" / "embeddings.duckdb"
+        cache = args.vectors_cache or embedding_cache(settings.home)
         real, queries = load_real(args.products, args.judgments, cache, settings.encoder_path,
                                   settings.item_max_tokens, args.queries, args.seed)
         source = str(args.products)

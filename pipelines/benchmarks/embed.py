@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from serving.layout import embedding_cache
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,16 @@ def dataset_texts(name: str, n: int, seed: int = 0) -> list[str]:
     return product_texts(products)
 
 
-def cpu_peak() -> dict[str, Any]:
-    """Peak fp32 FLOP/s of this machine's CPU, and what it was computed from."""
-    text = Path("/proc/cpuinfo").read_text()
+def cpu_peak(cpuinfo: str | None = None, max_khz: int | None = None) -> dict[str, Any]:
+    """Peak fp32 FLOP/s of a CPU, and what it was computed from.
+
+    ``cpuinfo``: the text of ``/proc/cpuinfo`` (default: this machine's); ``max_khz``: the
+    maximum clock in kHz (default: this machine's ``cpuinfo_max_freq`` when the kernel has it,
+    else the highest ``cpu MHz`` in ``cpuinfo``)."""
+    text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
+    if max_khz is None and cpuinfo is None:
+        freq = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+        max_khz = int(freq.read_text()) if freq.is_file() else None
     flags: set[str] = set()
     cores: set[tuple[str, str]] = set()
     mhz: list[float] = []
@@ -81,8 +89,7 @@ def cpu_peak() -> dict[str, Any]:
             model = block.get("model name", model)
             vendor, family = block.get("vendor_id", vendor), block.get("cpu family", family)
             block = {}
-    max_khz = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
-    clock_ghz = (int(max_khz.read_text()) / 1e6 if max_khz.is_file()
+    clock_ghz = (max_khz / 1e6 if max_khz is not None
                  else (max(mhz) / 1000 if mhz else float("nan")))
     zen_256 = vendor == "AuthenticAMD" and family == "25"  # Zen 3/4: 256-bit FMA datapaths
     if "avx512f" in flags and zen_256:
@@ -99,7 +106,7 @@ def cpu_peak() -> dict[str, Any]:
     n_cores = len(cores) or (os.cpu_count() or 1)
     peak = n_cores * clock_ghz * per_cycle
     return {"model": model, "physical_cores": n_cores, "clock_ghz": round(clock_ghz, 3),
-            "clock_source": "cpuinfo_max_freq" if max_khz.is_file() else "cpu MHz",
+            "clock_source": "cpuinfo_max_freq" if max_khz is not None else "cpu MHz",
             "isa": isa, "fp32_flops_per_cycle_per_core": per_cycle,
             "peak_gflops": round(peak, 1),
             "peak_gflops_bf16": round(2 * peak if "avx512_bf16" in flags else peak, 1)}
@@ -323,7 +330,7 @@ def bench_embed(settings: Settings, items: int = 1000, datasets: tuple[str, ...]
     if quality and variants:
         for dataset in quality_datasets:
             result[f"quality_{dataset}"] = precision_quality(
-                encoder, variants, dataset, cache or settings.home / "cache" / "embeddings.duckdb",
+                encoder, variants, dataset, cache or embedding_cache(settings.home),
                 batch_size)
     return result
 

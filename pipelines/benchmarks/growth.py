@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from serving.layout import bench_dir, embedding_cache
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def annoy_recall(bundle_dir: Path, vectors: np.ndarray, queries: np.ndarray, n_t
     """recall@k of the bundle's Annoy index at its search_k against exact inner-product top-k."""
     import annoy
 
-    from pipelines.index import INDEX_FILE, exact_top_k, recall_at_k
+    from pipelines.index import INDEX_FILE, exact_top_k, neighbour_recall
 
     index = annoy.AnnoyIndex(vectors.shape[1], "angular")
     index.load(str(bundle_dir / INDEX_FILE))
@@ -101,7 +102,7 @@ def annoy_recall(bundle_dir: Path, vectors: np.ndarray, queries: np.ndarray, n_t
         found = [index.get_nns_by_vector(q, k, search_k=search_k) for q in queries]
     finally:
         index.unload()
-    return round(recall_at_k(found, exact_top_k(vectors, queries, k)), 4)
+    return round(neighbour_recall(found, exact_top_k(vectors, queries, k)), 4)
 
 
 def carry_ranker(shop_home: Path, home: Path, release_id: str, item_ids: np.ndarray) -> int:
@@ -255,7 +256,7 @@ def run(settings: Settings, args: Any) -> dict[str, Any]:
     encoder = Encoder(settings.encoder_path, max_length=settings.item_max_tokens,
                       precision=settings.embed_precision)
     products = load_products(args.products)
-    cache = args.vectors_cache or settings.home / "cache" / "embeddings.duckdb"
+    cache = args.vectors_cache or embedding_cache(settings.home)
     real = np.ascontiguousarray(embed_cached(encoder, product_texts(products), cache,
                                              progress=False), dtype=np.float32)
     rankers = ("relevance", "zero-shot") if args.ranker == "both" else (args.ranker,)
@@ -270,7 +271,7 @@ def run(settings: Settings, args: Any) -> dict[str, Any]:
                  memory=clicked[:args.memory_queries])
     qvecs = encoder.encode(plan["unseen"], precision="fp32")
     parent_cos = nearest_neighbour_cosine(real, args.seed)
-    work = (args.work or settings.home / "bench" / "growth").resolve()
+    work = (args.work or bench_dir(settings.home) / "growth").resolve()
     target = args.target or settings.index_recall_target
     results = []
     for n in (int(s) for s in str(args.sizes).split(",") if s.strip()):

@@ -69,6 +69,8 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.splits import hash_unit
+from serving.layout import bench_dir, embedding_cache
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -183,8 +185,7 @@ def prepare_release(settings: Settings, products: Path, home: Path,
 def in_training_split(text: str, train_share: float) -> bool:
     """Whether a normalised query trains the bench's relevance model (a salted hash of the
     text, so the split is the same on every run and machine); the rest are held out."""
-    h = int.from_bytes(hashlib.sha256(f"{SPLIT_SALT}:{text}".encode()).digest()[:8], "big")
-    return h / 2**64 < train_share
+    return hash_unit(f"{SPLIT_SALT}:{text}") < train_share
 
 
 def _digest(path: Path) -> str:
@@ -880,7 +881,7 @@ def add_arguments(p: Any) -> None:
 def prepare_shop(settings: Settings, args: Any) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     """The bench home with its release and (for the relevance ranker) its retrained live
     checkpoint: (directory, release build report, ranker set-up report)."""
-    work = args.work or settings.home / "bench" / f"serving-{args.products.parent.name}"
+    work = args.work or bench_dir(settings.home) / f"serving-{args.products.parent.name}"
     work = work.resolve()
     build = prepare_release(settings, args.products, work, args.seed_cache)
     shop = prepare_ranker(settings, work, args.judgments, train_share=args.train_share,
@@ -957,5 +958,5 @@ def run(settings: Settings, args: Any) -> dict[str, Any]:
                 for name in ("homedepot", "crowdflower")}
         out["quality"] = query_backend_quality(
             settings.encoder_path, data,
-            args.embed_cache or settings.home / "cache" / "embeddings.duckdb", None)
+            args.embed_cache or embedding_cache(settings.home), None)
     return out

@@ -12,13 +12,10 @@ import pytest
 import torch
 
 from pipelines.finetune import (
-    TrainConfig,
     in_batch_loss,
     is_heldout,
     make_batches,
-    pairs_loss,
     split_pairs,
-    train_model,
 )
 from serving.errors import ReleaseError
 from serving.manifest import EncoderSpec
@@ -86,25 +83,6 @@ def test_in_batch_loss_known_answer():
     losses = [math.log1p(math.exp(-2.0)), math.log1p(math.exp(2.0))]
     w = torch.tensor([1.0, 3.0], dtype=torch.float64)
     assert float(in_batch_loss(q, d, w, 2.0)) == pytest.approx((losses[0] + 3 * losses[1]) / 4)
-
-
-def test_training_lowers_the_loss_on_a_tiny_batch(encoder):
-    from transformers import AutoModel, AutoTokenizer
-
-    queries = ["cordless drill", "espresso machine", "wool socks", "yoga mat"]
-    items = ["Compact 20V brushless driver kit", "Stainless steel 15-bar coffee maker",
-             "Merino hiking stockings, 3 pairs", "Non-slip exercise pad, 6 mm"]
-    cfg = TrainConfig(batch_size=4, epochs=4, max_steps=4, lr=1e-4, warmup=0.0,
-                      item_max_tokens=16, query_max_tokens=8, seed=0, threads=1)
-    tokenizer = AutoTokenizer.from_pretrained(str(encoder.path))
-    model = AutoModel.from_pretrained(str(encoder.path)).eval()
-    with torch.no_grad():
-        before = float(pairs_loss(model, tokenizer, queries, items, None, cfg))
-    stats = train_model(model, tokenizer, queries, items, [1.0] * 4, cfg)
-    with torch.no_grad():
-        after = float(pairs_loss(model, tokenizer, queries, items, None, cfg))
-    assert stats["steps"] == 4
-    assert after < before
 
 
 def _bundle(path: str | None, name: str = "ft-x") -> SimpleNamespace:

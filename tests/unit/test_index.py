@@ -4,7 +4,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipelines.index import exact_top_k, recall_at_k, release_id_for, tune_index
+from pipelines.index import exact_top_k, neighbour_recall, release_id_for, tune_index
 
 
 def unit_rows(n, dim, seed=0):
@@ -18,7 +18,7 @@ def test_exact_top_k_known_answer():
 
 
 def test_recall_known_answer():
-    assert recall_at_k([[0, 1], [5, 6]], np.array([[0, 2], [5, 6]])) == pytest.approx(0.75)
+    assert neighbour_recall([[0, 1], [5, 6]], np.array([[0, 2], [5, 6]])) == pytest.approx(0.75)
 
 
 def test_tuning_reaches_the_recall_target_and_records_the_grid():
