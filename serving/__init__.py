@@ -15,7 +15,8 @@ from serving.errors import (
     QueryError,
     ReleaseError,
 )
-from serving.recommender import Filters, Recommendation, Recommender
+from serving.recommender import Recommendation, Recommender
+from serving.retrieval import Filters
 from serving.settings import Settings, load_settings
 
 __all__ = [
