@@ -46,10 +46,10 @@ from serving.relevance import (
     DEPTH,
     MatchFeatures,
     RankerModel,
-    _minmax,
     channel_features,
     channel_signals,
     hybrid_model,
+    minmax,
     on_top,
     query_features,
 )
@@ -413,7 +413,7 @@ def _plain_score(method: str, f: dict[str, np.ndarray], protocol: Protocol) -> n
         return f["cos"]
     if method == "bm25":
         return f["bm25"] if protocol == "rerank" else np.where(f["bm25"] > 0, f["bm25"], -1.0)
-    return 0.5 * _minmax(f["bm25"]) + 0.5 * _minmax(f["cos"])  # the plain 50/50 fusion
+    return 0.5 * minmax(f["bm25"]) + 0.5 * minmax(f["cos"])  # the plain 50/50 fusion
 
 
 def _scores_of(c: Candidates, q: int, ranked: list[str], ids: list[str]) -> list[float]:
