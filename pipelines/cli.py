@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.errors import InstantrecError
-from serving.layout import embedding_cache
+from serving.layout import bundle_cache, embedding_cache
 from serving.settings import Settings, load_settings
 
 
@@ -181,7 +181,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
                              embedding_cache(settings.home),
                              per_query=args.per_query,
                              relevant_threshold=args.relevant_threshold,
-                             query_steps=args.query_steps, methods=args.methods)
+                             query_steps=args.query_steps, methods=args.methods,
+                             retrieval=args.retrieval, bundles=bundle_cache(settings.home),
+                             seed=settings.index_seed,
+                             recall_target=settings.index_recall_target)
     if not args.no_chart:
         from pipelines.evaluation import write_eval_chart
 
@@ -192,7 +195,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.json:
         _emit(report)
         return
-    print(f"protocol {report['protocol']}, {report['n_queries']} queries")
+    print(f"protocol {report['protocol']}, {report['n_queries']} queries, retrieval "
+          f"{report['retrieval']['name']}: {report['retrieval']['description']}")
     for method, metrics in report["methods"].items():
         print(f"  {method:<8} " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
 
@@ -336,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--products", type=Path, required=True)
     p.add_argument("--judgments", type=Path, required=True)
     p.add_argument("--protocol", choices=["rerank", "retrieval"], default="retrieval")
+    p.add_argument("--retrieval", choices=["served", "exact"], default="served",
+                   help="retrieval protocol: 'served' retrieves as serving does (a release "
+                        "bundle of the catalogue, Annoy + BM25, cached under <home>/cache/"
+                        "bundles); 'exact' is the exact-search reference, not the served path")
     p.add_argument("--relevant-threshold", type=float, default=None,
                    help="label counted as relevant (default: from the label scale)")
     p.add_argument("--per-query", action="store_true")

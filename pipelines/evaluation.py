@@ -3,12 +3,24 @@
 Two protocols, as the data README defines them: ``rerank`` ranks each query's judged products;
 ``retrieval`` retrieves from the whole product file. Item embeddings are cached by content
 hash and encoder version, so a re-run only encodes what it has not seen.
+
+The retrieval protocol retrieves through the served path by default (``served``): the judged
+catalogue becomes a release bundle, written by the code a release uses
+(:func:`pipelines.index.write_bundle`: Annoy tuned to the recall target, BM25, the item
+table), and each query's candidates are :func:`serving.retrieval.retrieve_candidates`'s
+(Annoy + BM25, the dense hits then the lexical hits the dense channel did not bring, depth
+100), so the figures are those of what serving retrieves. The bundle is cached under the home
+by a digest of its inputs. ``exact`` (exact dense top 100 and BM25 top 100, sorted union) is
+kept as a reference only: it is not what serving retrieves.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,30 +30,51 @@ import duckdb
 import numpy as np
 import polars as pl
 
+from pipelines.catalogue import content_hash
 from pipelines.embed import vector_matrix
+from pipelines.index import BUNDLE_LAYOUT, library_versions, write_bundle
 from pipelines.judged import Judgments, load_judgments, load_products, score_rankings
 from pipelines.warehouse import query_frame
 from serving.encoder import Encoder, Precision
-from serving.errors import InvalidInputError
+from serving.errors import InvalidInputError, ReleaseError
 from serving.lexical import LexicalIndex
-from serving.query import DEFAULT_STEPS, Step, Vocabulary, parse_steps, understand_query
+from serving.lexical import signature as lexical_signature
+from serving.manifest import read_manifest
+from serving.query import DEFAULT_STEPS, Step, Vocabulary, parse_steps
+from serving.release import Bundle, load_bundle
 from serving.relevance import (
     DEPTH,
     MatchFeatures,
     RankerModel,
-    _minmax,
     channel_features,
     channel_signals,
     hybrid_model,
+    minmax,
     on_top,
     query_features,
+)
+from serving.retrieval import (
+    LexicalCache,
+    channel_values,
+    release_vocabulary,
+    retrieve_candidates,
+    understood,
 )
 from serving.text import clean_text, item_text, normalise_query
 
 log = logging.getLogger(__name__)
 
 Protocol = Literal["rerank", "retrieval"]
+Retrieval = Literal["served", "exact"]
 RETRIEVE_DEPTH = DEPTH  # each channel's candidates, and the ranker's cut
+#: What each retrieval of the retrieval protocol is, as the report says it.
+RETRIEVALS: dict[str, str] = {
+    "served": "the served path: serving.retrieval.retrieve_candidates over a release bundle of "
+              "the judged catalogue (Annoy as tuned for a release, BM25; dense hits, then the "
+              "lexical hits the dense channel did not bring; depth 100 each)",
+    "exact": "reference only, not what serving retrieves: exact dense top 100 and BM25 top "
+             "100, sorted union",
+}
 
 
 def text_key(text: str) -> str:
@@ -99,9 +132,82 @@ def embed_cached(encoder: Encoder, texts: list[str], cache_path: Path,
     return matrix[[found[k] for k in keys]]
 
 
-def product_texts(products: pl.DataFrame) -> list[str]:
-    return [item_text(clean_text(t), None, None, clean_text(d) if d else None)
+def _cleaned(products: pl.DataFrame) -> list[tuple[str, str | None]]:
+    """Each product's (title, description) as the catalogue holds them: cleaned, no
+    description as None."""
+    return [(clean_text(t), clean_text(d) if d else None)
             for t, d in products.select("title", "description").iter_rows()]
+
+
+def product_texts(products: pl.DataFrame) -> list[str]:
+    """The text each product is embedded (and, served, BM25-indexed) from."""
+    return [item_text(t, None, None, d) for t, d in _cleaned(products)]
+
+
+@dataclass(frozen=True)
+class ServedCatalogue:
+    """The judged catalogue as a release bundle, for retrieval through the served path.
+    ``product_rows[r]`` is the product row (``load_products`` order) of bundle row ``r``:
+    a bundle holds its items sorted by id."""
+
+    bundle: Bundle
+    product_rows: np.ndarray
+
+
+def judged_items(products: pl.DataFrame) -> tuple[pl.DataFrame, np.ndarray]:
+    """The judged products as a release's item table (the warehouse's item columns, sorted by
+    id; no category, brand or price, all in stock) and, per row of it, the product row."""
+    titles, descriptions = zip(*_cleaned(products), strict=True) if products.height else ((), ())
+    items = pl.DataFrame({
+        "item_id": products["item_id"], "title": list(titles),
+        "description": list(descriptions),
+    }, schema={"item_id": pl.String, "title": pl.String, "description": pl.String}).with_columns(
+        pl.lit(None, dtype=pl.String).alias("category"),
+        pl.lit(None, dtype=pl.String).alias("brand"),
+        pl.lit(None, dtype=pl.Float64).alias("price"),
+        pl.lit(True).alias("in_stock"),
+    ).with_row_index("product_row")
+    items = items.with_columns(pl.Series("content_hash", [
+        content_hash(t, d, None, None) for t, d in items.select("title", "description").iter_rows()
+    ], dtype=pl.String)).sort("item_id", maintain_order=True)
+    return items.drop("product_row"), items["product_row"].to_numpy().astype(np.int64)
+
+
+def served_bundle_dir(products: pl.DataFrame, encoder: Encoder, bundles: Path, seed: int,
+                      recall_target: float) -> Path:
+    """Where the served-path bundle of ``products`` lives under ``bundles``: named by a digest
+    of everything it is built from (item ids and texts, the encoder version, the index seed
+    and recall target, the bundle layout, BM25 analysis and library versions)."""
+    digest = hashlib.sha256(json.dumps([
+        BUNDLE_LAYOUT, encoder.version, seed, recall_target, lexical_signature(),
+        library_versions(), products["item_id"].to_list(), product_texts(products),
+    ]).encode()).hexdigest()[:16]
+    return bundles / f"judged-{digest}"
+
+
+def served_catalogue(products: pl.DataFrame, item_vecs: np.ndarray, encoder: Encoder,
+                     bundles: Path, seed: int = 42,
+                     recall_target: float = 0.95) -> ServedCatalogue:
+    """The release bundle of the judged catalogue (``item_vecs``: the products' vectors, in
+    product order), reused from ``bundles`` when one was built from the same inputs, else
+    written there by :func:`pipelines.index.write_bundle` (staged, then moved into place)."""
+    items, product_rows = judged_items(products)
+    final = served_bundle_dir(products, encoder, bundles, seed, recall_target)
+    try:
+        bundle = load_bundle(final)
+        log.info("served-path bundle %s reused", final)
+    except ReleaseError:
+        shutil.rmtree(final, ignore_errors=True)  # incomplete or from other libraries
+        staged = bundles / ".staging" / f"{final.name}-{os.getpid()}"
+        write_bundle(items, np.ascontiguousarray(item_vecs[product_rows]), staged, final.name,
+                     encoder, seed, recall_target)
+        try:
+            os.replace(staged, final)
+        except OSError:  # another run put the same bundle in place first
+            shutil.rmtree(staged, ignore_errors=True)
+        bundle = load_bundle(final)
+        log.info("served-path bundle %s built", final)
+    return ServedCatalogue(bundle, product_rows)
 
 
 @dataclass
@@ -129,12 +235,8 @@ def candidate_signals(encoder: Encoder, lexical: LexicalIndex, products: pl.Data
     """
     ids = products["item_id"].to_list()
     row_of = {item: i for i, item in enumerate(ids)}
-    queries = judgments.queries()
-    qids = queries["query_id"].to_list()
-    normalised = [normalise_query(q, 10_000) for q in queries["query"].to_list()]
-    texts = [understand_query(q, query_steps, vocabulary) for q in normalised]
-    qvecs = encoder.encode([understand_query(q, query_steps, vocabulary, channel="dense")
-                            for q in normalised], precision="fp32")  # as serving's query path
+    qids, normalised, texts, qvecs = _understood_queries(encoder, judgments, query_steps,
+                                                         vocabulary)
     judged = dict(judgments.frame.group_by("query_id").agg(pl.col("item_id")).iter_rows())
     rows: dict[int, np.ndarray] = {}
     features: dict[int, dict[str, np.ndarray]] = {}
@@ -154,6 +256,41 @@ def candidate_signals(encoder: Encoder, lexical: LexicalIndex, products: pl.Data
         coverage, n_terms = lexical.coverage(text)
         rows[qid] = cand
         features[qid] = channel_signals(cos, bm25[cand], coverage[cand], n_terms)
+    return Candidates(rows, features, dict(zip(qids, normalised, strict=True)))
+
+
+def _understood_queries(encoder: Encoder, judgments: Judgments, query_steps: Sequence[Step],
+                        vocabulary: Vocabulary | None,
+                        ) -> tuple[list[int], list[str], list[str], np.ndarray]:
+    """The judged queries: ids, normalised texts, lexical rewrites and the dense rewrites'
+    vectors (:func:`serving.retrieval.understood` with the catalogue's ``vocabulary``)."""
+    queries = judgments.queries()
+    normalised = [normalise_query(q, 10_000) for q in queries["query"].to_list()]
+    rewrites = [understood(q, tuple(query_steps), vocabulary) for q in normalised]
+    qvecs = encoder.encode([dense for dense, _ in rewrites],
+                           precision="fp32")  # as serving's query path
+    return (queries["query_id"].to_list(), normalised, [lexical for _, lexical in rewrites],
+            qvecs)
+
+
+def served_candidate_signals(encoder: Encoder, served: ServedCatalogue, judgments: Judgments,
+                             query_steps: Sequence[Step] = ()) -> Candidates:
+    """Retrieval-protocol candidates per query as serving retrieves them for a plain query
+    (:func:`serving.retrieval.retrieve_candidates` on ``served``'s bundle, depth
+    :data:`RETRIEVE_DEPTH`), with the signals serving computes for them
+    (:func:`serving.retrieval.channel_values`). Rows are product rows, in retrieval order."""
+    bundle = served.bundle
+    vocabulary = release_vocabulary(bundle, tuple(query_steps))
+    qids, normalised, texts, qvecs = _understood_queries(encoder, judgments, query_steps,
+                                                         vocabulary)
+    lexical = LexicalCache()
+    rows: dict[int, np.ndarray] = {}
+    features: dict[int, dict[str, np.ndarray]] = {}
+    for qid, text, qvec in zip(qids, texts, qvecs, strict=True):
+        cand = np.asarray(retrieve_candidates(bundle, qvec, lexical.relative(bundle, text),
+                                              RETRIEVE_DEPTH), dtype=np.int64)
+        rows[qid] = served.product_rows[cand]
+        features[qid] = channel_values(bundle, lexical, text, qvec, cand)
     return Candidates(rows, features, dict(zip(qids, normalised, strict=True)))
 
 
@@ -209,7 +346,9 @@ def on_top_all(ranker: dict[int, np.ndarray], retrieval: dict[int, np.ndarray],
 def method_rankings(encoder: Encoder, products: pl.DataFrame, judgments: Judgments,
                     protocol: Protocol, cache_path: Path,
                     query_steps: Sequence[Step] = DEFAULT_STEPS,
-                    methods: Sequence[str] = METHODS) -> dict[str, dict[int, list[str]]]:
+                    methods: Sequence[str] = METHODS, retrieval: Retrieval = "served",
+                    bundles: Path | None = None, seed: int = 42,
+                    recall_target: float = 0.95) -> dict[str, dict[int, list[str]]]:
     """query_id -> ranked item ids, for each of ``methods``: ``bm25``, ``dense``, ``fusion``
     (the data README's plain 50/50 min-max fusion), ``hybrid`` (learned fusion of the two
     channels) and ``ranker`` (learned ranker on top of both channels and match features).
@@ -218,19 +357,32 @@ def method_rankings(encoder: Encoder, products: pl.DataFrame, judgments: Judgmen
 
     With the ``units`` and ``dimensions`` steps the lexical index rewrites item text the same
     way; item embeddings are never affected (the dense channel rewrites queries only).
+
+    ``retrieval`` (retrieval protocol only; see :data:`RETRIEVALS`): ``served`` retrieves
+    through the served path from a release bundle of ``products`` built (or reused) under
+    ``bundles`` (default: ``bundles`` beside ``cache_path``) with Annoy ``seed`` and
+    ``recall_target``, whose BM25 index is built as a release's (units and dimensions on);
+    ``exact`` is the exact-search reference.
     """
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {list(METHODS)}")
+    if retrieval not in RETRIEVALS:
+        raise ValueError(f"unknown retrieval {retrieval!r}; known: {list(RETRIEVALS)}")
     texts = product_texts(products)
     item_vecs = embed_cached(encoder, texts, cache_path)
-    lexical = LexicalIndex.build(texts, units="units" in query_steps,
-                                 dimensions="dimensions" in query_steps)
-    vocabulary = (Vocabulary(lexical.words, stem=lexical.stem)
-                  if {"spelling", "compounds"} & set(query_steps) else None)
     ids = products["item_id"].to_list()
-    c = candidate_signals(encoder, lexical, products, item_vecs, judgments, protocol,
-                          query_steps, vocabulary)
+    if protocol == "retrieval" and retrieval == "served":
+        served = served_catalogue(products, item_vecs, encoder,
+                                  bundles or cache_path.parent / "bundles", seed, recall_target)
+        c = served_candidate_signals(encoder, served, judgments, query_steps)
+    else:
+        lexical = LexicalIndex.build(texts, units="units" in query_steps,
+                                     dimensions="dimensions" in query_steps)
+        vocabulary = (Vocabulary(lexical.words, stem=lexical.stem)
+                      if {"spelling", "compounds"} & set(query_steps) else None)
+        c = candidate_signals(encoder, lexical, products, item_vecs, judgments, protocol,
+                              query_steps, vocabulary)
     depth = RETRIEVE_DEPTH
     learned: dict[str, dict[int, np.ndarray]] = {}
     if {"hybrid", "ranker"} & set(methods):
@@ -261,7 +413,7 @@ def _plain_score(method: str, f: dict[str, np.ndarray], protocol: Protocol) -> n
         return f["cos"]
     if method == "bm25":
         return f["bm25"] if protocol == "rerank" else np.where(f["bm25"] > 0, f["bm25"], -1.0)
-    return 0.5 * _minmax(f["bm25"]) + 0.5 * _minmax(f["cos"])  # the plain 50/50 fusion
+    return 0.5 * minmax(f["bm25"]) + 0.5 * minmax(f["cos"])  # the plain 50/50 fusion
 
 
 def _scores_of(c: Candidates, q: int, ranked: list[str], ids: list[str]) -> list[float]:
@@ -273,13 +425,19 @@ def evaluate_judged(products_path: Path, judgments_path: Path, protocol: Protoco
                     encoder: Encoder, cache_path: Path, per_query: bool = False,
                     relevant_threshold: float | None = None,
                     query_steps: str | Sequence[str] | None = None,
-                    methods: str | Sequence[str] | None = None) -> dict[str, Any]:
+                    methods: str | Sequence[str] | None = None,
+                    retrieval: Retrieval = "served", bundles: Path | None = None,
+                    seed: int = 42, recall_target: float = 0.95) -> dict[str, Any]:
     """Run every available method under ``protocol``; returns the JSON-able report.
 
     ``query_steps``: the query-understanding steps to apply (a comma list or names; ``"none"``
     for none; ``None`` for :data:`serving.query.DEFAULT_STEPS`). ``methods``: a subset of
-    :data:`METHODS` (a comma list or names; ``None`` for all).
+    :data:`METHODS` (a comma list or names; ``None`` for all). ``retrieval``, ``bundles``,
+    ``seed``, ``recall_target``: how the retrieval protocol retrieves (see
+    :func:`method_rankings`); the report's ``retrieval`` says which it was.
     """
+    if retrieval not in RETRIEVALS:
+        raise InvalidInputError(f"unknown retrieval {retrieval!r}; known: {list(RETRIEVALS)}")
     steps = parse_steps(query_steps)
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
@@ -296,8 +454,10 @@ def evaluate_judged(products_path: Path, judgments_path: Path, protocol: Protoco
     methods: dict[str, Any] = {}
     details: dict[str, Any] = {}
     n_queries = 0
+    bundles = bundles or cache_path.parent / "bundles"
     for method, rankings in method_rankings(encoder, products, judgments, protocol,
-                                            cache_path, steps, wanted).items():
+                                            cache_path, steps, wanted, retrieval, bundles,
+                                            seed, recall_target).items():
         means, by_query = score_rankings(rankings, judgments, protocol)
         methods[method] = means
         details[method] = {str(q): m for q, m in by_query.items()}
@@ -308,11 +468,32 @@ def evaluate_judged(products_path: Path, judgments_path: Path, protocol: Protoco
         "relevant_threshold": judgments.relevant_threshold,
         "encoder": encoder.version,
         "query_steps": list(steps),
+        "retrieval": _retrieval_report(protocol, retrieval, products, encoder, bundles, seed,
+                                       recall_target),
         "methods": methods,
     }
     if per_query:
         report["per_query"] = details
     return report
+
+
+def _retrieval_report(protocol: Protocol, retrieval: Retrieval, products: pl.DataFrame,
+                      encoder: Encoder, bundles: Path, seed: int,
+                      recall_target: float) -> dict[str, Any]:
+    """What the report says about how candidates were found: the retrieval's name and what it
+    is, and for the served path, the bundle and its Annoy setting."""
+    if protocol == "rerank":
+        return {"name": "judged", "description": "each query's judged products (re-rank "
+                                                 "protocol: nothing is retrieved)"}
+    out: dict[str, Any] = {"name": retrieval, "description": RETRIEVALS[retrieval],
+                           "depth": RETRIEVE_DEPTH}
+    if retrieval == "served":
+        bundle_dir = served_bundle_dir(products, encoder, bundles, seed, recall_target)
+        index = read_manifest(bundle_dir, verify_files=False).index
+        out["bundle"] = {"path": str(bundle_dir), "n_trees": index.n_trees,
+                         "search_k": index.search_k, "seed": index.seed,
+                         "recall_at_10": index.recall_at_10, "recall_target": recall_target}
+    return out
 
 
 def write_eval_chart(report: dict[str, Any], path: Path, title: str = "") -> Path:

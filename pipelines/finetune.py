@@ -536,7 +536,9 @@ def evaluate_encoders(settings: Settings, pairs_path: str | Path, encoder_dir: s
             result[role] = {**means, "embed_seconds": round(embed_s, 1)}
             result["scored_queries"] = len(per_query)
             if hybrid and name == "judged":
-                ranked = method_rankings(enc, catalogue, judg, "retrieval", cache_path)
+                # exact search: the encoders are compared, not an index built for either
+                ranked = method_rankings(enc, catalogue, judg, "retrieval", cache_path,
+                                         retrieval="exact")
                 result[role]["hybrid"] = score_rankings(ranked["hybrid"], judg, "retrieval")[0]
         result["gain"] = {m: result["candidate"][m] - result["incumbent"][m]
                           for m in ("ndcg@10", "recall@100", "mrr")}

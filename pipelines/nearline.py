@@ -17,7 +17,6 @@ exactly the state it had.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import time
@@ -32,18 +31,11 @@ from serving.checkpoint import load_latest, publish_checkpoint, read_latest
 from serving.encoder import Encoder
 from serving.eventlog import EventLog, LoggedEvent
 from serving.events import POSITIVE_TYPES, Event
-from serving.query import Step, Vocabulary, parse_steps
+from serving.query import parse_steps
 from serving.ranker import Ranker, query_key
-from serving.recommender import (
-    LexicalCache,
-    release_encoder,
-    release_vocabulary,
-    relevance_features,
-    retrieve_candidates,
-    understood,
-)
+from serving.recommender import release_encoder
 from serving.release import Bundle, current_bundle_dir, load_bundle, read_pointer
-from serving.relevance import MatchFeatures, RelevanceModel
+from serving.retrieval import LexicalCache, QueryRelevance
 from serving.session import (
     EVENT_WEIGHTS,
     SessionConfig,
@@ -113,64 +105,6 @@ class FeedbackTally:
     def positive(self, query: str, item: str, weight: float) -> None:
         per = self.value.setdefault(query, {})
         per[item] = per.get(item, 0.0) + weight
-
-
-class QueryRelevance:
-    """Relevance scores (:mod:`serving.relevance`) outside a request, for the nearline
-    updater's and the batch retrain's examples: a query's candidates are what serving
-    retrieves for it as a plain query (plus the item asked about, if it is not among them),
-    scored on the features serving computes. Kept per (model, query); bounded."""
-
-    def __init__(self, bundle: Bundle, encoder: Encoder, steps: tuple[Step, ...],
-                 depth: int, size: int = 4096) -> None:
-        self.bundle, self.encoder, self.steps, self.depth = bundle, encoder, steps, depth
-        self.match = MatchFeatures(bundle.items.titles)
-        self.lexical = LexicalCache()
-        self._vocabulary: Vocabulary | None = None
-        self._vocabulary_built = False
-        self._size = size
-        # keyed by the model object itself (identity hash): a key keeps its model alive
-        self._cache: OrderedDict[tuple[RelevanceModel, str], dict[int, float]] = OrderedDict()
-
-    @functools.cached_property
-    def row_of(self) -> dict[str, int]:
-        """Item id -> row in the bundle."""
-        return {i: r for r, i in enumerate(self.bundle.items.item_ids.tolist())}
-
-    def _understood(self, text: str) -> tuple[str | None, str | None]:
-        if not self._vocabulary_built:
-            self._vocabulary = release_vocabulary(self.bundle, self.steps, warm=False)
-            self._vocabulary_built = True
-        return understood(text, self.steps, self._vocabulary)
-
-    def candidates(self, text: str) -> tuple[list[int], str | None, str | None, np.ndarray]:
-        """A plain query's candidates, its two rewrites and its dense vector."""
-        dense_text, lexical_text = self._understood(text)
-        qvec = self.encoder.encode_query(dense_text).astype(np.float64)
-        lex = self.lexical.relative(self.bundle, lexical_text)
-        return (retrieve_candidates(self.bundle, qvec, lex, self.depth), dense_text,
-                lexical_text, qvec)
-
-    def features(self, text: str, rows: list[int] | None = None) -> tuple[list[int], np.ndarray]:
-        """Candidate rows of ``text`` (with ``rows`` appended when missing) and features."""
-        found, _, lexical_text, qvec = self.candidates(text)
-        known = set(found)
-        extra = [r for r in (rows or []) if r not in known]
-        rows_out = found + extra
-        return rows_out, relevance_features(self.bundle, self.match, self.lexical, text,
-                                            lexical_text, qvec, np.asarray(rows_out))
-
-    def __call__(self, model: RelevanceModel, text: str, row: int) -> float:
-        key = (model, text)
-        got = self._cache.get(key)
-        if got is None or row not in got:
-            rows, X = self.features(text, [row])
-            got = dict(zip(rows, model.score(X).tolist(), strict=True))
-            self._cache[key] = got
-            while len(self._cache) > self._size:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(key)
-        return got[row]
 
 
 @dataclass

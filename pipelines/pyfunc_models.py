@@ -59,7 +59,7 @@ class RankerPyfunc(mlflow.pyfunc.PythonModel):
     the release, for its item bias) and optionally ``session_vector`` (the session signal, or
     missing/None for no session), ``lexical`` (relative BM25 score), ``query`` (the query
     text, for the ranker's memory of what that query's shoppers chose) and ``relevance`` (the
-    relevance model's logit for the candidate, :func:`serving.recommender.relevance_scores`,
+    relevance model's logit for the candidate, :func:`serving.retrieval.relevance_scores`,
     which stands in for the dense and lexical terms when given). Output per row:
     ``logit`` (as :meth:`Ranker.logits`) and ``score`` (its sigmoid, the click probability).
     """

@@ -58,16 +58,15 @@ from pipelines.nearline import (
     Example,
     FeedbackTally,
     NearlineUpdater,
-    QueryRelevance,
 )
 from pipelines.registry import log_pyfunc, promote_version, register_version
 from pipelines.splits import hash_fold
 from serving.checkpoint import load_latest, read_latest
 from serving.encoder import Encoder
 from serving.ranker import Ranker, RankerConfig, query_key
-from serving.recommender import LexicalCache
 from serving.release import Bundle
 from serving.relevance import COL_BM25_REL, COL_COS, RelevanceModel
+from serving.retrieval import LexicalCache, QueryRelevance
 from serving.settings import Settings
 from serving.text import normalise_query
 

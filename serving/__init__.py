@@ -21,13 +21,15 @@ if TYPE_CHECKING:
         QueryError,
         ReleaseError,
     )
-    from serving.recommender import Filters, Recommendation, Recommender
+    from serving.recommender import Recommendation, Recommender
+    from serving.retrieval import Filters
     from serving.settings import Settings, load_settings
 
 _HOMES = {
     "serving.errors": ["CatalogueError", "EncoderError", "FilterError", "InstantrecError",
                        "InvalidInputError", "QueryError", "ReleaseError"],
-    "serving.recommender": ["Filters", "Recommendation", "Recommender"],
+    "serving.recommender": ["Recommendation", "Recommender"],
+    "serving.retrieval": ["Filters"],
     "serving.settings": ["Settings", "load_settings"],
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}

@@ -10,6 +10,7 @@ A home (``INSTANTREC_HOME``, default ``./artefacts``) holds::
     events/events.db        the embedded durable event log (SQLite)
     secrets/user_id_key     the user-id hashing key, when none is configured
     cache/embeddings.duckdb the offline evaluation's and benchmarks' embedding cache
+    cache/bundles/          offline evaluation's bundles of judged catalogues
     mlflow/                 the embedded MLflow store (mlflow.db, artifacts/)
     bench/                  benchmark homes
 
@@ -56,6 +57,11 @@ def user_key_path(home: Path) -> Path:
 
 def embedding_cache(home: Path) -> Path:
     return home / "cache" / "embeddings.duckdb"
+
+
+def bundle_cache(home: Path) -> Path:
+    """Release-style bundles of judged catalogues that offline evaluation retrieves from."""
+    return home / "cache" / "bundles"
 
 
 def mlflow_dir(home: Path) -> Path:

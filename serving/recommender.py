@@ -1,5 +1,8 @@
 """What shop applications import: load the live release and answer requests.
 
+The facade: :class:`Recommender` (requests, feedback, hot reload) and its results. Candidates,
+filters and relevance features come from :mod:`serving.retrieval`, the one retrieval path.
+
 The live state (bundle + encoder) is one immutable object; a reload builds the next one aside
 and swaps the reference, so requests running on the old state finish undisturbed and a
 release that fails to load never replaces a working one.
@@ -22,22 +25,26 @@ import numpy as np
 from serving.cache import LRUCache
 from serving.checkpoint import CheckpointRef, load_latest, read_latest
 from serving.encoder import Encoder
-from serving.errors import FilterError, InvalidInputError, QueryError, ReleaseError
+from serving.errors import InvalidInputError, QueryError, ReleaseError
 from serving.eventlog import AppendResult, EventLog
 from serving.events import Event, EventError, parse_event
 from serving.layout import encoders_dir, rankers_dir
 from serving.manifest import Manifest
-from serving.query import (
-    DEFAULT_STEPS,
-    NEEDS_VOCABULARY,
-    Step,
-    Vocabulary,
-    parse_steps,
-    understand_query,
-)
+from serving.query import DEFAULT_STEPS, Step, Vocabulary, parse_steps
 from serving.ranker import Ranker, query_key, sigmoid
 from serving.release import Bundle, current_bundle_dir, load_bundle, read_pointer
-from serving.relevance import MatchFeatures, RelevanceModel, channel_signals, query_features
+from serving.relevance import MatchFeatures
+from serving.retrieval import (
+    NO_TIMER,
+    Filters,
+    LexicalCache,
+    NoTimer,
+    StageTimer,
+    release_vocabulary,
+    relevance_features,
+    retrieve_candidates,
+    understood,
+)
 from serving.session import (
     EVENT_WEIGHTS,
     SessionConfig,
@@ -53,101 +60,6 @@ from serving.text import normalise_query
 log = logging.getLogger(__name__)
 
 MAX_K = 1000
-
-
-class StageTimer:
-    """Wall time of one request's stages (:meth:`Recommender.recommend` with ``timings``):
-    each :meth:`lap` adds the seconds since the previous lap (or since the timer started) to
-    the named stage of ``out``. Stages that did not run are absent."""
-
-    __slots__ = ("_last", "out")
-
-    def __init__(self, out: dict[str, float]) -> None:
-        self.out = out
-        self._last = time.perf_counter()
-
-    def lap(self, stage: str) -> None:
-        now = time.perf_counter()
-        self.out[stage] = self.out.get(stage, 0.0) + (now - self._last)
-        self._last = now
-
-
-class _NoTimer:
-    """What a request without ``timings`` laps on: nothing is measured."""
-
-    __slots__ = ()
-
-    def lap(self, stage: str) -> None:
-        pass
-
-
-NO_TIMER = _NoTimer()
-#: The stages :meth:`Recommender.recommend` reports, in request order.
-STAGES = ("parse", "understand", "encode", "session", "bm25", "filters", "ann", "union",
-          "candidates_cached", "vectors", "features", "relevance", "ranker", "results")
-
-
-@dataclass(frozen=True)
-class Filters:
-    """Business filters. ``categories`` matches exactly (any of); prices are inclusive."""
-
-    categories: frozenset[str] | None = None
-    min_price: float | None = None
-    max_price: float | None = None
-    in_stock: bool | None = None
-
-    FIELDS = ("category", "min_price", "max_price", "in_stock")
-
-    @classmethod
-    def parse(cls, raw: Filters | Mapping[str, Any] | None) -> Filters | None:
-        """Validate a filter mapping; raises :class:`FilterError` naming the bad field."""
-        if raw is None or isinstance(raw, Filters):
-            return raw
-        if not isinstance(raw, Mapping):
-            raise FilterError(f"filters must be a mapping, got {type(raw).__name__}")
-        unknown = sorted(set(raw) - set(cls.FIELDS))
-        if unknown:
-            raise FilterError(
-                f"unknown filter field(s) {unknown}; known fields are {list(cls.FIELDS)}"
-            )
-        cats = raw.get("category")
-        if cats is not None:
-            cats = [cats] if isinstance(cats, str) else cats
-            if not isinstance(cats, list | tuple | set | frozenset) or not all(
-                isinstance(c, str) and c for c in cats
-            ):
-                raise FilterError("filter 'category' must be a non-empty string or list of them")
-            cats = frozenset(cats)
-        prices = {}
-        for name in ("min_price", "max_price"):
-            value = raw.get(name)
-            if value is not None:
-                if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(
-                    value
-                ) or value < 0:
-                    raise FilterError(f"filter '{name}' must be a non-negative number, got {value!r}")
-                prices[name] = float(value)
-        if prices.get("min_price", 0.0) > prices.get("max_price", float("inf")):
-            raise FilterError(
-                f"filter min_price {prices['min_price']} is above max_price {prices['max_price']}"
-            )
-        stock = raw.get("in_stock")
-        if stock is not None and not isinstance(stock, bool):
-            raise FilterError(f"filter 'in_stock' must be true or false, got {stock!r}")
-        return cls(categories=cats, in_stock=stock, **prices)
-
-    def mask(self, bundle: Bundle) -> np.ndarray:
-        items = bundle.items
-        keep = np.ones(len(items), dtype=bool)
-        if self.categories is not None:
-            keep &= np.isin(items.categories, list(self.categories))
-        if self.min_price is not None:
-            keep &= items.prices >= self.min_price  # NaN (unknown price) fails both bounds
-        if self.max_price is not None:
-            keep &= items.prices <= self.max_price
-        if self.in_stock is not None:
-            keep &= items.in_stock == self.in_stock
-        return keep
 
 
 @dataclass(frozen=True)
@@ -312,13 +224,13 @@ class Recommender:
         :attr:`counters`.
 
         ``timings``, when given, receives the seconds this call spent in each stage that ran
-        (names in :data:`STAGES`: validation, query understanding, encoding, session, BM25
+        (names in :data:`serving.retrieval.STAGES`: validation, query understanding, encoding, session, BM25
         scores, the filter mask, ANN, the lexical top and union, the candidate cache, the
         candidates' vectors, relevance features (incl. term coverage), relevance scoring,
         the ranker's online terms, building results); their sum is the call's time up to
         the last lap. Without it nothing is timed.
         """
-        watch: StageTimer | _NoTimer = StageTimer(timings) if timings is not None else NO_TIMER
+        watch: StageTimer | NoTimer = StageTimer(timings) if timings is not None else NO_TIMER
         try:
             text = None
             if query is not None or session_id is None:
@@ -590,156 +502,3 @@ def release_encoder(bundle: Bundle, settings: Settings, current: Encoder | None 
             f"(dim {spec.dim}); the configured encoder is rev {encoder.revision} (dim {encoder.dim})"
         )
     return encoder
-
-
-def understood(text: str | None, steps: tuple[Step, ...],
-               vocabulary: Vocabulary | None) -> tuple[str | None, str | None]:
-    """A normalised query as the dense and the lexical channel read it (query understanding;
-    the steps that need the catalogue's vocabulary are skipped without one). Units and
-    dimensions are also applied by the lexical index itself."""
-    if text is None:
-        return None, None
-    if vocabulary is None:
-        steps = tuple(s for s in steps if s not in NEEDS_VOCABULARY)
-    if not steps:
-        return text, text
-    return (understand_query(text, steps, vocabulary, channel="dense"),
-            understand_query(text, steps, vocabulary))
-
-
-def release_vocabulary(bundle: Bundle, steps: tuple[Step, ...],
-                       warm: bool = True) -> Vocabulary | None:
-    """The catalogue's words for spelling and compounds, when ``steps`` need them."""
-    if bundle.lexical is None or not bundle.lexical.words or not NEEDS_VOCABULARY & set(steps):
-        return None
-    vocabulary = Vocabulary(bundle.lexical.words, stem=bundle.lexical.stem)
-    if warm:
-        vocabulary.warm()
-    return vocabulary
-
-
-class LexicalCache:
-    """Per release, for recent queries: relative BM25 scores (each query's scores over its
-    best score, in [0, 1]) with that best score; bounded, thread-safe. The share of the
-    query's terms an item matches (for the relevance model) is read per request for the
-    candidates only (:meth:`coverage_of`)."""
-
-    def __init__(self, size: int = 128) -> None:
-        self._cache: LRUCache[tuple[np.ndarray, float]] = LRUCache(size)
-
-    def relative(self, bundle: Bundle, text: str) -> np.ndarray | None:
-        got = self.scored(bundle, text)
-        return got[0] if got is not None else None
-
-    def scored(self, bundle: Bundle, text: str) -> tuple[np.ndarray, float] | None:
-        """Relative scores and the best raw score (raw = relative * best)."""
-        if bundle.lexical is None:
-            return None
-        return self._cache.get_or_compute((bundle.release_id, text),
-                                          lambda: _scored(bundle, text))
-
-    def coverage_of(self, bundle: Bundle, text: str,
-                    rows: np.ndarray) -> tuple[np.ndarray, int] | None:
-        """The share of ``text``'s terms each of ``rows`` matches, and the number of terms
-        (:meth:`serving.lexical.LexicalIndex.coverage_rows`: from the terms' postings, the
-        same values as the whole-catalogue :meth:`~serving.lexical.LexicalIndex.coverage`)."""
-        if bundle.lexical is None:
-            return None
-        return bundle.lexical.coverage_rows(text, rows)
-
-
-def _scored(bundle: Bundle, text: str) -> tuple[np.ndarray, float]:
-    scores = bundle.lexical.scores(text)
-    top = float(scores.max()) if len(scores) else 0.0
-    rel = scores / top if top > 0 else scores
-    rel.setflags(write=False)
-    return rel, top
-
-
-def relevance_scores(bundle: Bundle, model: RelevanceModel, match: MatchFeatures,
-                     lexical: LexicalCache, text: str | None, lexical_text: str | None,
-                     qvec: np.ndarray, rows: np.ndarray,
-                     vectors: np.ndarray | None = None) -> np.ndarray:
-    """The relevance model's logits for candidates ``rows`` of a query (normalised ``text``,
-    its lexical rewrite ``lexical_text`` and the vector of its dense rewrite ``qvec``)."""
-    return model.score(relevance_features(bundle, match, lexical, text, lexical_text, qvec,
-                                          rows, vectors))
-
-
-def relevance_features(bundle: Bundle, match: MatchFeatures, lexical: LexicalCache,
-                       text: str | None, lexical_text: str | None, qvec: np.ndarray,
-                       rows: np.ndarray, vectors: np.ndarray | None = None) -> np.ndarray:
-    """The relevance model's features of candidates ``rows`` of a query, from this release's
-    vectors, BM25 index and titles, computed by the functions ``instantrec eval`` uses.
-    ``vectors``: the candidates' vectors as float64 (``bundle.vectors[rows]``), if the
-    caller has them already."""
-    if vectors is None:
-        vectors = np.asarray(bundle.vectors[rows], dtype=np.float64)
-    cos = vectors @ np.asarray(qvec, np.float64)
-    bm25 = np.zeros(len(rows))
-    cover, n_terms = np.zeros(len(rows)), 0
-    scored = lexical.scored(bundle, lexical_text) if lexical_text is not None else None
-    if scored is not None:
-        bm25 = scored[0][rows].astype(np.float64) * scored[1]
-        cover, n_terms = lexical.coverage_of(bundle, lexical_text, rows)
-    return query_features(channel_signals(cos, bm25, cover, n_terms), match, text or "", rows)
-
-
-def retrieve_candidates(bundle: Bundle, vec: np.ndarray, lex: np.ndarray | None, depth: int,
-                        filters: Filters | None = None,
-                        watch: StageTimer | _NoTimer = NO_TIMER) -> list[int]:
-    """A request's candidates: the dense channel's ``depth`` nearest allowed items, then the
-    lexical channel's ``depth`` best that the dense channel did not bring. ``watch`` times
-    the filter mask (computed once for both channels), the ANN search and the union."""
-    mask = filters.mask(bundle) if filters is not None else None
-    if mask is not None:
-        watch.lap("filters")
-    found, _ = _search(bundle, vec, depth, mask)
-    watch.lap("ann")
-    if lex is None:
-        return found
-    out = _union(found, _lexical_top(lex, depth, mask))
-    watch.lap("union")
-    return out
-
-
-def _lexical_top(rel: np.ndarray, depth: int, mask: np.ndarray | None) -> list[int]:
-    """The lexical channel's candidates: the ``depth`` best-scoring items ``mask`` allows."""
-    if mask is not None:
-        rel = np.where(mask, rel, 0.0)
-    depth = min(depth, len(rel))
-    top = np.argpartition(-rel, depth - 1)[:depth]
-    return [int(r) for r in top[np.argsort(-rel[top], kind="stable")] if rel[r] > 0]
-
-
-def _union(first: list[int], second: list[int]) -> list[int]:
-    seen = set(first)
-    return first + [r for r in second if r not in seen]
-
-
-def _search(bundle: Bundle, qvec: np.ndarray, k: int,
-            mask: np.ndarray | None) -> tuple[list[int], list[float]]:
-    """ANN search with over-fetch under a filter ``mask`` (allowed rows); exact search over
-    the allowed subset when it is too selective for over-fetching to fill ``k``."""
-    n = len(bundle.items)
-    allowed = n if mask is None else int(mask.sum())
-    want = min(k, allowed)
-    if want == 0:
-        return [], []
-    fetch = min(n, k if mask is None else 4 * k)
-    while True:
-        rows, sims = bundle.index.nearest(qvec, fetch)
-        if mask is not None:
-            kept = [(r, sim) for r, sim in zip(rows, sims, strict=True) if mask[r]]
-        else:
-            kept = list(zip(rows, sims, strict=True))
-        if len(kept) >= want:
-            kept = kept[:want]
-            return [r for r, _ in kept], [sim for _, sim in kept]
-        if fetch >= n or fetch >= 64 * k:
-            break
-        fetch = min(n, fetch * 4)
-    idx = np.flatnonzero(mask) if mask is not None else np.arange(n)
-    sims = np.asarray(bundle.vectors[idx] @ qvec)
-    top = np.argsort(-sims, kind="stable")[:want]
-    return [int(idx[i]) for i in top], [float(sims[i]) for i in top]

@@ -55,7 +55,8 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def _minmax(x: np.ndarray) -> np.ndarray:
+def minmax(x: np.ndarray) -> np.ndarray:
+    """``x`` scaled to [0, 1] by its own minimum and maximum (all zeros when they are equal)."""
     span = x.max() - x.min() if len(x) else 0.0
     return (x - x.min()) / span if span > 0 else np.zeros_like(x)
 
@@ -99,7 +100,7 @@ def channel_features(f: dict[str, np.ndarray]) -> np.ndarray:
     return np.column_stack([
         f["cos"], f["cos_gap"], f["bm25_rel"], f["coverage"],
         f["bm25_rel"] * f["coverage"], f["bm25_rel"] * f["max_cos"], f["cos_gap"] * f["coverage"],
-        _minmax(f["cos"]), _minmax(f["bm25"]),
+        minmax(f["cos"]), minmax(f["bm25"]),
         1.0 / (RRF_K + _ranks(f["cos"])), 1.0 / (RRF_K + lexical_rank),
     ])
 

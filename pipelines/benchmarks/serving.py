@@ -230,10 +230,10 @@ def _fitted_relevance(bench: Settings, bundle: Any, encoder: Any, train: Path,
     """The relevance model the batch retrain fits on ``train`` against this release (cached
     as ``cache``.npz/.json); if its gate refuses it, the same recipe fitted anyway, marked."""
     from pipelines.judged import load_judgments
-    from pipelines.nearline import QueryRelevance
     from pipelines.retrain import fit_relevance, relevance_data
     from serving.query import parse_steps
     from serving.relevance import RelevanceModel
+    from serving.retrieval import QueryRelevance
 
     arrays, report_path = cache.with_suffix(".npz"), cache.with_suffix(".json")
     if arrays.is_file() and report_path.is_file():
@@ -405,7 +405,7 @@ def filtered_requests(n: int, share: float, seed: int = 0) -> dict[int, dict[str
 
 
 def _stage_figures(timings: list[dict[str, float]], walls: list[float]) -> dict[str, Any]:
-    from serving.recommender import STAGES
+    from serving.retrieval import STAGES
 
     mean_wall = float(np.mean(walls))
     out: dict[str, Any] = {"p50_ms": {}, "p99_ms": {}, "mean_ms": {}, "share_of_request": {}}
@@ -472,7 +472,7 @@ def coverage_lever(bundle: Any, texts: Sequence[str], qvecs: np.ndarray,
                    depth: int) -> dict[str, Any]:
     """Term coverage of each query's candidates: whole-catalogue score vectors per term (the
     way it was) against the candidates' postings; times and whether they are identical."""
-    from serving.recommender import LexicalCache, retrieve_candidates
+    from serving.retrieval import LexicalCache, retrieve_candidates
 
     lexical, cache = bundle.lexical, LexicalCache()
     whole, postings, same, sizes = [], [], 0, []

@@ -56,6 +56,40 @@ def test_eval_runs_both_protocols_on_real_data(shared_data, tmp_path, name, id_c
     assert all(0.0 < m["ndcg@10"] <= 1.0 for m in rerank["methods"].values())
 
 
+def test_retrieval_goes_through_the_served_path_and_exact_search_is_a_labelled_reference(
+        shared_data, tmp_path):
+    from serving.manifest import read_manifest
+
+    products, judgments = slice_dataset(shared_data, "crowdflower", "product_id", 6, tmp_path,
+                                        200)
+    served = run_eval(tmp_path, products, judgments, "retrieval", "--no-chart")
+    used = served["retrieval"]
+    assert used["name"] == "served" and "retrieve_candidates" in used["description"]
+    assert used["depth"] == 100
+    # a release bundle of exactly the sliced catalogue, written as a release writes one
+    bundle = Path(used["bundle"]["path"])
+    assert bundle.parent == tmp_path / "home" / "cache" / "bundles"
+    manifest = read_manifest(bundle)
+    assert manifest.item_count == pl.read_parquet(products).height
+    assert (manifest.index.n_trees, manifest.index.search_k) == (
+        used["bundle"]["n_trees"], used["bundle"]["search_k"])
+    built = (bundle / "manifest.json").stat().st_mtime_ns
+    # the same inputs reuse the bundle, and give the same figures
+    again = run_eval(tmp_path, products, judgments, "retrieval", "--no-chart")
+    assert again["retrieval"] == used and again["methods"] == served["methods"]
+    assert (bundle / "manifest.json").stat().st_mtime_ns == built
+
+    exact = run_eval(tmp_path, products, judgments, "retrieval", "--retrieval", "exact",
+                     "--no-chart")
+    assert exact["retrieval"]["name"] == "exact" and "bundle" not in exact["retrieval"]
+    assert exact["retrieval"]["description"].startswith("reference only, not what serving")
+    assert set(exact["methods"]) == set(served["methods"])
+    assert all(0.0 < m["ndcg@10"] <= 1.0 for m in exact["methods"].values())
+    rerank = run_eval(tmp_path, products, judgments, "rerank", "--methods", "dense",
+                      "--no-chart")
+    assert rerank["retrieval"]["name"] == "judged"
+
+
 def test_embeddings_are_cached_by_content(shared_data, tmp_path):
     products, judgments = slice_dataset(shared_data, "crowdflower", "product_id", 3, tmp_path, 50)
     first = run_eval(tmp_path, products, judgments, "rerank")

@@ -12,8 +12,9 @@ from pipelines.retrain import retrain_ranker
 from pipelines.steps import run_build
 from serving import Recommender
 from serving.checkpoint import load_latest
-from serving.recommender import retrieve_candidates, understood
+from serving.query import parse_steps
 from serving.relevance import MatchFeatures, channel_signals, query_features
+from serving.retrieval import release_vocabulary, retrieve_candidates, understood
 from serving.text import normalise_query
 from tests.conftest import make_settings
 from tests.integration.test_simulate import slice_crowdflower
@@ -50,9 +51,11 @@ def test_retrain_fits_the_relevance_model_that_serving_and_nearline_use(shared_d
     # a repeated plain query reuses its candidates and their relevance scores
     assert [r.signals for r in rec.recommend(query, k=10)] == [r.signals for r in results]
     assert len(rec._relevance) == 1
-    rows = [rec._state.row_of[r.item_id] for r in results]
+    row_of = {item: row for row, item in enumerate(bundle.items.item_ids.tolist())}
+    rows = [row_of[r.item_id] for r in results]
     text = normalise_query(query, 10_000)
-    dense_text, lexical_text = understood(text, rec._steps, rec._state.vocabulary)
+    steps = parse_steps(settings.query_steps)
+    dense_text, lexical_text = understood(text, steps, release_vocabulary(bundle, steps))
     qvec = encoder.encode_query(dense_text).astype(np.float64)
     bm25 = bundle.lexical.scores(lexical_text).astype(np.float64)
     coverage, n_terms = bundle.lexical.coverage(lexical_text)

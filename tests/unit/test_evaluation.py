@@ -99,3 +99,26 @@ def test_the_ranker_only_reorders_what_the_hybrid_retrieved():
     assert list(np.argsort(-out[1], kind="stable")) == [3, 2, 0, 4, 1]
     # ... and rows 4 and 1 stay below, in hybrid order, despite the ranker liking them
     np.testing.assert_array_equal(out[2], ranker[2])  # fewer candidates than depth: untouched
+
+
+def test_the_served_bundle_holds_products_sorted_by_id_and_maps_its_rows_back():
+    from pipelines.evaluation import judged_items, product_texts
+
+    products = pl.DataFrame({"item_id": ["10", "9", "2"],
+                             "title": ["Drill <b>10</b>", "saw", "hammer"],
+                             "description": ["", "a saw", None]})
+    items, product_rows = judged_items(products)
+    # a bundle sorts its items by id (as strings): "10" < "2" < "9"
+    assert items["item_id"].to_list() == ["10", "2", "9"]
+    assert product_rows.tolist() == [0, 2, 1]
+    assert items["title"].to_list() == ["Drill 10", "hammer", "saw"]   # cleaned, as embedded
+    assert items["description"].to_list() == [None, None, "a saw"]
+    assert items["in_stock"].to_list() == [True] * 3
+    assert items["price"].null_count() == 3
+    # the same text a product's vector is computed from, row for row
+    from serving.text import item_text
+
+    texts = product_texts(products)
+    assert [item_text(t, b, c, d) for t, b, c, d in items.select(
+        "title", "brand", "category", "description").iter_rows()] == [texts[r] for r in
+                                                                      product_rows]
