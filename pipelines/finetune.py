@@ -400,14 +400,14 @@ def train_encoder(settings: Settings, pairs_path: str | Path,
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from serving.encoder import _weights_digest
+    from serving.encoder import weights_digest
 
     cfg = cfg or TrainConfig(item_max_tokens=settings.item_max_tokens)
     pairs = pl.read_parquet(pairs_path).filter(~pl.col("heldout"))
     if pairs.height < 2:
         raise ValueError(f"not enough training pairs in {pairs_path}: {pairs.height}")
     base = base_encoder_path(settings)
-    base_rev = _weights_digest(str(base))[:16]
+    base_rev = weights_digest(str(base))[:16]
     recipe = {k: v for k, v in asdict(cfg).items() if k != "threads"}
     key = json.dumps({"base": base_rev, "pairs": Path(pairs_path).stem, **recipe}, sort_keys=True)
     encoder_id = "ft-" + hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -420,7 +420,7 @@ def train_encoder(settings: Settings, pairs_path: str | Path,
     if meta_path.is_file():
         log.info("encoder %s already trained; reusing it", encoder_id)
         return {**json.loads(meta_path.read_text()),
-                "revision": _weights_digest(str(final))[:16], "reused": True}
+                "revision": weights_digest(str(final))[:16], "reused": True}
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     model = AutoModel.from_pretrained(str(base))
     stats = train_model(model, tokenizer, pairs["query"].to_list(), pairs["item_text"].to_list(),
@@ -436,7 +436,7 @@ def train_encoder(settings: Settings, pairs_path: str | Path,
     # Not *.json: the encoder's revision digests the *.json files, and this is no weight.
     (tmp / META).write_text(json.dumps(out, indent=2, sort_keys=True))
     os.replace(tmp, final)
-    out["revision"] = _weights_digest(str(final))[:16]
+    out["revision"] = weights_digest(str(final))[:16]
     log.info("trained encoder %s in %.0fs (%d steps): loss %.3f -> %.3f", encoder_id,
              out["seconds"], out["steps"], out["first_loss"], out["last_loss"])
     return {**out, "reused": False}

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 DEMO_CATALOGUE = Path(__file__).parent / "demo" / "catalogue.csv"
 
 
-def _encoder_path(settings: Settings) -> Path | None:
+def configured_encoder_path(settings: Settings) -> Path | None:
     """The configured encoder; without one, the promoted fine-tune (``<home>/encoders/CHAMPION``)
     if any; ``None`` is the packaged default."""
     from pipelines.finetune import champion_encoder_path
@@ -29,19 +29,19 @@ def _encoder_path(settings: Settings) -> Path | None:
     return settings.encoder_path or champion_encoder_path(settings.home)
 
 
-def _encoder(settings: Settings) -> Encoder:
-    """The encoder of :func:`_encoder_path`, loaded."""
-    return Encoder(_encoder_path(settings), max_length=settings.item_max_tokens,
+def configured_encoder(settings: Settings) -> Encoder:
+    """The encoder of :func:`configured_encoder_path`, loaded."""
+    return Encoder(configured_encoder_path(settings), max_length=settings.item_max_tokens,
                    precision=settings.embed_precision)
 
 
-def _encoder_loader(settings: Settings) -> EncoderLoader:
-    """The encoder of :func:`_encoder_path`, identified by its version but not loaded yet."""
+def configured_encoder_loader(settings: Settings) -> EncoderLoader:
+    """The encoder of :func:`configured_encoder_path`, identified by its version but not loaded yet."""
     from pipelines.embed import EncoderLoader
     from serving.encoder import encoder_version
 
-    return EncoderLoader(encoder_version(_encoder_path(settings), settings.item_max_tokens),
-                         lambda: _encoder(settings))
+    return EncoderLoader(encoder_version(configured_encoder_path(settings), settings.item_max_tokens),
+                         lambda: configured_encoder(settings))
 
 
 def run_ingest(settings: Settings, catalogue: str | Path | None = None) -> dict[str, Any]:
@@ -59,7 +59,7 @@ def run_embed(settings: Settings, shard: int = 0, shards: int = 1,
     from pipelines.embed import embed_items
 
     report = embed_items(settings.warehouse_path, settings.work_dir,
-                         encoder or _encoder_loader(settings), shard, shards,
+                         encoder or configured_encoder_loader(settings), shard, shards,
                          settings.embed_batch_size, progress=progress)
     return report.to_dict()
 
@@ -69,7 +69,7 @@ def run_index(settings: Settings, encoder: Encoder | None = None) -> dict[str, A
     from pipelines.embed import store_vectors
     from pipelines.index import build_index
 
-    encoder = encoder or _encoder(settings)
+    encoder = encoder or configured_encoder(settings)
     stored = store_vectors(settings.warehouse_path, settings.work_dir, encoder.version)
     bundle = build_index(settings.warehouse_path, settings.releases_dir, encoder,
                          settings.index_seed, settings.index_recall_target)
@@ -111,7 +111,7 @@ def run_build(settings: Settings, catalogue: str | Path | None = None,
     With the demo catalogue and no golden file given or configured, the demo golden queries
     gate it.
     """
-    encoder = encoder or _encoder(settings)
+    encoder = encoder or configured_encoder(settings)
     out: dict[str, Any] = {"ingest": run_ingest(settings, catalogue)}
     out["embed"] = run_embed(settings, progress=progress, encoder=encoder)
     out["index"] = run_index(settings, encoder)

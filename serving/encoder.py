@@ -13,7 +13,7 @@ import threading
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -60,7 +60,7 @@ def default_encoder_path() -> Path:
 
 
 @lru_cache(maxsize=8)
-def _weights_digest(path: str) -> str:
+def weights_digest(path: str) -> str:
     """sha256 over the weight and tokenizer files: identifies what produced a vector."""
     root = Path(path)
     files = sorted(
@@ -84,7 +84,7 @@ def encoder_version(path: Path | str | None = None, max_length: int = 128) -> st
     with a budget of ``max_length`` tokens, without loading it: hashes the weight files only."""
     root = Path(path) if path is not None else default_encoder_path()
     name = DEFAULT_ENCODER_NAME if path is None else root.name
-    return _version(name, _weights_digest(str(root))[:16], max_length)
+    return _version(name, weights_digest(str(root))[:16], max_length)
 
 
 def _version(name: str, revision: str, max_length: int) -> str:
@@ -132,7 +132,7 @@ class Encoder:
         self._torch = torch
         self.max_length = max_length
         self.name = DEFAULT_ENCODER_NAME if is_default else self.path.name
-        self.revision = _weights_digest(str(self.path))[:16]
+        self.revision = weights_digest(str(self.path))[:16]
         self.dim = int(self._model.config.hidden_size)
         self.precision = resolve_precision(precision)
         self._lock = threading.Lock()
@@ -147,6 +147,22 @@ class Encoder:
     def version(self) -> str:
         """Name, revision and token budget: vectors are comparable only within one version."""
         return _version(self.name, self.revision, self.max_length)
+
+    @property
+    def model(self) -> Any:
+        """The transformers model behind the batch path (e.g. to count its FLOPs)."""
+        return self._model
+
+    @property
+    def tokenizer(self) -> Any:
+        """The fast tokenizer both paths use."""
+        return self._tokenizer
+
+    def replace_model(self, model: Any) -> None:
+        """Run the batch path on ``model`` instead (a transformed copy of :attr:`model`, e.g.
+        quantised, with the same tokenizer and outputs); the query path is left as it is."""
+        with self._lock:
+            self._model = model
 
     def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False,
                precision: Precision | None = None) -> np.ndarray:

@@ -468,7 +468,7 @@ class Recommender:
         self.close()
 
 
-def _encoder_path(bundle: Bundle, settings: Settings) -> Path | None:
+def encoder_path_for(bundle: Bundle, settings: Settings) -> Path | None:
     """The directory of the encoder recorded in the manifest: its path, else a directory of the
     same name under this home's ``encoders/`` (another machine); without a recorded path, the
     configured encoder (None = the packaged default)."""
@@ -494,7 +494,7 @@ def release_encoder(bundle: Bundle, settings: Settings, current: Encoder | None 
     encoder = current
     if encoder is None or encoder.revision != spec.revision:
         # the exported ONNX model is shared by every home on the machine (keyed by revision)
-        encoder = Encoder(_encoder_path(bundle, settings), max_length=spec.max_tokens,
+        encoder = Encoder(encoder_path_for(bundle, settings), max_length=spec.max_tokens,
                           backend=backend or settings.encoder_backend)
     if encoder.revision != spec.revision or encoder.dim != spec.dim:
         raise ReleaseError(

@@ -243,7 +243,18 @@ class CompiledTrees:
     @classmethod
     def from_sklearn(cls, model: Any, depth: int = TREE_DEPTH) -> CompiledTrees:
         n_inner = 2 ** depth - 1
-        trees = [p[0].nodes for p in model._predictors]
+        # scikit-learn keeps a fitted HistGradientBoosting model's trees in the private
+        # ``_predictors`` (a list per iteration of TreePredictor, each with a ``nodes`` record
+        # array). Nothing public exposes them: check the layout, and name the version if it moved.
+        predictors = getattr(model, "_predictors", None)
+        if (not predictors or not hasattr(predictors[0][0], "nodes")
+                or not {"feature_idx", "num_threshold", "left", "right", "is_leaf",
+                        "is_categorical", "value"} <= set(predictors[0][0].nodes.dtype.names or ())):
+            import sklearn
+
+            raise TypeError(f"cannot compile the trees of scikit-learn {sklearn.__version__}: "
+                            "its fitted gradient-boosting layout (_predictors) has changed")
+        trees = [p[0].nodes for p in predictors]
         feature = np.zeros((len(trees), n_inner), dtype=np.int64)
         threshold = np.full((len(trees), n_inner), np.inf)
         leaf = np.zeros((len(trees), n_inner + 1))

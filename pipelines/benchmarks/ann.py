@@ -323,7 +323,7 @@ def bench_size(vectors: np.ndarray, queries: np.ndarray, work: Path, *, label: s
 
 # ---------------------------------------------------------------------------- growth probe
 
-def _memory_mb() -> dict[str, float]:
+def memory_mb() -> dict[str, float]:
     """Resident memory of this process: total, anonymous (heap) and file-backed (mmap)."""
     fields = {}
     for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
@@ -353,11 +353,11 @@ def serving_probe(spec: dict[str, Any]) -> dict[str, Any]:
     import hnswlib
 
     queries = np.load(spec["queries"])
-    base = _memory_mb()
+    base = memory_mb()
     index = annoy.AnnoyIndex(spec["dim"], "angular")
     index.load(spec["annoy"])
     vectors = np.load(spec["vectors"], mmap_mode="r")  # as serving.release.load_bundle
-    loaded = _memory_mb()
+    loaded = memory_mb()
     search_k = max(spec["search_k"], SERVING_CANDIDATES)
 
     def serve(q: np.ndarray) -> None:
@@ -369,7 +369,7 @@ def serving_probe(spec: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         serve(q)
         first.append(time.perf_counter() - t0)
-    served = _memory_mb()
+    served = memory_mb()
     steady = []
     for q in queries:
         t0 = time.perf_counter()
@@ -380,13 +380,13 @@ def serving_probe(spec: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         index.get_nns_by_vector(q, K, search_k=spec["search_k"])
         k10.append(time.perf_counter() - t0)
-    after_annoy = _memory_mb()
+    after_annoy = memory_mb()
     index.unload()
     vectors = None  # unmap
 
-    in_ram_before = _memory_mb()
+    in_ram_before = memory_mb()
     matrix = np.load(spec["vectors"])
-    in_ram = _memory_mb()
+    in_ram = memory_mb()
     exact = []
     for q in queries[:spec["exact_queries"]]:
         t0 = time.perf_counter()
@@ -394,12 +394,12 @@ def serving_probe(spec: dict[str, Any]) -> dict[str, Any]:
         exact.append(time.perf_counter() - t0)
     del matrix
 
-    hnsw_before = _memory_mb()
+    hnsw_before = memory_mb()
     hnsw = hnswlib.Index(space="ip", dim=spec["dim"])
     hnsw.load_index(spec["hnsw"])
     hnsw.set_num_threads(1)
     hnsw.set_ef(spec["ef"])
-    hnsw_loaded = _memory_mb()
+    hnsw_loaded = memory_mb()
     hnsw_lat = []
     for q in queries:
         t0 = time.perf_counter()

@@ -115,7 +115,7 @@ def cpu_peak(cpuinfo: str | None = None, max_khz: int | None = None) -> dict[str
 def model_shape(encoder: Any) -> dict[str, int]:
     """Layers, hidden size and weights inside the transformer layers (no embeddings, no pooler:
     embedding lookups are not multiplications and mean pooling does not use the pooler)."""
-    model = encoder._model
+    model = encoder.model
     layers = model.encoder.layer
     params = sum(p.numel() for p in layers.parameters())
     if params == 0:  # quantised layers keep their weights as packed params, not parameters
@@ -131,7 +131,7 @@ def text_flops(tokens: np.ndarray, shape: dict[str, int]) -> np.ndarray:
 
 
 def token_counts(encoder: Any, texts: list[str]) -> np.ndarray:
-    ids = encoder._tokenizer(texts, truncation=True, max_length=encoder.max_length,
+    ids = encoder.tokenizer(texts, truncation=True, max_length=encoder.max_length,
                              return_attention_mask=False, return_token_type_ids=False)["input_ids"]
     return np.array([len(x) for x in ids], dtype=np.int64)
 
@@ -168,10 +168,10 @@ def quantised(encoder: Any, scheme: str = "all") -> Any:
     if scheme == "all":
         spec: Any = {torch.nn.Linear: default_dynamic_qconfig}
     else:
-        spec = {name: per_channel_dynamic_qconfig for name, mod in q._model.named_modules()
+        spec = {name: per_channel_dynamic_qconfig for name, mod in q.model.named_modules()
                 if isinstance(mod, torch.nn.Linear) and "pooler" not in name
                 and not (name.endswith(".output.dense") and ".attention." not in name)}
-    q._model = torch.ao.quantization.quantize_dynamic(q._model, spec, dtype=torch.qint8)
+    q.replace_model(torch.ao.quantization.quantize_dynamic(q.model, spec, dtype=torch.qint8))
     return q
 
 
@@ -275,9 +275,9 @@ def bench_embed(settings: Settings, items: int = 1000, datasets: tuple[str, ...]
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from pipelines.steps import _encoder
+    from pipelines.steps import configured_encoder
 
-    encoder = _encoder(settings)
+    encoder = configured_encoder(settings)
     batch_size = batch_size or settings.embed_batch_size
     peer = SentenceTransformer(str(encoder.path), device="cpu")
     peer_default_len = int(peer.max_seq_length)

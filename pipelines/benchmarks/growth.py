@@ -129,7 +129,7 @@ def bench_size(n: int, products: Any, real: np.ndarray, qvecs: np.ndarray, encod
                plan: dict[str, Any], work: Path, *, parent_cos: float, seed: int,
                target: float, repeats: int, k: int, rankers: tuple[str, ...] = ("relevance",),
                shop_home: Path | None = None, filter_share: float = 0.25) -> dict[str, Any]:
-    from pipelines.benchmarks.serving import _median_of, _run_child
+    from pipelines.benchmarks.serving import median_of, run_child
     from pipelines.evaluate import evaluate_release
     from pipelines.index import INDEX_FILE, LEXICAL_DIR, VECTORS_FILE, write_bundle
     from pipelines.publish import publish_release
@@ -170,8 +170,8 @@ def bench_size(n: int, products: Any, real: np.ndarray, qvecs: np.ndarray, encod
     for ranker in rankers:
         job = {"home": str(home), "backend": "onnx", "ranker": ranker, "plan": plan, "k": k,
                "filter_share": filter_share, "concurrency": []}
-        runs = [_run_child(job) for _ in range(repeats)]
-        served_by[ranker] = _median_of(runs)
+        runs = [run_child(job) for _ in range(repeats)]
+        served_by[ranker] = median_of(runs)
         all_runs += runs
     served = served_by[rankers[0]]
     end = [r["memory_at_end"] for r in all_runs]
@@ -247,7 +247,7 @@ def add_arguments(p: Any) -> None:
 
 def run(settings: Settings, args: Any) -> dict[str, Any]:
     from pipelines.benchmarks.ann import nearest_neighbour_cosine
-    from pipelines.benchmarks.serving import OFFERS_LABEL, _plan, in_training_split, prepare_shop
+    from pipelines.benchmarks.serving import OFFERS_LABEL, in_training_split, plan_queries, prepare_shop
     from pipelines.evaluation import embed_cached, product_texts
     from pipelines.judged import load_products
     from serving.encoder import Encoder
@@ -266,7 +266,7 @@ def run(settings: Settings, args: Any) -> dict[str, Any]:
         shop_args = argparse.Namespace(**{**vars(args), "work": args.shop})
         shop_home, _, shop = prepare_shop(settings, shop_args)
         clicked = shop.pop("click_queries")
-    plan = _plan(args.judgments, args.queries, levels=(),
+    plan = plan_queries(args.judgments, args.queries, levels=(),
                  keep=lambda q: not in_training_split(q, args.train_share),
                  memory=clicked[:args.memory_queries])
     qvecs = encoder.encode(plan["unseen"], precision="fp32")

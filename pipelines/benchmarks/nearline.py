@@ -261,7 +261,7 @@ def bench_nearline(settings: Settings, n_lists: int = 2000, probes: int = 20,
             for proc in (reader, updater_proc):
                 proc.kill()
                 proc.wait()
-        return _freshness_report(rows, {
+        return freshness_report(rows, {
             "events_per_s": round(events_per_s, 1),
             "backlog_events": summary["read"],
             "backlog_seconds": summary["seconds"],
@@ -275,7 +275,7 @@ def bench_nearline(settings: Settings, n_lists: int = 2000, probes: int = 20,
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _freshness_report(rows: list[dict[str, Any]], out: dict[str, Any]) -> dict[str, Any]:
+def freshness_report(rows: list[dict[str, Any]], out: dict[str, Any]) -> dict[str, Any]:
     """The freshness figures of the probes; raises MeasurementError if any went unseen."""
     missed = [r for r in rows if r["lag_s"] is None]
     if missed:

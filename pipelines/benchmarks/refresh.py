@@ -151,11 +151,11 @@ def bench_refresh(settings: Settings, source: str = "crowdflower", limit: int | 
     configured one (its load time is reported apart). With ``refreshes`` > 1 each repeat runs
     that many consecutive refreshes, and ``series`` reports each one's cost and the mean over
     the cycle, which includes the refreshes that rebuild Annoy once the delta has grown."""
-    from pipelines.steps import _encoder
+    from pipelines.steps import configured_encoder
 
     frame = catalogue_frame(source, limit)
     t0 = time.perf_counter()
-    encoder = encoder or _encoder(settings)
+    encoder = encoder or configured_encoder(settings)
     encoder_load_s = time.perf_counter() - t0
     runs = []
     work = Path(tempfile.mkdtemp(prefix="instantrec-bench-refresh-"))

@@ -572,10 +572,10 @@ def measure_process(job: dict[str, Any]) -> dict[str, Any]:
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     from threadpoolctl import threadpool_info
 
-    from pipelines.benchmarks.ann import _memory_mb
+    from pipelines.benchmarks.ann import memory_mb
 
     return {
-        "memory_at_end": _memory_mb(),  # anonymous (heap) vs file-backed (mapped) pages
+        "memory_at_end": memory_mb(),  # anonymous (heap) vs file-backed (mapped) pages
         "backend": rec.encoder.backend, "ranker": job["ranker"], "n_items": len(bundle.items),
         "load_s": round(load_s, 2), "ranker_seq": rec.ranker_seq,
         "relevance_ran": relevance_ran,
@@ -603,7 +603,7 @@ def _child() -> None:
     print(json.dumps(measure_process(json.loads(sys.stdin.read()))))
 
 
-def _run_child(job: dict[str, Any], blas_threads: int | None = None) -> dict[str, Any]:
+def run_child(job: dict[str, Any], blas_threads: int | None = None) -> dict[str, Any]:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if blas_threads:
         env.update({v: str(blas_threads) for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
@@ -686,7 +686,7 @@ class BatchJob:
                         if seconds > 0 else None, "threads": self.threads}
 
 
-def _plan(judgments: Path, n: int, seed: int = 0, keep: Callable[[str], bool] | None = None,
+def plan_queries(judgments: Path, n: int, seed: int = 0, keep: Callable[[str], bool] | None = None,
           memory: Sequence[str] = (), levels: Sequence[int] = CONCURRENCY,
           ) -> dict[str, Any]:
     """Disjoint sets of distinct, normalised real queries (only those ``keep`` accepts): a
@@ -713,7 +713,7 @@ def _median(values: Sequence[float]) -> float:
     return round(float(np.median(values)), 3)
 
 
-def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over repeated processes of the same (ranker, backend)."""
     first = runs[0]
     out: dict[str, Any] = {"backend": first["backend"], "ranker": first["ranker"],
@@ -895,7 +895,7 @@ def _latency(settings: Settings, args: Any) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
     work, build, shop = prepare_shop(settings, args)
     clicked = shop["click_queries"]
-    plan = _plan(args.judgments, args.queries,
+    plan = plan_queries(args.judgments, args.queries,
                  keep=lambda q: not in_training_split(q, args.train_share),
                  memory=clicked[:args.memory_queries])
     backends = list(BACKENDS) if args.backend == "both" else [args.backend]
@@ -910,13 +910,13 @@ def _latency(settings: Settings, args: Any) -> dict[str, Any]:
                    "concurrency": list(CONCURRENCY)}
             if args.batch_job == "embed":
                 with BatchJob(work / "catalogue.parquet", args.batch_threads, work) as bj:
-                    runs[(ranker, backend)].append(_run_child(job, args.blas_threads or None))
+                    runs[(ranker, backend)].append(run_child(job, args.blas_threads or None))
                 batch[(ranker, backend)].append(bj.figures)
             else:
-                runs[(ranker, backend)].append(_run_child(job, args.blas_threads or None))
+                runs[(ranker, backend)].append(run_child(job, args.blas_threads or None))
     by_ranker: dict[str, dict[str, Any]] = {r: {} for r in rankers}
     for (ranker, backend), r in runs.items():
-        by_ranker[ranker][backend] = _median_of(r)
+        by_ranker[ranker][backend] = median_of(r)
         if batch[(ranker, backend)]:
             b = batch[(ranker, backend)]
             by_ranker[ranker][backend]["batch_job"] = {

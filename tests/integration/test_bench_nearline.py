@@ -78,13 +78,13 @@ def test_freshness_on_a_home_whose_checkpoint_predates_the_live_release(demo_cop
 
 
 def test_a_probe_that_is_never_seen_fails_the_benchmark():
-    from pipelines.benchmarks.nearline import _freshness_report
+    from pipelines.benchmarks.nearline import freshness_report
     from serving.errors import MeasurementError
 
     seen = {"query": "tent", "item_id": "a", "lag_s": 0.3,
             "before": {"memory": 0.0, "logit": -5.0, "rank": 2},
             "after": {"memory": 0.1, "logit": -4.9, "rank": 1}}
-    assert _freshness_report([seen], {})["freshness_p50_s"] == pytest.approx(0.3)
+    assert freshness_report([seen], {})["freshness_p50_s"] == pytest.approx(0.3)
     unseen = {**seen, "item_id": "b", "lag_s": None, "after": None}
     with pytest.raises(MeasurementError, match="1 of 2 purchases never reached process B"):
-        _freshness_report([seen, unseen], {})
+        freshness_report([seen, unseen], {})

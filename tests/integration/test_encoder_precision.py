@@ -42,11 +42,11 @@ def test_auto_precision_follows_the_cpu_and_bad_values_are_named():
 def test_settings_read_the_precision_from_the_environment(monkeypatch, tmp_path):
     from pydantic import ValidationError
 
-    from pipelines.steps import _encoder
+    from pipelines.steps import configured_encoder
     from serving.settings import load_settings
 
     monkeypatch.setenv("INSTANTREC_EMBED_PRECISION", "fp32")
-    assert _encoder(load_settings(home=tmp_path)).precision == "fp32"
+    assert configured_encoder(load_settings(home=tmp_path)).precision == "fp32"
     monkeypatch.setenv("INSTANTREC_EMBED_PRECISION", "half")
     with pytest.raises(ValidationError, match="embed_precision"):
         load_settings(home=tmp_path)

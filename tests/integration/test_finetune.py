@@ -91,9 +91,9 @@ def test_finetune_registers_and_promotes_only_on_a_held_out_gain(tmp_path, share
     assert champion_version(settings) == registered["version"]
     assert champion_encoder_path(settings.home) == tmp_path / "home" / "encoders" / \
         trained["encoder_id"]
-    from pipelines.steps import _encoder
+    from pipelines.steps import configured_encoder
 
-    assert _encoder(settings).revision == trained["revision"]
+    assert configured_encoder(settings).revision == trained["revision"]
 
     # Serving loads the encoder a release records, and refuses a revision that differs.
     spec = EncoderSpec(name=tuned.name, revision=tuned.revision, dim=tuned.dim, max_tokens=64,

@@ -19,7 +19,7 @@ from pipelines.finetune import (
 )
 from serving.errors import ReleaseError
 from serving.manifest import EncoderSpec
-from serving.recommender import _encoder_path
+from serving.recommender import encoder_path_for
 from serving.settings import Settings
 
 QUERIES = [f"query number {i}" for i in range(200)]
@@ -94,17 +94,17 @@ def test_serving_resolves_the_encoder_directory_from_the_manifest(tmp_path):
     home = tmp_path / "home"
     settings = Settings(home=home)
     # no recorded path: the configured encoder (None = packaged default), as before
-    assert _encoder_path(_bundle(None), settings) is None
-    assert _encoder_path(_bundle(None), Settings(home=home, encoder_path=tmp_path)) == tmp_path
+    assert encoder_path_for(_bundle(None), settings) is None
+    assert encoder_path_for(_bundle(None), Settings(home=home, encoder_path=tmp_path)) == tmp_path
     recorded = tmp_path / "build-machine" / "encoders" / "ft-x"
     recorded.mkdir(parents=True)
-    assert _encoder_path(_bundle(str(recorded)), settings) == recorded
+    assert encoder_path_for(_bundle(str(recorded)), settings) == recorded
     # recorded on another machine: the same encoder under this home's encoders/
     local = home / "encoders" / "ft-y"
     local.mkdir(parents=True)
-    assert _encoder_path(_bundle("/elsewhere/encoders/ft-y", "ft-y"), settings) == local
+    assert encoder_path_for(_bundle("/elsewhere/encoders/ft-y", "ft-y"), settings) == local
     with pytest.raises(ReleaseError, match="ft-z.*does not exist"):
-        _encoder_path(_bundle("/elsewhere/encoders/ft-z", "ft-z"), settings)
+        encoder_path_for(_bundle("/elsewhere/encoders/ft-z", "ft-z"), settings)
 
 
 def test_event_pairs_weigh_carts_and_purchases_above_clicks(tmp_path):

@@ -107,6 +107,18 @@ def test_compiled_trees_predict_what_scikit_learn_predicts():
                                    atol=1e-9)
 
 
+def test_compiling_trees_of_an_unknown_scikit_learn_layout_names_the_version():
+    import sklearn
+
+    from serving.relevance import CompiledTrees
+
+    class Moved:  # what a scikit-learn release that renamed its private tree list would give
+        pass
+
+    with pytest.raises(TypeError, match=f"scikit-learn {sklearn.__version__}"):
+        CompiledTrees.from_sklearn(Moved())
+
+
 def test_the_relevance_score_replaces_the_channel_terms_and_the_memory_learns_on_top():
     rng = np.random.default_rng(0)
     d, n = 8, 5
