@@ -282,14 +282,17 @@ class CompiledTrees:
         return cls(feature, threshold, leaf, float(np.ravel(model._baseline_prediction)[0]))
 
     def predict(self, X: np.ndarray) -> np.ndarray:
+        """The trees' summed leaves plus the baseline for the rows of ``X`` (rows, features).
+
+        Every inner node's test is computed at once (one gather of ``X`` by the nodes'
+        features), then each row descends all trees together, a level at a time."""
         n_trees, n_inner = self.feature.shape
-        trees = np.arange(n_trees)
-        pos = np.zeros((len(X), n_trees), dtype=np.int64)
-        rows = np.arange(len(X))[:, None]
+        goes_right = X[:, self.feature] > self.threshold        # (rows, trees, inner nodes)
+        pos = np.zeros((len(X), n_trees, 1), dtype=np.intp)
         for _ in range(int(np.log2(n_inner + 1))):
-            x = X[rows, self.feature[trees, pos]]
-            pos = 2 * pos + 1 + (x > self.threshold[trees, pos])
-        return self.leaf[trees, pos - n_inner].sum(axis=1) + self.baseline
+            pos = 2 * pos + 1 + np.take_along_axis(goes_right, pos, axis=2)
+        leaf = np.take_along_axis(self.leaf[None, :, :], pos - n_inner, axis=2)
+        return leaf[:, :, 0].sum(axis=1) + self.baseline
 
 
 class RelevanceModel:
