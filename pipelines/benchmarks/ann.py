@@ -323,6 +323,16 @@ def bench_size(vectors: np.ndarray, queries: np.ndarray, work: Path, *, label: s
 
 # ---------------------------------------------------------------------------- growth probe
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set since it started its program (``VmHWM``). Not
+    ``getrusage``'s ``ru_maxrss``: Linux carries that across ``fork`` and ``exec``, so a child
+    started by a large parent reports the parent's peak as its own."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError("/proc/self/status has no VmHWM line")
+
+
 def memory_mb() -> dict[str, float]:
     """Resident memory of this process: total, anonymous (heap) and file-backed (mmap)."""
     fields = {}

@@ -58,7 +58,6 @@ import json
 import logging
 import os
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -569,10 +568,9 @@ def measure_process(job: dict[str, Any]) -> dict[str, Any]:
     if bundle.lexical is not None:
         levers["coverage"] = coverage_lever(bundle, unseen_q, qvecs, depth)
 
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     from threadpoolctl import threadpool_info
 
-    from pipelines.benchmarks.ann import memory_mb
+    from pipelines.benchmarks.ann import memory_mb, peak_rss_mb
 
     return {
         "memory_at_end": memory_mb(),  # anonymous (heap) vs file-backed (mapped) pages
@@ -591,7 +589,7 @@ def measure_process(job: dict[str, Any]) -> dict[str, Any]:
         "concurrency": concurrency, "levers": levers,
         "qps": round(len(walls) / sum(walls), 1),
         "qps_cached": round(len(cached) / sum(cached), 1),
-        "peak_rss_mb": round(rss_kb / 1024, 1),
+        "peak_rss_mb": peak_rss_mb(),
         "threadpools": [{"api": p.get("internal_api"), "threads": p.get("num_threads")}
                         for p in threadpool_info()],
         "loadavg_1m": round(os.getloadavg()[0], 2),

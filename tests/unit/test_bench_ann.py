@@ -54,3 +54,19 @@ def test_run_on_tiny_data_returns_every_figure(tmp_path):
     assert set(report["growth"][0]) >= {"rss_after_queries_mb", "annoy_serving_p50_ms",
                                         "annoy_serving_p99_ms", "exact_p50_ms",
                                         "vectors_in_ram_rss_mb"}
+
+
+def test_a_child_reports_its_own_peak_memory_not_its_parents():
+    import subprocess
+    import sys
+
+    ballast = bytearray(600 * 2**20)  # the parent holds 600 MB when it starts the child
+    ballast[::4096] = b"x" * len(ballast[::4096])  # touch every page: resident, not reserved
+    probe = ("import resource; from pipelines.benchmarks.ann import peak_rss_mb; "
+             "print(peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, timeout=120).stdout.split()
+    own, inherited = float(out[0]), float(out[1])
+    assert inherited > 600          # what getrusage says: the parent's peak
+    assert 0 < own < 300            # what the child really held
+    del ballast
