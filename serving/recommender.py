@@ -114,8 +114,10 @@ def _make_state(bundle: Bundle, encoder: Encoder, generation: int, home: Path | 
                            f"item biases, the release has {len(bundle.items)} items")
     row_of = {item: i for i, item in enumerate(bundle.items.item_ids.tolist())}
     vocabulary = release_vocabulary(bundle, steps, warm)
-    return _State(bundle, encoder, generation, ranker, seq, row_of, vocabulary,
-                  MatchFeatures(bundle.items.titles))
+    match = MatchFeatures(bundle.items.titles)
+    if warm and ranker.relevance is not None:  # only the relevance model reads title matches
+        match.warm()
+    return _State(bundle, encoder, generation, ranker, seq, row_of, vocabulary, match)
 
 
 class Recommender:
@@ -444,6 +446,8 @@ class Recommender:
             self.counters["ranker_reload_failures"] += 1
             log.error("keeping ranker %d: checkpoint failed to load: %s", current.ranker_seq, exc)
             return False
+        if ranker.relevance is not None and current.match is not None:
+            current.match.warm()  # a first relevance model: analyse the titles before the swap
         self._state = dataclasses.replace(current, ranker=ranker, ranker_seq=ref.seq)
         self.counters["ranker_reloads"] += 1
         return True

@@ -4,6 +4,7 @@ that saw it, and the feature builders say what they claim."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import polars as pl
 
 from pipelines.evaluation import Candidates, cross_fit
@@ -58,14 +59,25 @@ def test_a_query_no_split_can_score_is_left_out():
     assert cross_fit(c, ids, judgments, features, Memoriser, folds=2, repeats=1) == {}
 
 
-def test_match_features_count_numbers_and_phrases():
-    match = MatchFeatures(["Ryobi 18v cordless drill 1/2 in.", "cordless hammer drill", "drill"])
+@pytest.mark.parametrize("warm", [False, True], ids=["analysed-on-first-use", "warmed"])
+def test_match_features_count_numbers_and_phrases(warm):
+    match = MatchFeatures(["Ryobi 18v cordless drill 1/2 in.", "cordless hammer drill", "drill",
+                           "2 x 4 stud, 2 pack"])
+    if warm:
+        match.warm()
     out = match("18v cordless drill", np.array([0, 1, 2]))
     assert out[:, 0].tolist() == [1.0, 0.0, 0.0]          # the number 18v
     assert out[:, 1].tolist() == [1.0, 0.0, 0.0]          # "18v cordless", "cordless drill"
     assert out[:, 2].tolist() == [1.0, 1.0, 1.0]          # the query has a number
     assert match("drill", np.array([0]))[0].tolist() == [0.0, 0.0, 0.0]
     assert match("hammer drill", np.array([1]))[0, :2].tolist() == [0.0, 1.0]
+    # repeats count each time; a title's repeated words count once; rows may repeat
+    out = match("2 x 4 2 pack", np.array([3, 0, 3]))
+    # "2", "4", "2": all in row 3; row 0 holds "2" (of "1/2"), twice over 3
+    assert out[:, 0].tolist() == pytest.approx([1.0, 2 / 3, 1.0])
+    assert out[:, 1].tolist() == [0.75, 0.0, 0.75]        # "2 x", "x 4", "4 2" missing, "2 pack"
+    assert match("", np.array([0, 1])).tolist() == [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    assert match("drill", np.array([], dtype=np.int64)).shape == (0, 3)
 
 
 def test_channel_features_include_the_plain_fusion_inputs_and_ranks():
