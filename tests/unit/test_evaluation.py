@@ -4,8 +4,8 @@ that saw it, and the feature builders say what they claim."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import polars as pl
+import pytest
 
 from pipelines.evaluation import Candidates, cross_fit
 from pipelines.judged import Judgments
