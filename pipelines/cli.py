@@ -122,7 +122,7 @@ def cmd_record(args: argparse.Namespace) -> None:
 
 
 def cmd_nearline(args: argparse.Namespace) -> None:
-    from pipelines.nearline import run_nearline
+    from pipelines.learning.nearline import run_nearline
 
     _emit(run_nearline(_settings(args), once=args.once, max_seconds=args.max_seconds))
 
@@ -171,7 +171,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from pipelines.evaluation import evaluate_judged
+    from pipelines.offline.evaluation import evaluate_judged
     from serving.encoder import Encoder
 
     settings = _settings(args)
@@ -186,7 +186,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                              seed=settings.index_seed,
                              recall_target=settings.index_recall_target)
     if not args.no_chart:
-        from pipelines.evaluation import write_eval_chart
+        from pipelines.offline.evaluation import write_eval_chart
 
         data_set = Path(args.judgments).resolve().parent.name
         chart = args.chart or settings.home / f"eval-{data_set}-{args.protocol}.png"
@@ -202,7 +202,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
-    from pipelines.simulate import simulate
+    from pipelines.offline.simulate import simulate
 
     report = simulate(_settings(args), args.products, args.judgments, sessions=args.sessions,
                       rounds=args.rounds, seed=args.seed, max_queries=args.max_queries,

@@ -14,7 +14,7 @@ from serving.encoder import Encoder
 from serving.settings import Settings
 
 if TYPE_CHECKING:
-    from pipelines.embed import EncoderLoader
+    from pipelines.catalogue.embed import EncoderLoader
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ DEMO_CATALOGUE = Path(__file__).parent / "demo" / "catalogue.csv"
 def configured_encoder_path(settings: Settings) -> Path | None:
     """The configured encoder; without one, the promoted fine-tune (``<home>/encoders/CHAMPION``)
     if any; ``None`` is the packaged default."""
-    from pipelines.finetune import champion_encoder_path
+    from pipelines.encoder.finetune import champion_encoder_path
 
     return settings.encoder_path or champion_encoder_path(settings.home)
 
@@ -37,7 +37,7 @@ def configured_encoder(settings: Settings) -> Encoder:
 
 def configured_encoder_loader(settings: Settings) -> EncoderLoader:
     """The encoder of :func:`configured_encoder_path`, identified by its version but not loaded yet."""
-    from pipelines.embed import EncoderLoader
+    from pipelines.catalogue.embed import EncoderLoader
     from serving.encoder import encoder_version
 
     return EncoderLoader(encoder_version(configured_encoder_path(settings), settings.item_max_tokens),
@@ -45,7 +45,7 @@ def configured_encoder_loader(settings: Settings) -> EncoderLoader:
 
 
 def run_ingest(settings: Settings, catalogue: str | Path | None = None) -> dict[str, Any]:
-    from pipelines.catalogue import ingest_catalogue
+    from pipelines.catalogue.ingest import ingest_catalogue
 
     source = Path(catalogue) if catalogue else DEMO_CATALOGUE
     report = ingest_catalogue(source, settings.warehouse_path, settings.max_reject_share)
@@ -56,7 +56,7 @@ def run_embed(settings: Settings, shard: int = 0, shards: int = 1,
               progress: bool = False, encoder: Encoder | None = None) -> dict[str, Any]:
     """Embed shard ``shard`` of ``shards``. Without ``encoder``, the configured one is loaded
     only if the shard has pending items. ``progress``: a progress bar instead of log lines."""
-    from pipelines.embed import embed_items
+    from pipelines.catalogue.embed import embed_items
 
     report = embed_items(settings.warehouse_path, settings.work_dir,
                          encoder or configured_encoder_loader(settings), shard, shards,
@@ -66,8 +66,8 @@ def run_embed(settings: Settings, shard: int = 0, shards: int = 1,
 
 def run_index(settings: Settings, encoder: Encoder | None = None) -> dict[str, Any]:
     """Fold embedded shards into the warehouse, then stage a release bundle."""
-    from pipelines.embed import store_vectors
-    from pipelines.index import build_index
+    from pipelines.catalogue.embed import store_vectors
+    from pipelines.catalogue.index import build_index
 
     encoder = encoder or configured_encoder(settings)
     stored = store_vectors(settings.warehouse_path, settings.work_dir, encoder.version)
@@ -81,7 +81,7 @@ def run_evaluate(settings: Settings, bundle_dir: str | Path, golden: str | Path 
                  demo: bool = False) -> dict[str, Any]:
     """Evaluate a staged bundle and decide its gate. ``demo``: the bundle holds the demo
     catalogue, so without golden queries given or configured the demo's own gate it."""
-    from pipelines.evaluate import DEMO_GOLDEN, evaluate_release
+    from pipelines.catalogue.gate import DEMO_GOLDEN, evaluate_release
 
     golden = golden or settings.golden_queries or (DEMO_GOLDEN if demo else None)
     judgments = judgments or settings.judgments
@@ -92,7 +92,7 @@ def run_evaluate(settings: Settings, bundle_dir: str | Path, golden: str | Path 
 
 
 def run_publish(settings: Settings, bundle_dir: str | Path) -> dict[str, Any]:
-    from pipelines.publish import publish_release
+    from pipelines.catalogue.publish import publish_release
 
     return publish_release(Path(bundle_dir), settings.releases_dir).to_dict()
 
@@ -127,7 +127,7 @@ def run_retrain(settings: Settings, holdout: float = 0.2, epochs: int = 5,
                 encoder: Encoder | None = None) -> dict[str, Any]:
     """Retrain the ranker on the whole event log; publish and register it as champion only if
     it beats the live one on the most recent ``holdout`` share of events."""
-    from pipelines.retrain import retrain_ranker
+    from pipelines.learning.retrain import retrain_ranker
 
     return retrain_ranker(settings, holdout=holdout, epochs=epochs, encoder=encoder)
 
@@ -165,7 +165,7 @@ def run_collect_pairs(settings: Settings, products: str | Path | None = None,
                       holdout: float = 0.2) -> dict[str, Any]:
     """Positive (query, item) pairs from feedback (and judged data), split by query hash into
     training and held-out queries; returns the pairs file and counts."""
-    from pipelines.finetune import collect_pairs
+    from pipelines.encoder.finetune import collect_pairs
 
     return collect_pairs(settings, Path(products) if products else None,
                          Path(judgments) if judgments else None, holdout)
@@ -174,7 +174,7 @@ def run_collect_pairs(settings: Settings, products: str | Path | None = None,
 def run_train_encoder(settings: Settings, pairs_path: str | Path, max_steps: int | None = 200,
                       epochs: int = 1) -> dict[str, Any]:
     """Fine-tune the encoder on the training pairs of ``pairs_path``; returns its directory."""
-    from pipelines.finetune import TrainConfig, train_encoder
+    from pipelines.encoder.finetune import TrainConfig, train_encoder
 
     cfg = TrainConfig(max_steps=max_steps, epochs=epochs,
                       item_max_tokens=settings.item_max_tokens)
@@ -184,7 +184,7 @@ def run_train_encoder(settings: Settings, pairs_path: str | Path, max_steps: int
 def run_evaluate_encoders(settings: Settings, pairs: dict[str, Any],
                           trained: dict[str, Any]) -> dict[str, Any]:
     """Held-out nDCG@10 of the candidate (``trained``) and the incumbent encoder."""
-    from pipelines.finetune import evaluate_encoders
+    from pipelines.encoder.finetune import evaluate_encoders
 
     return evaluate_encoders(settings, pairs["pairs_path"], trained["encoder_dir"],
                              pairs["products"], pairs["judgments"])
@@ -194,7 +194,7 @@ def run_register_encoder(settings: Settings, pairs: dict[str, Any], trained: dic
                          evaluation: dict[str, Any], promote: bool = True) -> dict[str, Any]:
     """Register the candidate encoder in MLflow; promote it only if it won on held-out
     queries (and ``promote``)."""
-    from pipelines.finetune import register_encoder
+    from pipelines.encoder.finetune import register_encoder
 
     return register_encoder(settings, trained, evaluation, pairs, promote)
 
@@ -206,8 +206,8 @@ def run_finetune(settings: Settings, products: str | Path | None = None,
                  eval_max_items: int | None = None, threads: int = 2) -> dict[str, Any]:
     """Fine-tune the encoder on feedback (and judged) pairs of the training queries; register
     it, and promote it only if it beats the incumbent on the held-out queries."""
-    from pipelines.finetune import TrainConfig, finetune_encoder
-    from pipelines.metrics import MIN_NDCG_GAIN
+    from pipelines.encoder.finetune import TrainConfig, finetune_encoder
+    from pipelines.offline.metrics import MIN_NDCG_GAIN
 
     cfg = TrainConfig(max_steps=max_steps, epochs=epochs, item_max_tokens=settings.item_max_tokens,
                       threads=threads)

@@ -12,7 +12,7 @@ and writes two small arrays beside it:
 
 Every release row is either an Annoy item's image or a delta row, never both; the loader checks
 this. Rebuilding Annoy from scratch is left to the refresh that finds the delta or the dropped
-items past their limits (:mod:`pipelines.index`).
+items past their limits (:mod:`pipelines.catalogue.index`).
 """
 
 from __future__ import annotations

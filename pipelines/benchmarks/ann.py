@@ -5,7 +5,7 @@ embedded by the project's encoder, read through the same DuckDB cache as ``insta
 and for each of ``--sizes`` (default 10k, 100k, 1M items), it measures, against exact top-10
 by inner product for real judged queries encoded by the same encoder:
 
-* **Annoy as configured**: :func:`pipelines.index.tune_index` exactly as a release calls it
+* **Annoy as configured**: :func:`pipelines.catalogue.index.tune_index` exactly as a release calls it
   (its n_trees/search_k grid, tuned on noisy item vectors), then recall@10 and queries/s of
   that choice on the real queries; also the lowest ``search_k`` on the chosen trees that
   reaches the target on the real queries. Build time is the chosen index's own build and,
@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 
 SHARED_HOMEDEPOT = Path(__file__).resolve().parents[3] / "shared" / "data" / "homedepot"
 DEFAULT_SIZES = "10000,100000,1000000"
-# pipelines.index (polars, duckdb, the encoder module) is imported inside functions, so the
+# pipelines.catalogue.index (polars, duckdb, the encoder module) is imported inside functions, so the
 # serving probe's fresh process holds only numpy, annoy and hnswlib.
 EF_GRID = (10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 384, 512, 768, 1024)
 SERVING_CANDIDATES = 100  # Settings.candidates: the retrieval depth serving asks Annoy for
@@ -81,8 +81,8 @@ def load_real(products: Path, judgments: Path, cache: Path, encoder_path: Path |
     """
     import polars as pl
 
-    from pipelines.evaluation import embed_cached, product_texts
-    from pipelines.judged import load_products
+    from pipelines.offline.evaluation import embed_cached, product_texts
+    from pipelines.offline.judged import load_products
     from serving.encoder import Encoder
     from serving.text import normalise_query
 
@@ -147,7 +147,7 @@ def dataset(real: np.ndarray, synthetic: np.ndarray | None, n: int, seed: int) -
 # ---------------------------------------------------------------------------- measurement
 
 def _truth(vectors: np.ndarray, queries: np.ndarray, k: int = K) -> np.ndarray:
-    from pipelines.index import exact_top_k
+    from pipelines.catalogue.index import exact_top_k
 
     return np.vstack([exact_top_k(vectors, queries[i:i + 64], k)
                       for i in range(0, len(queries), 64)])
@@ -173,8 +173,8 @@ def _median_qps(passes: dict[str, tuple[Any, int]], repeats: int) -> dict[str, f
 
 
 def _tune_annoy(vectors: np.ndarray, seed: int, target: float):
-    """:func:`pipelines.index.tune_index` as a release runs it, with each build timed."""
-    import pipelines.index as index_mod
+    """:func:`pipelines.catalogue.index.tune_index` as a release runs it, with each build timed."""
+    import pipelines.catalogue.index as index_mod
 
     builds: list[dict[str, float]] = []
     original = index_mod._build
@@ -195,7 +195,7 @@ def _tune_annoy(vectors: np.ndarray, seed: int, target: float):
 
 
 def _annoy_recall(index: Any, queries: np.ndarray, truth: np.ndarray, search_k: int) -> float:
-    from pipelines.index import neighbour_recall
+    from pipelines.catalogue.index import neighbour_recall
 
     return neighbour_recall([index.get_nns_by_vector(q, K, search_k=search_k) for q in queries], truth)
 
@@ -208,7 +208,7 @@ def bench_size(vectors: np.ndarray, queries: np.ndarray, work: Path, *, label: s
     import hnswlib
     from threadpoolctl import threadpool_limits
 
-    from pipelines.index import SEARCH_K_FACTORS, neighbour_recall
+    from pipelines.catalogue.index import SEARCH_K_FACTORS, neighbour_recall
 
     n, dim = vectors.shape
     work.mkdir(parents=True, exist_ok=True)

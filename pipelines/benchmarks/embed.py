@@ -51,8 +51,8 @@ DATASETS = ("crowdflower", "homedepot")
 def dataset_texts(name: str, n: int, seed: int = 0) -> list[str]:
     """``n`` item texts sampled from a judged data set's products, built as the offline
     evaluation builds them (title, plus the description where there is one)."""
-    from pipelines.evaluation import product_texts
-    from pipelines.judged import load_products
+    from pipelines.offline.evaluation import product_texts
+    from pipelines.offline.judged import load_products
 
     products = load_products(DATA / name / "products.parquet")
     if n < products.height:
@@ -217,7 +217,7 @@ def dense_ndcg(item_vecs: np.ndarray, query_vecs: np.ndarray, qids: list[int],
                ids: list[str], judgments: Any, depth: int = 100,
                chunk: int = 512) -> dict[str, float]:
     """Retrieval-protocol metrics of plain cosine top-``depth`` rankings."""
-    from pipelines.judged import score_rankings
+    from pipelines.offline.judged import score_rankings
 
     rankings = {}
     for start in range(0, len(qids), chunk):
@@ -238,8 +238,8 @@ def precision_quality(encoder: Any, variants: dict[str, Any], dataset: str, cach
     vectors come from the offline evaluation's cache when present (same encoder version, same
     texts); each variant's are always computed.
     """
-    from pipelines.evaluation import embed_cached, product_texts
-    from pipelines.judged import load_judgments, load_products
+    from pipelines.offline.evaluation import embed_cached, product_texts
+    from pipelines.offline.judged import load_judgments, load_products
     from serving.text import normalise_query
 
     products = load_products(DATA / dataset / "products.parquet")

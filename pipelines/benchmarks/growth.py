@@ -1,7 +1,7 @@
 """Serving memory and latency as the catalogue grows from 10k to 1M items: full ``recommend()``.
 
 ``instantrec bench growth [--json]``. For each of ``--sizes`` it writes a complete release
-bundle (the same :func:`pipelines.index.write_bundle` a release uses: Annoy tuned to the
+bundle (the same :func:`pipelines.catalogue.index.write_bundle` a release uses: Annoy tuned to the
 recall target, the vectors, BM25 over the item texts, the item table, the manifest), publishes
 it in a home of its own, and starts a fresh serving process on it that answers real Home Depot
 queries exactly as ``instantrec bench serving`` does (:func:`pipelines.benchmarks.serving.
@@ -94,7 +94,7 @@ def annoy_recall(bundle_dir: Path, vectors: np.ndarray, queries: np.ndarray, n_t
     """recall@k of the bundle's Annoy index at its search_k against exact inner-product top-k."""
     import annoy
 
-    from pipelines.index import INDEX_FILE, exact_top_k, neighbour_recall
+    from pipelines.catalogue.index import INDEX_FILE, exact_top_k, neighbour_recall
 
     index = annoy.AnnoyIndex(vectors.shape[1], "angular")
     index.load(str(bundle_dir / INDEX_FILE))
@@ -130,9 +130,9 @@ def bench_size(n: int, products: Any, real: np.ndarray, qvecs: np.ndarray, encod
                target: float, repeats: int, k: int, rankers: tuple[str, ...] = ("relevance",),
                shop_home: Path | None = None, filter_share: float = 0.25) -> dict[str, Any]:
     from pipelines.benchmarks.serving import median_of, run_child
-    from pipelines.evaluate import evaluate_release
-    from pipelines.index import INDEX_FILE, LEXICAL_DIR, VECTORS_FILE, write_bundle
-    from pipelines.publish import publish_release
+    from pipelines.catalogue.gate import evaluate_release
+    from pipelines.catalogue.index import INDEX_FILE, LEXICAL_DIR, VECTORS_FILE, write_bundle
+    from pipelines.catalogue.publish import publish_release
     from serving.manifest import read_manifest
     from serving.release import Pointer, read_pointer, write_pointer
 
@@ -248,8 +248,8 @@ def add_arguments(p: Any) -> None:
 def run(settings: Settings, args: Any) -> dict[str, Any]:
     from pipelines.benchmarks.ann import nearest_neighbour_cosine
     from pipelines.benchmarks.serving import OFFERS_LABEL, in_training_split, plan_queries, prepare_shop
-    from pipelines.evaluation import embed_cached, product_texts
-    from pipelines.judged import load_products
+    from pipelines.offline.evaluation import embed_cached, product_texts
+    from pipelines.offline.judged import load_products
     from serving.encoder import Encoder
 
     started = time.perf_counter()

@@ -200,7 +200,7 @@ def bench_nearline(settings: Settings, n_lists: int = 2000, probes: int = 20,
     """Throughput over ``n_lists`` synthetic result lists, then ``probes`` purchases timed
     from process A's ``record()`` to process B's results. The intervals default to the
     settings' (what a shop runs)."""
-    from pipelines.nearline import NearlineUpdater
+    from pipelines.learning.nearline import NearlineUpdater
     from serving.recommender import Recommender
 
     checkpoint_every_s = checkpoint_every_s or settings.checkpoint_every_s

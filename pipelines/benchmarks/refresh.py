@@ -43,7 +43,7 @@ def catalogue_frame(source: str | Path, limit: int | None = None) -> Any:
     """
     import polars as pl
 
-    from pipelines.judged import load_products
+    from pipelines.offline.judged import load_products
     from pipelines.steps import DEMO_CATALOGUE
 
     if source == "demo":

@@ -10,7 +10,7 @@ and model inputs, so a rerun fits nothing):
 
 - the judged queries are split by a salted hash of their normalised text: the relevance model
   (ridge + compiled trees, :mod:`serving.relevance`) is fitted on the training part by the
-  batch retrain's own :func:`pipelines.retrain.fit_relevance` (its gate included) and
+  batch retrain's own :func:`pipelines.learning.retrain.fit_relevance` (its gate included) and
   published as the live ranker checkpoint; only held-out queries are ever asked as "unseen";
 - the (query, item) memory gets real entries: synthetic position-biased clicks on result
   pages of training queries (shown as served, clicked with probability ~ judged gain / rank)
@@ -68,7 +68,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.splits import hash_unit
+from pipelines.offline.splits import hash_unit
 from serving.layout import bench_dir, embedding_cache
 from serving.settings import Settings
 
@@ -114,8 +114,8 @@ def _seed_vectors(settings: Settings, encoder: Any, cache_path: Path) -> int:
     import duckdb
     import polars as pl
 
-    from pipelines.embed import pending_items, shard_dir, store_vectors
-    from pipelines.evaluation import read_cached, text_key
+    from pipelines.catalogue.embed import pending_items, shard_dir, store_vectors
+    from pipelines.offline.evaluation import read_cached, text_key
     from serving.text import item_text
 
     todo = pending_items(settings.warehouse_path, encoder.version)
@@ -150,7 +150,7 @@ def prepare_release(settings: Settings, products: Path, home: Path,
     the index when the code that builds it changed."""
     import polars as pl
 
-    from pipelines.judged import load_products
+    from pipelines.offline.judged import load_products
     from pipelines.steps import run_embed, run_evaluate, run_index, run_ingest, run_publish
     from serving.encoder import Encoder
     from serving.release import read_pointer
@@ -202,7 +202,7 @@ def training_judgments(judgments: Path, item_ids: Sequence[str], out_dir: Path,
     those queries' normalised texts."""
     import polars as pl
 
-    from pipelines.judged import id_column, read_table
+    from pipelines.offline.judged import id_column, read_table
     from serving.text import normalise_query
 
     raw = read_table(judgments)
@@ -228,8 +228,8 @@ def _fitted_relevance(bench: Settings, bundle: Any, encoder: Any, train: Path,
                       cache: Path) -> tuple[Any, dict[str, Any]]:
     """The relevance model the batch retrain fits on ``train`` against this release (cached
     as ``cache``.npz/.json); if its gate refuses it, the same recipe fitted anyway, marked."""
-    from pipelines.judged import load_judgments
-    from pipelines.retrain import fit_relevance, relevance_data
+    from pipelines.learning.retrain import fit_relevance, relevance_data
+    from pipelines.offline.judged import load_judgments
     from serving.query import parse_steps
     from serving.relevance import RelevanceModel
     from serving.retrieval import QueryRelevance
@@ -297,8 +297,8 @@ def prepare_ranker(settings: Settings, work: Path, judgments: Path, *, train_sha
     queries replayed through the nearline updater (the (query, item) memory). Reuses the live
     checkpoint when it was made from the same inputs. Returns what was set up."""
     import serving.relevance as relevance_module
-    from pipelines.judged import load_judgments
-    from pipelines.nearline import NearlineUpdater
+    from pipelines.learning.nearline import NearlineUpdater
+    from pipelines.offline.judged import load_judgments
     from serving.checkpoint import load_latest, publish_checkpoint
     from serving.eventlog import SqliteEventLog
     from serving.events import parse_event
@@ -690,7 +690,7 @@ def plan_queries(judgments: Path, n: int, seed: int = 0, keep: Callable[[str], b
     """Disjoint sets of distinct, normalised real queries (only those ``keep`` accepts): a
     warm-up, ``n`` unseen, ``n`` for sessions, ``n`` per concurrency level; ``memory`` are
     asked as they are."""
-    from pipelines.judged import load_judgments
+    from pipelines.offline.judged import load_judgments
     from serving.text import normalise_query
 
     raw = load_judgments(judgments).queries()["query"].to_list()
@@ -777,8 +777,8 @@ def query_backend_quality(encoder_path: Path | None, data: dict[str, tuple[Path,
     """Dense-channel nDCG@10 (retrieval protocol; CrowdFlower also re-rank) per query backend,
     items embedded by torch through ``embed_cache``; and the cosine of each backend's query
     vectors to torch's."""
-    from pipelines.evaluation import embed_cached, product_texts
-    from pipelines.judged import load_judgments, load_products, score_rankings
+    from pipelines.offline.evaluation import embed_cached, product_texts
+    from pipelines.offline.judged import load_judgments, load_products, score_rankings
     from serving.encoder import Encoder
     from serving.onnx_encoder import OnnxQueryEncoder
     from serving.text import normalise_query

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 from pipelines.benchmarks.nearline import bench_nearline
-from pipelines.nearline import NearlineUpdater
-from pipelines.retrain import retrain_ranker
+from pipelines.learning.nearline import NearlineUpdater
+from pipelines.learning.retrain import retrain_ranker
 from pipelines.steps import run_build
 from serving import Recommender
 from serving.checkpoint import read_latest

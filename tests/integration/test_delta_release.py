@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from pipelines.index import DELTA_MAX_SHARE
+from pipelines.catalogue.index import DELTA_MAX_SHARE
 from pipelines.steps import run_build
 from serving import Recommender
 from serving.release import INDEX_FILE, read_pointer

@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 
-from pipelines.embed import EncoderLoader, embed_items, encode_logged, store_vectors
+from pipelines.catalogue.embed import EncoderLoader, embed_items, encode_logged, store_vectors
 from pipelines.steps import run_ingest
 from serving.encoder import encoder_version
 from tests.conftest import make_settings
@@ -29,7 +29,7 @@ def test_empty_shard_never_loads_the_encoder(tmp_path, encoder, caplog):
         return encoder
 
     loader = EncoderLoader(encoder.version, load)
-    caplog.set_level(logging.INFO, logger="pipelines.embed")
+    caplog.set_level(logging.INFO, logger="pipelines.catalogue.embed")
     busy = embed_items(settings.warehouse_path, settings.work_dir, loader, 0, 2,
                        batch_size=16, log_every_s=0.0)
     assert busy.embedded > 0 and loads == [1]

@@ -26,7 +26,7 @@ print("RESULT " + json.dumps({"state": str(run.state), "tasks": tis}))
 def test_encoder_dag_run_trains_evaluates_and_registers(tmp_path, shared_data):
     import mlflow
 
-    from pipelines.finetune import champion_encoder_path, encoder_model_name
+    from pipelines.encoder.finetune import champion_encoder_path, encoder_model_name
     from serving.settings import Settings
 
     products, judgments = small_crowdflower(shared_data, tmp_path / "data")

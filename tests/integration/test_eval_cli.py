@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from pipelines.judged import load_judgments
+from pipelines.offline.judged import load_judgments
 
 
 def slice_dataset(shared_data, name, id_col, n_queries, tmp_path, n_distractors=300):

@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 import torch
 
-from pipelines.finetune import (
+from pipelines.encoder.finetune import (
     TrainConfig,
     champion_encoder_path,
     encoder_model_name,
@@ -21,7 +21,7 @@ from pipelines.finetune import (
     register_encoder,
     train_model,
 )
-from pipelines.metrics import MIN_NDCG_GAIN
+from pipelines.offline.metrics import MIN_NDCG_GAIN
 from serving.encoder import Encoder
 from serving.errors import ReleaseError
 from serving.manifest import EncoderSpec

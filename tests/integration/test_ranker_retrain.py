@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.nearline import NearlineUpdater
+from pipelines.learning.nearline import NearlineUpdater
 from serving import Recommender
 from serving.checkpoint import load_latest, read_latest
 from serving.eventlog import SqliteEventLog
@@ -167,7 +167,7 @@ def test_retrain_dag_promotes_a_better_ranker_that_nearline_and_serving_continue
 
 
 def test_judged_pairs_become_training_examples(demo_copy, encoder, tmp_path):
-    from pipelines.retrain import judged_examples
+    from pipelines.learning.retrain import judged_examples
 
     rec = Recommender.load(demo_copy, settings=make_settings(demo_copy), encoder=encoder,
                            watch=False)

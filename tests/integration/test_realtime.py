@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.nearline import NearlineUpdater
+from pipelines.learning.nearline import NearlineUpdater
 from serving import Recommender
 from serving.checkpoint import read_latest
 from serving.eventlog import SqliteEventLog

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from pipelines.nearline import NearlineUpdater
-from pipelines.retrain import retrain_ranker
+from pipelines.learning.nearline import NearlineUpdater
+from pipelines.learning.retrain import retrain_ranker
 from pipelines.steps import run_build
 from serving import Recommender
 from serving.checkpoint import load_latest

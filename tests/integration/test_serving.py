@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from pipelines.evaluate import DEMO_GOLDEN
+from pipelines.catalogue.gate import DEMO_GOLDEN
 from pipelines.steps import run_build
 from serving import FilterError, InvalidInputError, QueryError, Recommender, ReleaseError
 from serving.release import read_pointer

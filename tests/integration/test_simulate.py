@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from pipelines.simulate import simulate
+from pipelines.offline.simulate import simulate
 from tests.conftest import make_settings
 
 SESSIONS, ROUNDS, SHIFT_SESSIONS = 500, 4, 20

@@ -6,7 +6,7 @@ import duckdb
 import polars as pl
 import pytest
 
-from pipelines.catalogue import ingest_catalogue
+from pipelines.catalogue.ingest import ingest_catalogue
 from serving.errors import CatalogueError
 from tests.conftest import write_rows
 
@@ -110,7 +110,7 @@ def test_parquet_catalogue_with_product_uid_column(tmp_path):
 def test_clean_series_equals_clean_text_on_every_value():
     import random
 
-    from pipelines.catalogue import clean_series
+    from pipelines.catalogue.ingest import clean_series
     from serving.text import clean_text
 
     rng = random.Random(0)

@@ -5,8 +5,8 @@ import random
 import polars as pl
 import pytest
 
-from pipelines.judged import Judgments
-from pipelines.simulate import ClickModel, Feedback, query_bucket, split_queries
+from pipelines.offline.judged import Judgments
+from pipelines.offline.simulate import ClickModel, Feedback, query_bucket, split_queries
 
 
 def test_examination_decays_with_rank_as_one_over_rank_to_the_eta():

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from pipelines.embed import ProgressLog
+from pipelines.catalogue.embed import ProgressLog
 
 
 def test_progress_logs_every_interval_and_the_end(caplog):
-    caplog.set_level(logging.INFO, logger="pipelines.embed")
+    caplog.set_level(logging.INFO, logger="pipelines.catalogue.embed")
     progress = ProgressLog("embed shard 1/4", total=10, every_s=0.0)
     progress.update(4)
     progress.update(6)
@@ -20,7 +20,7 @@ def test_progress_logs_every_interval_and_the_end(caplog):
 
 
 def test_progress_holds_lines_within_the_interval_but_not_the_last(caplog):
-    caplog.set_level(logging.INFO, logger="pipelines.embed")
+    caplog.set_level(logging.INFO, logger="pipelines.catalogue.embed")
     progress = ProgressLog("embed shard 0/1", total=300, every_s=3600.0)
     for _ in range(3):
         progress.update(100)

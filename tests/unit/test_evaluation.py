@@ -7,8 +7,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipelines.evaluation import Candidates, cross_fit
-from pipelines.judged import Judgments
+from pipelines.offline.evaluation import Candidates, cross_fit
+from pipelines.offline.judged import Judgments
 from serving.relevance import MatchFeatures, RankerModel, channel_features
 
 
@@ -102,7 +102,7 @@ def test_the_ranker_uses_trees_only_with_enough_training_queries():
 
 
 def test_the_ranker_only_reorders_what_the_hybrid_retrieved():
-    from pipelines.evaluation import on_top_all as on_top
+    from pipelines.offline.evaluation import on_top_all as on_top
 
     hybrid = {1: np.array([0.9, 0.1, 0.5, 0.7, 0.3]), 2: np.array([0.2, 0.4])}
     ranker = {1: np.array([0.0, 9.0, 1.0, 2.0, 8.0]), 2: np.array([5.0, 1.0])}
@@ -114,7 +114,7 @@ def test_the_ranker_only_reorders_what_the_hybrid_retrieved():
 
 
 def test_the_served_bundle_holds_products_sorted_by_id_and_maps_its_rows_back():
-    from pipelines.evaluation import judged_items, product_texts
+    from pipelines.offline.evaluation import judged_items, product_texts
 
     products = pl.DataFrame({"item_id": ["10", "9", "2"],
                              "title": ["Drill <b>10</b>", "saw", "hammer"],

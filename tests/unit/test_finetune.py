@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 import torch
 
-from pipelines.finetune import (
+from pipelines.encoder.finetune import (
     in_batch_loss,
     is_heldout,
     make_batches,
@@ -108,8 +108,8 @@ def test_serving_resolves_the_encoder_directory_from_the_manifest(tmp_path):
 
 
 def test_event_pairs_weigh_carts_and_purchases_above_clicks(tmp_path):
-    from pipelines.catalogue import ingest_catalogue
-    from pipelines.finetune import event_pairs
+    from pipelines.catalogue.ingest import ingest_catalogue
+    from pipelines.encoder.finetune import event_pairs
     from pipelines.steps import DEMO_CATALOGUE
     from serving.eventlog import SqliteEventLog
     from serving.events import parse_event
@@ -136,7 +136,7 @@ def test_event_pairs_weigh_carts_and_purchases_above_clicks(tmp_path):
 
 
 def test_gate_follows_the_held_out_gain():
-    from pipelines.finetune import gate
+    from pipelines.encoder.finetune import gate
 
     def ev(ndcg: float, recall: float) -> dict:
         return {"gate_set": "judged", "sets": {"judged": {

@@ -4,7 +4,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipelines.index import exact_top_k, neighbour_recall, release_id_for, tune_index
+from pipelines.catalogue.index import exact_top_k, neighbour_recall, release_id_for, tune_index
 
 
 def unit_rows(n, dim, seed=0):
@@ -41,7 +41,7 @@ def test_release_id_is_deterministic_and_input_sensitive():
 
 
 def test_vector_matrix_converts_list_columns_in_one_block_and_names_ragged_input():
-    from pipelines.embed import vector_matrix
+    from pipelines.catalogue.embed import vector_matrix
 
     column = pl.Series("vector", [[1.0, 2.0], [3.0, 4.5]], dtype=pl.List(pl.Float32))
     out = vector_matrix(column)
@@ -60,7 +60,7 @@ def _items(titles: dict[str, str]) -> pl.DataFrame:
 
 
 def _register(warehouse, items: pl.DataFrame) -> None:
-    from pipelines.warehouse import connect
+    from pipelines.catalogue.warehouse import connect
 
     con = connect(warehouse)
     try:
@@ -73,7 +73,7 @@ def _register(warehouse, items: pl.DataFrame) -> None:
 
 
 def test_bm25_analysis_is_cached_per_content_and_gives_the_same_index(tmp_path, caplog):
-    from pipelines.index import build_lexical
+    from pipelines.catalogue.index import build_lexical
     from serving.lexical import LexicalIndex
 
     warehouse = tmp_path / "warehouse.duckdb"
@@ -82,7 +82,7 @@ def test_bm25_analysis_is_cached_per_content_and_gives_the_same_index(tmp_path, 
     build_lexical(first, tmp_path / "one", warehouse)
     second = _items({"a": "Cordless Drill 20V", "b": "2x4 lumber 10 ft.", "c": "claw hammer"})
     _register(warehouse, second)
-    with caplog.at_level("INFO", logger="pipelines.index"):
+    with caplog.at_level("INFO", logger="pipelines.catalogue.index"):
         build_lexical(second, tmp_path / "two", warehouse)
     assert "1 items analysed, 2 from the warehouse" in caplog.text
     cached = LexicalIndex.load(tmp_path / "two")

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from pipelines.metrics import ndcg_at_k, recall_at_k, reciprocal_rank
+from pipelines.offline.metrics import ndcg_at_k, recall_at_k, reciprocal_rank
 
 
 def test_ndcg_perfect_ranking_is_one():

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from pipelines.nearline import Example
-from pipelines.retrain import evaluate_ranker, split_by_offset, train_ranker
+from pipelines.learning.nearline import Example
+from pipelines.learning.retrain import evaluate_ranker, split_by_offset, train_ranker
 from serving.ranker import Ranker, RankerConfig
 
 DIM, N_ITEMS = 8, 6
@@ -136,8 +136,8 @@ def test_weighted_log_loss_known_answer_and_limits():
 def test_feedback_relevance_weights_each_positive_by_its_ranks_inverse_propensity():
     from types import SimpleNamespace
 
-    from pipelines.nearline import FeedbackTally
-    from pipelines.retrain import MIN_LISTS_PER_QUERY, feedback_relevance
+    from pipelines.learning.nearline import FeedbackTally
+    from pipelines.learning.retrain import MIN_LISTS_PER_QUERY, feedback_relevance
 
     tally = FeedbackTally()
     for s in range(10):  # ten pages of "drill": A at rank 1, B at rank 5

@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipelines.index import write_bundle
+from pipelines.catalogue.index import write_bundle
 from serving.encoder import DEFAULT_ENCODER_NAME
 from serving.release import load_bundle
 from serving.retrieval import Filters, StageTimer, retrieve_candidates

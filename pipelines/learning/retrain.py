@@ -51,16 +51,16 @@ from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.types.schema import Array, ColSpec, DataType, Schema
 
-from pipelines.judged import Judgments
-from pipelines.metrics import MIN_NDCG_GAIN
-from pipelines.nearline import (
+from pipelines.learning.nearline import (
     PROPENSITY_ETA,
     Example,
     FeedbackTally,
     NearlineUpdater,
 )
+from pipelines.offline.judged import Judgments
+from pipelines.offline.metrics import MIN_NDCG_GAIN
+from pipelines.offline.splits import hash_fold
 from pipelines.registry import log_pyfunc, promote_version, register_version
-from pipelines.splits import hash_fold
 from serving.checkpoint import load_latest, read_latest
 from serving.encoder import Encoder
 from serving.ranker import Ranker, RankerConfig, query_key
@@ -302,7 +302,7 @@ def judged_examples(settings: Settings, updater: NearlineUpdater) -> list[Exampl
     With ``relevance_source`` "feedback" the judgments only gate; nothing trains on them."""
     if settings.judgments is None or settings.relevance_source == "feedback":
         return []
-    from pipelines.judged import load_judgments
+    from pipelines.offline.judged import load_judgments
 
     judgments = load_judgments(Path(settings.judgments))
     row_of, vectors = updater.row_of, updater.bundle.vectors
@@ -396,8 +396,8 @@ def fit_relevance(settings: Settings, lookup: QueryRelevance,
     judged on the judged queries, all candidates), else the feedback estimates of the shown
     items (which favour the ranking that chose what was shown). Returns (model or None,
     report)."""
-    from pipelines.judged import load_judgments
-    from pipelines.metrics import ndcg_at_k
+    from pipelines.offline.judged import load_judgments
+    from pipelines.offline.metrics import ndcg_at_k
 
     ids = lookup.bundle.items.item_ids
     source = settings.relevance_source

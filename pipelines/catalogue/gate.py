@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.judged import load_judgments, score_rankings
+from pipelines.offline.judged import load_judgments, score_rankings
 from serving.encoder import Encoder
 from serving.errors import InvalidInputError
 from serving.manifest import write_json_atomic
@@ -24,7 +24,7 @@ from serving.settings import Settings
 log = logging.getLogger(__name__)
 
 EVALUATION_FILE = "evaluation.json"
-DEMO_GOLDEN = Path(__file__).parent / "demo" / "golden_queries.json"
+DEMO_GOLDEN = Path(__file__).parents[1] / "demo" / "golden_queries.json"
 
 
 @dataclass(frozen=True)

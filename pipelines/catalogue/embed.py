@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from pipelines.warehouse import connect, query_frame
+from pipelines.catalogue.warehouse import connect, query_frame
 from serving.encoder import Encoder
 from serving.text import item_text
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import polars as pl
 
-from pipelines.warehouse import connect
+from pipelines.catalogue.warehouse import connect
 from serving.errors import CatalogueError
 from serving.text import clean_text
 

@@ -6,7 +6,7 @@ Positive pairs come from two places:
   query; a pair's weight is the sum over its events, capped at :data:`MAX_PAIR_WEIGHT`, and the
   item's text is the warehouse text its vector is computed from (:func:`serving.text.item_text`);
 * judged data, when given: judged pairs with relevance >= the judgments' relevant threshold
-  (weight :data:`JUDGED_WEIGHT`), item text = :func:`pipelines.evaluation.product_texts`.
+  (weight :data:`JUDGED_WEIGHT`), item text = :func:`pipelines.offline.evaluation.product_texts`.
 
 Queries, not pairs, are split: a query is held out when a stable hash of its normalised text
 (sha256, first 8 bytes as a fraction u in [0, 1)) falls in ``[fold * holdout, (fold + 1) *
@@ -23,7 +23,7 @@ seed. Training always starts from the configured base encoder (not from an earli
 fine-tune), since the pairs accumulate and each run sees all of them.
 
 Evaluation, on held-out queries only: full-catalogue dense retrieval (nDCG@10, recall@100,
-MRR, :func:`pipelines.judged.score_rankings` with the ``retrieval`` protocol), the incumbent
+MRR, :func:`pipelines.offline.judged.score_rankings` with the ``retrieval`` protocol), the incumbent
 encoder (the current champion, else the base) against the candidate, each with the catalogue
 embedded by itself. On judged data the catalogue is the judged products file; on events it
 is the warehouse's active items, with the held-out event pairs as judgments.
@@ -53,8 +53,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipelines.metrics import MIN_NDCG_GAIN
-from pipelines.splits import hash_unit
+from pipelines.offline.metrics import MIN_NDCG_GAIN
+from pipelines.offline.splits import hash_unit
 from serving.encoder import Encoder, default_encoder_path
 from serving.layout import embedding_cache, encoders_dir
 from serving.manifest import write_json_atomic
@@ -118,7 +118,7 @@ def event_pairs(settings: Settings) -> pl.DataFrame:
         event_log.close()
     if not weights:
         return empty
-    from pipelines.embed import active_item_texts
+    from pipelines.catalogue.embed import active_item_texts
 
     text_of = dict(zip(*active_item_texts(settings.warehouse_path), strict=True))
     rows = [(q, i, text_of[i], w) for (q, i), w in weights.items() if i in text_of]
@@ -130,9 +130,9 @@ def event_pairs(settings: Settings) -> pl.DataFrame:
 
 
 def judged_pairs(products: pl.DataFrame, judgments: Any) -> pl.DataFrame:
-    """Positive pairs from judged data (``products`` from :func:`pipelines.judged.
-    load_products`, ``judgments`` a :class:`pipelines.judged.Judgments`)."""
-    from pipelines.evaluation import product_texts
+    """Positive pairs from judged data (``products`` from :func:`pipelines.offline.judged.
+    load_products`, ``judgments`` a :class:`pipelines.offline.judged.Judgments`)."""
+    from pipelines.offline.evaluation import product_texts
 
     text_of = dict(zip(products["item_id"].to_list(), product_texts(products), strict=True))
     rel = judgments.frame.filter(pl.col("relevance") >= judgments.relevant_threshold)
@@ -169,7 +169,7 @@ def collect_pairs(settings: Settings, products: Path | None = None,
         raise ValueError("give both --products and --judgments, or neither")
     parts = [event_pairs(settings)]
     if products is not None and judgments is not None:
-        from pipelines.judged import load_judgments, load_products
+        from pipelines.offline.judged import load_judgments, load_products
 
         parts.append(judged_pairs(load_products(Path(products)), load_judgments(Path(judgments))))
     pairs = split_pairs(pl.concat(parts), holdout, fold).sort("source", "query", "item_id")
@@ -465,8 +465,8 @@ def dense_rankings(encoder: Encoder, item_vecs: np.ndarray, ids: list[str],
 def _eval_sets(settings: Settings, pairs: pl.DataFrame, products: str | None,
                judgments: str | None) -> list[tuple[str, pl.DataFrame, list[str], Any]]:
     """(name, catalogue, catalogue texts, held-out judgments) for each available set."""
-    from pipelines.evaluation import product_texts
-    from pipelines.judged import Judgments, load_judgments, load_products
+    from pipelines.offline.evaluation import product_texts
+    from pipelines.offline.judged import Judgments, load_judgments, load_products
 
     sets = []
     held = pairs.filter(pl.col("heldout"))
@@ -480,7 +480,7 @@ def _eval_sets(settings: Settings, pairs: pl.DataFrame, products: str | None,
                      Judgments(frame, judg.min_label, judg.relevant_threshold)))
     ev = held.filter(pl.col("source") == "events")
     if ev.height and settings.warehouse_path.is_file():
-        from pipelines.embed import active_item_texts
+        from pipelines.catalogue.embed import active_item_texts
 
         item_ids, texts = active_item_texts(settings.warehouse_path)
         qid = {q: i for i, q in enumerate(sorted(set(ev["query"].to_list())))}
@@ -509,8 +509,8 @@ def evaluate_encoders(settings: Settings, pairs_path: str | Path, encoder_dir: s
     item judged for a held-out query stays, plus a fixed hash-chosen sample of the others.
     Both encoders see the same catalogue, but retrieval is easier than on the full one.
     """
-    from pipelines.evaluation import embed_cached, method_rankings
-    from pipelines.judged import score_rankings
+    from pipelines.offline.evaluation import embed_cached, method_rankings
+    from pipelines.offline.judged import score_rankings
 
     cache_path = cache_path or embedding_cache(settings.home)
     pairs = pl.read_parquet(pairs_path)

@@ -6,7 +6,7 @@ hash and encoder version, so a re-run only encodes what it has not seen.
 
 The retrieval protocol retrieves through the served path by default (``served``): the judged
 catalogue becomes a release bundle, written by the code a release uses
-(:func:`pipelines.index.write_bundle`: Annoy tuned to the recall target, BM25, the item
+(:func:`pipelines.catalogue.index.write_bundle`: Annoy tuned to the recall target, BM25, the item
 table), and each query's candidates are :func:`serving.retrieval.retrieve_candidates`'s
 (Annoy + BM25, the dense hits then the lexical hits the dense channel did not bring, depth
 100), so the figures are those of what serving retrieves. The bundle is cached under the home
@@ -30,11 +30,11 @@ import duckdb
 import numpy as np
 import polars as pl
 
-from pipelines.catalogue import content_hash
-from pipelines.embed import vector_matrix
-from pipelines.index import BUNDLE_LAYOUT, library_versions, write_bundle
-from pipelines.judged import Judgments, load_judgments, load_products, score_rankings
-from pipelines.warehouse import query_frame
+from pipelines.catalogue.embed import vector_matrix
+from pipelines.catalogue.index import BUNDLE_LAYOUT, library_versions, write_bundle
+from pipelines.catalogue.ingest import content_hash
+from pipelines.catalogue.warehouse import query_frame
+from pipelines.offline.judged import Judgments, load_judgments, load_products, score_rankings
 from serving.encoder import Encoder, Precision
 from serving.errors import InvalidInputError, ReleaseError
 from serving.lexical import LexicalIndex
@@ -190,7 +190,7 @@ def served_catalogue(products: pl.DataFrame, item_vecs: np.ndarray, encoder: Enc
                      recall_target: float = 0.95) -> ServedCatalogue:
     """The release bundle of the judged catalogue (``item_vecs``: the products' vectors, in
     product order), reused from ``bundles`` when one was built from the same inputs, else
-    written there by :func:`pipelines.index.write_bundle` (staged, then moved into place)."""
+    written there by :func:`pipelines.catalogue.index.write_bundle` (staged, then moved into place)."""
     items, product_rows = judged_items(products)
     final = served_bundle_dir(products, encoder, bundles, seed, recall_target)
     try:

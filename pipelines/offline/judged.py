@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from pipelines.metrics import ndcg_at_k, recall_at_k, reciprocal_rank
+from pipelines.offline.metrics import ndcg_at_k, recall_at_k, reciprocal_rank
 from serving.errors import InvalidInputError
 
 ID_COLUMNS = ("product_id", "product_uid", "item_id", "id")

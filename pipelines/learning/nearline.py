@@ -91,7 +91,7 @@ class FeedbackTally:
     """Per normalised query, what the updater saw: the result pages shown (session ids), each
     item's exposure (the summed examination propensities of the ranks it was shown at) and its
     weighted positives (click 1, cart 2, purchase 3). The batch retrain's position-debiased
-    relevance estimates come from it (:func:`pipelines.retrain.feedback_relevance`)."""
+    relevance estimates come from it (:func:`pipelines.learning.retrain.feedback_relevance`)."""
 
     pages: dict[str, set[str]] = field(default_factory=dict)
     exposure: dict[str, dict[str, float]] = field(default_factory=dict)

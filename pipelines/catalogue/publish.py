@@ -16,7 +16,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from pipelines.evaluate import EVALUATION_FILE
+from pipelines.catalogue.gate import EVALUATION_FILE
 from serving.errors import ReleaseError
 from serving.manifest import read_manifest, write_manifest
 from serving.release import Pointer, read_pointer, write_pointer

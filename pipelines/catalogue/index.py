@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from pipelines.embed import load_vectors
-from pipelines.warehouse import connect, query_frame
+from pipelines.catalogue.embed import load_vectors
+from pipelines.catalogue.warehouse import connect, query_frame
 from serving.encoder import DEFAULT_ENCODER_NAME, Encoder
 from serving.lexical import LexicalIndex, analyse, analysis_frame
 from serving.lexical import signature as lexical_signature

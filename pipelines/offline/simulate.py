@@ -41,9 +41,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipelines.judged import Judgments, load_judgments, read_table, score_rankings
-from pipelines.metrics import ndcg_at_k
-from pipelines.splits import hash_unit
+from pipelines.offline.judged import Judgments, load_judgments, read_table, score_rankings
+from pipelines.offline.metrics import ndcg_at_k
+from pipelines.offline.splits import hash_unit
 from serving.encoder import Encoder
 from serving.errors import InvalidInputError, ReleaseError
 from serving.settings import Settings
@@ -263,7 +263,7 @@ def _measure(rec: Any, texts: dict[int, str], qids: Sequence[int],
 
 def _retrain(settings: Settings, encoder: Encoder, updater: Any) -> dict[str, Any]:
     """The batch retrain on the feedback so far; the updater continues from its checkpoint."""
-    from pipelines.retrain import retrain_ranker
+    from pipelines.learning.retrain import retrain_ranker
 
     start = time.monotonic()
     out = retrain_ranker(settings, encoder=encoder)
@@ -320,7 +320,7 @@ def simulate(settings: Settings, products: Path, judgments: Path, sessions: int 
         shift_interactions: interactions with A's results before the switch.
         chart: PNG of the learning curve (default ``<home>/simulate.png``).
         retrain_every: after every this many rounds, the batch retrain runs as its DAG would
-            (:func:`pipelines.retrain.retrain_ranker`): it fits the relevance model on the
+            (:func:`pipelines.learning.retrain.retrain_ranker`): it fits the relevance model on the
             position-debiased feedback, gated on the seen queries' judgments (never the
             unseen ones'), then the ranker; the updater and serving continue from what it
             published; 0: never.
@@ -328,7 +328,7 @@ def simulate(settings: Settings, products: Path, judgments: Path, sessions: int 
     Returns a JSON-able report: ``seen`` and ``unseen`` (``before``/``after`` retrieval
     metrics), ``intent_shift``, the learning ``curve``, event and updater counters.
     """
-    from pipelines.nearline import NearlineUpdater
+    from pipelines.learning.nearline import NearlineUpdater
     from pipelines.steps import run_build
     from serving.recommender import Recommender
 

@@ -1,0 +1,1 @@
+"""Fine-tuning the encoder on feedback and judged pairs."""

@@ -1,0 +1,2 @@
+"""Offline evaluation on judged data: metrics, the evaluation methods, hash splits and the
+click simulator."""
