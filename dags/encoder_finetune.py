@@ -9,7 +9,7 @@ only if held-out nDCG@10 improves; losing is a normal outcome, and then ``announ
 skipped. When it wins, ``announce`` emits the ``instantrec_encoder`` asset; the next
 ``catalogue_refresh`` run (hourly) embeds the whole catalogue with the champion, since its
 encoder version changed. Settings come from INSTANTREC_* in the worker's environment; every
-task calls one function of ``pipelines.encoder.finetune``, imported inside the task.
+task calls one function of ``pipelines.steps``, imported inside the task.
 
 Scheduling: a new DAG is paused. Unpausing it starts one run for the most recent complete
 week at once (``catchup=False``: no backfill), then one a week. A run triggered while the DAG

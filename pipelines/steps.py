@@ -24,7 +24,7 @@ DEMO_CATALOGUE = Path(__file__).parent / "demo" / "catalogue.csv"
 def configured_encoder_path(settings: Settings) -> Path | None:
     """The configured encoder; without one, the promoted fine-tune (``<home>/encoders/CHAMPION``)
     if any; ``None`` is the packaged default."""
-    from pipelines.encoder.finetune import champion_encoder_path
+    from pipelines.encoder.train import champion_encoder_path
 
     return settings.encoder_path or champion_encoder_path(settings.home)
 
@@ -165,7 +165,7 @@ def run_collect_pairs(settings: Settings, products: str | Path | None = None,
                       holdout: float = 0.2) -> dict[str, Any]:
     """Positive (query, item) pairs from feedback (and judged data), split by query hash into
     training and held-out queries; returns the pairs file and counts."""
-    from pipelines.encoder.finetune import collect_pairs
+    from pipelines.encoder.pairs import collect_pairs
 
     return collect_pairs(settings, Path(products) if products else None,
                          Path(judgments) if judgments else None, holdout)
@@ -174,7 +174,7 @@ def run_collect_pairs(settings: Settings, products: str | Path | None = None,
 def run_train_encoder(settings: Settings, pairs_path: str | Path, max_steps: int | None = 200,
                       epochs: int = 1) -> dict[str, Any]:
     """Fine-tune the encoder on the training pairs of ``pairs_path``; returns its directory."""
-    from pipelines.encoder.finetune import TrainConfig, train_encoder
+    from pipelines.encoder.train import TrainConfig, train_encoder
 
     cfg = TrainConfig(max_steps=max_steps, epochs=epochs,
                       item_max_tokens=settings.item_max_tokens)
@@ -184,7 +184,7 @@ def run_train_encoder(settings: Settings, pairs_path: str | Path, max_steps: int
 def run_evaluate_encoders(settings: Settings, pairs: dict[str, Any],
                           trained: dict[str, Any]) -> dict[str, Any]:
     """Held-out nDCG@10 of the candidate (``trained``) and the incumbent encoder."""
-    from pipelines.encoder.finetune import evaluate_encoders
+    from pipelines.encoder.heldout import evaluate_encoders
 
     return evaluate_encoders(settings, pairs["pairs_path"], trained["encoder_dir"],
                              pairs["products"], pairs["judgments"])
@@ -194,7 +194,7 @@ def run_register_encoder(settings: Settings, pairs: dict[str, Any], trained: dic
                          evaluation: dict[str, Any], promote: bool = True) -> dict[str, Any]:
     """Register the candidate encoder in MLflow; promote it only if it won on held-out
     queries (and ``promote``)."""
-    from pipelines.encoder.finetune import register_encoder
+    from pipelines.encoder.register import register_encoder
 
     return register_encoder(settings, trained, evaluation, pairs, promote)
 
@@ -206,7 +206,8 @@ def run_finetune(settings: Settings, products: str | Path | None = None,
                  eval_max_items: int | None = None, threads: int = 2) -> dict[str, Any]:
     """Fine-tune the encoder on feedback (and judged) pairs of the training queries; register
     it, and promote it only if it beats the incumbent on the held-out queries."""
-    from pipelines.encoder.finetune import TrainConfig, finetune_encoder
+    from pipelines.encoder.finetune import finetune_encoder
+    from pipelines.encoder.train import TrainConfig
     from pipelines.offline.metrics import MIN_NDCG_GAIN
 
     cfg = TrainConfig(max_steps=max_steps, epochs=epochs, item_max_tokens=settings.item_max_tokens,

@@ -26,7 +26,8 @@ print("RESULT " + json.dumps({"state": str(run.state), "tasks": tis}))
 def test_encoder_dag_run_trains_evaluates_and_registers(tmp_path, shared_data):
     import mlflow
 
-    from pipelines.encoder.finetune import champion_encoder_path, encoder_model_name
+    from pipelines.encoder.register import encoder_model_name
+    from pipelines.encoder.train import champion_encoder_path
     from serving.settings import Settings
 
     products, judgments = small_crowdflower(shared_data, tmp_path / "data")

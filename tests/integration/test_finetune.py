@@ -12,15 +12,9 @@ import polars as pl
 import pytest
 import torch
 
-from pipelines.encoder.finetune import (
-    TrainConfig,
-    champion_encoder_path,
-    encoder_model_name,
-    finetune_encoder,
-    pairs_loss,
-    register_encoder,
-    train_model,
-)
+from pipelines.encoder.finetune import finetune_encoder
+from pipelines.encoder.register import encoder_model_name, register_encoder
+from pipelines.encoder.train import TrainConfig, champion_encoder_path, pairs_loss, train_model
 from pipelines.offline.metrics import MIN_NDCG_GAIN
 from serving.encoder import Encoder
 from serving.errors import ReleaseError

@@ -11,12 +11,8 @@ import polars as pl
 import pytest
 import torch
 
-from pipelines.encoder.finetune import (
-    in_batch_loss,
-    is_heldout,
-    make_batches,
-    split_pairs,
-)
+from pipelines.encoder.pairs import is_heldout, split_pairs
+from pipelines.encoder.train import in_batch_loss, make_batches
 from serving.errors import ReleaseError
 from serving.manifest import EncoderSpec
 from serving.recommender import encoder_path_for
@@ -109,7 +105,7 @@ def test_serving_resolves_the_encoder_directory_from_the_manifest(tmp_path):
 
 def test_event_pairs_weigh_carts_and_purchases_above_clicks(tmp_path):
     from pipelines.catalogue.ingest import ingest_catalogue
-    from pipelines.encoder.finetune import event_pairs
+    from pipelines.encoder.pairs import event_pairs
     from pipelines.steps import DEMO_CATALOGUE
     from serving.eventlog import SqliteEventLog
     from serving.events import parse_event
@@ -136,7 +132,7 @@ def test_event_pairs_weigh_carts_and_purchases_above_clicks(tmp_path):
 
 
 def test_gate_follows_the_held_out_gain():
-    from pipelines.encoder.finetune import gate
+    from pipelines.encoder.heldout import gate
 
     def ev(ndcg: float, recall: float) -> dict:
         return {"gate_set": "judged", "sets": {"judged": {
