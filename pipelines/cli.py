@@ -227,15 +227,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
                   f"{shift['old_need_share_top10_fresh']:.3f})")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="instantrec", description=__doc__)
-    parser.add_argument("--home", type=Path, default=None,
-                        help="artefact root (default: $INSTANTREC_HOME or ./artefacts)")
-    parser.add_argument("--encoder", type=Path, default=None,
-                        help="local transformers encoder directory (default: all-MiniLM-L6-v2)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _catalogue_commands(sub: Any) -> None:
+    """The catalogue refresh, step by step and whole: ingest .. register, build."""
     p = sub.add_parser("ingest", help="validate and upsert a catalogue snapshot")
     p.add_argument("--catalogue", type=Path, default=None, help="CSV/Parquet (default: demo)")
     p.set_defaults(func=cmd_ingest)
@@ -268,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-register", action="store_true", help="skip the MLflow registry")
     p.set_defaults(func=cmd_build)
 
+
+def _serving_commands(sub: Any) -> None:
+    """Serving from the command line: recommend, record."""
     p = sub.add_parser("recommend", help="recommendations for a query from the live release")
     p.add_argument("query", nargs="?", default=None,
                    help="the query (omit with --session to browse from session interest)")
@@ -291,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--event-id", default=None, help="re-sending the same id is a no-op")
     p.set_defaults(func=cmd_record)
 
+
+def _learning_commands(sub: Any) -> None:
+    """Learning from feedback: nearline, retrain, finetune."""
     p = sub.add_parser("nearline", help="fold feedback events into the ranker continuously")
     p.add_argument("--once", action="store_true", help="process what is pending, then exit")
     p.add_argument("--max-seconds", type=float, default=None, help="stop after this long")
@@ -325,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_finetune)
 
+
+def _bench_commands(sub: Any) -> None:
+    """One subcommand per benchmark module (`instantrec bench NAME`)."""
     p = sub.add_parser("bench", help="benchmarks that print figures (never pass/fail)")
     bench = p.add_subparsers(dest="what", required=True, metavar="BENCHMARK")
     from pipelines import benchmarks
@@ -336,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--json", action="store_true")
         b.set_defaults(func=cmd_bench)
 
+
+def _offline_commands(sub: Any) -> None:
+    """Offline evaluation on judged data: eval, simulate."""
     p = sub.add_parser("eval", help="offline evaluation on judged product-search data")
     p.add_argument("--products", type=Path, required=True)
     p.add_argument("--judgments", type=Path, required=True)
@@ -376,6 +381,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PNG of the learning curve (default: <home>/simulate.png)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_simulate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="instantrec", description=__doc__)
+    parser.add_argument("--home", type=Path, default=None,
+                        help="artefact root (default: $INSTANTREC_HOME or ./artefacts)")
+    parser.add_argument("--encoder", type=Path, default=None,
+                        help="local transformers encoder directory (default: all-MiniLM-L6-v2)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for add_commands in (_catalogue_commands, _serving_commands, _learning_commands,
+                         _bench_commands, _offline_commands):
+        add_commands(sub)
     return parser
 
 

@@ -360,14 +360,7 @@ def simulate(settings: Settings, products: Path, judgments: Path, sessions: int 
                                         shift_interactions, random.Random(shift_rng_seed))
     shift_s = time.monotonic() - shift_start
 
-    # The judgments drive the shoppers. The batch retrain learns from their feedback alone
-    # and may check what it learned against the judgments of the seen queries only (a shop's
-    # staff judge queries that have traffic): unseen queries stay unseen.
-    sim_settings = _prepare_workspace(settings, f"seed-{seed}")
-    seen_judgments = sim_settings.home / "seen-judgments.parquet"
-    read_table(Path(judgments)).filter(pl.col("query_id").is_in(seen)).write_parquet(seen_judgments)
-    sim_settings = sim_settings.model_copy(update={"judgments": seen_judgments,
-                                                   "relevance_source": "feedback"})
+    sim_settings = _learning_settings(settings, seed, Path(judgments), seen)
     rec = Recommender.load(settings=sim_settings, encoder=encoder, watch=False)
     updater = NearlineUpdater(sim_settings, encoder)
     rng = random.Random(seed)
@@ -394,19 +387,7 @@ def simulate(settings: Settings, products: Path, judgments: Path, sessions: int 
             rng.shuffle(order)
             for n in range(sessions):
                 qid = order[n % len(order)]
-                session = shopper.new_session()
-                shown = rec.recommend(texts[qid], k=SHOWN, session_id=session[0])
-                items = [r.item_id for r in shown]
-                events = shopper.impressions(session, texts[qid], items)
-                for fb in model.sample([gains[qid].get(i, 0.0) for i in items], rng):
-                    item = items[fb.rank - 1]
-                    events.append(shopper.click(session, texts[qid], item, fb.rank))
-                    if fb.add_to_cart:
-                        events.append(shopper.cart(session, texts[qid], item, fb.rank))
-                    if fb.purchase:
-                        events.append(shopper.purchase(session, texts[qid], item, fb.rank))
-                feedback.update(e["type"] for e in events)
-                rec.record_many(shopper.end_now(events))
+                feedback.update(_shop(rec, shopper, model, texts[qid], gains[qid], rng))
             update = updater.run_once()
             retrain = None
             if retrain_every and round_ % retrain_every == 0:
@@ -463,6 +444,38 @@ def simulate(settings: Settings, products: Path, judgments: Path, sessions: int 
                     "intent_shift": round(shift_s, 1),
                     "total": round(time.monotonic() - started, 1)},
     }
+
+
+def _learning_settings(settings: Settings, seed: int, judgments: Path,
+                       seen: list[int]) -> Settings:
+    """The learning run's workspace: the judgments drive the shoppers, the batch retrain
+    learns from their feedback alone and may check what it learned against the judgments of
+    the seen queries only (a shop's staff judge queries that have traffic), never the unseen
+    ones'."""
+    sim_settings = _prepare_workspace(settings, f"seed-{seed}")
+    seen_judgments = sim_settings.home / "seen-judgments.parquet"
+    read_table(judgments).filter(pl.col("query_id").is_in(seen)).write_parquet(seen_judgments)
+    return sim_settings.model_copy(update={"judgments": seen_judgments,
+                                           "relevance_source": "feedback"})
+
+
+def _shop(rec: Any, shopper: _Shopper, model: ClickModel, text: str, gains: dict[str, float],
+          rng: random.Random) -> Counter[str]:
+    """One search session on query ``text``: a page of results, the click model's clicks,
+    carts and purchases on it (``gains``: the judged gain of each item), all recorded through
+    ``rec``; returns the events' types counted."""
+    session = shopper.new_session()
+    items = [r.item_id for r in rec.recommend(text, k=SHOWN, session_id=session[0])]
+    events = shopper.impressions(session, text, items)
+    for fb in model.sample([gains.get(i, 0.0) for i in items], rng):
+        item = items[fb.rank - 1]
+        events.append(shopper.click(session, text, item, fb.rank))
+        if fb.add_to_cart:
+            events.append(shopper.cart(session, text, item, fb.rank))
+        if fb.purchase:
+            events.append(shopper.purchase(session, text, item, fb.rank))
+    rec.record_many(shopper.end_now(events))
+    return Counter(e["type"] for e in events)
 
 
 # -- intent shift -------------------------------------------------------------------------
