@@ -15,6 +15,7 @@ from typing import Any
 
 from serving.errors import InstantrecError
 from serving.layout import bundle_cache, embedding_cache
+from serving.schema import ITEM_ID
 from serving.settings import Settings, load_settings
 
 
@@ -109,7 +110,7 @@ def cmd_record(args: argparse.Namespace) -> None:
     else:
         if not (args.session and args.item and args.type):
             raise ValueError("record needs --session, --item and --type (or --file)")
-        one = {"session_id": args.session, "item_id": args.item, "type": args.type}
+        one = {"session_id": args.session, ITEM_ID: args.item, "type": args.type}
         for key, value in (("query", args.query), ("position", args.position),
                            ("user_id", args.user), ("event_id", args.event_id)):
             if value is not None:

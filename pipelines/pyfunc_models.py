@@ -18,6 +18,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from serving.schema import ITEM_ID
+
 
 class ReleasePyfunc(mlflow.pyfunc.PythonModel):
     """A release bundle as an MLflow pyfunc: input rows with ``query`` (and optional ``k``,
@@ -46,8 +48,8 @@ class ReleasePyfunc(mlflow.pyfunc.PythonModel):
             k = 10 if k is None or pd.isna(k) else int(k)
             for r in self._rec.recommend(rec["query"], k=k):
                 rows.append({"request": i, "query": rec["query"], "rank": r.rank,
-                             "item_id": r.item_id, "title": r.title, "score": r.score})
-        return pd.DataFrame(rows, columns=["request", "query", "rank", "item_id", "title",
+                             ITEM_ID: r.item_id, "title": r.title, "score": r.score})
+        return pd.DataFrame(rows, columns=["request", "query", "rank", ITEM_ID, "title",
                                            "score"])
 
 

@@ -34,6 +34,7 @@ from packaging.version import Version
 
 import serving
 from serving.manifest import Manifest, read_manifest
+from serving.schema import ITEM_ID
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ PYFUNC_WRAPPER = ("mlflow", "pandas")
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "query"), ColSpec("long", "k", required=False)]),
     outputs=Schema([ColSpec("long", "request"), ColSpec("string", "query"),
-                    ColSpec("long", "rank"), ColSpec("string", "item_id"),
+                    ColSpec("long", "rank"), ColSpec("string", ITEM_ID),
                     ColSpec("string", "title"), ColSpec("double", "score")]),
 )
 INPUT_EXAMPLE = pd.DataFrame({"query": ["cordless drill", "running shoes"], "k": [5, 3]})

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from serving.errors import InvalidInputError
+from serving.schema import ITEM_ID
 from serving.text import normalise_query
 
 EventType = Literal["impression", "click", "add_to_cart", "purchase"]
@@ -72,7 +73,7 @@ def _text_id(raw: Mapping[str, Any], name: str, required: bool = True) -> str | 
     return value
 
 
-FIELDS = frozenset({"event_id", "ts", "timestamp", "session_id", "user_id", "query", "item_id",
+FIELDS = frozenset({"event_id", "ts", "timestamp", "session_id", "user_id", "query", ITEM_ID,
                     "type", "event_type", "position"})
 
 
@@ -118,7 +119,7 @@ def parse_event(raw: Mapping[str, Any] | Event, user_key: bytes, max_query_chars
         session_id=_text_id(raw, "session_id"),
         user=pseudonymise(user_id, user_key) if user_id else None,
         query=query,
-        item_id=_text_id(raw, "item_id"),
+        item_id=_text_id(raw, ITEM_ID),
         type=etype,
         position=position,
     )

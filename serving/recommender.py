@@ -45,6 +45,7 @@ from serving.retrieval import (
     retrieve_candidates,
     understood,
 )
+from serving.schema import ITEM_ID
 from serving.session import (
     EVENT_WEIGHTS,
     SessionConfig,
@@ -78,7 +79,7 @@ class Recommendation:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "item_id": self.item_id, "title": self.title, "score": self.score, "rank": self.rank,
+            ITEM_ID: self.item_id, "title": self.title, "score": self.score, "rank": self.rank,
             "category": self.category, "brand": self.brand, "price": self.price,
             "in_stock": self.in_stock, "signals": dict(self.signals),
         }

@@ -25,6 +25,7 @@ from redis import exceptions as rexc
 from serving.errors import InstantrecError
 from serving.eventlog import AppendResult, LoggedEvent
 from serving.events import Event
+from serving.schema import ITEM_ID
 from serving.session import Interaction, SessionState
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ DEDUPE_TTL_S = 7 * 24 * 3600        # how long a seen event id is remembered
 MIN_SERVER = (6, 2)                 # exclusive XRANGE starts "(ms-seq"
 
 # Field order of a stream entry; a None value is stored as an absent field.
-_FIELDS = ("event_id", "ts", "session_id", "user", "query", "item_id", "type", "position")
+_FIELDS = ("event_id", "ts", "session_id", "user", "query", ITEM_ID, "type", "position")
 
 # KEYS[1] = stream, KEYS[1 + i] = dedupe key of event i.
 # ARGV[1] = dedupe ttl (s), then per event: n (number of field/value pairs), then 2n strings.
@@ -136,7 +137,7 @@ def _event_from(fields: dict[str, str]) -> Event:
         session_id=fields["session_id"],
         user=fields.get("user"),
         query=fields.get("query"),
-        item_id=fields["item_id"],
+        item_id=fields[ITEM_ID],
         type=fields["type"],
         position=int(position) if position is not None else None,
     )

@@ -27,6 +27,7 @@ import numpy as np
 from serving.errors import ReleaseError
 from serving.lexical import LexicalIndex
 from serving.manifest import Manifest, read_manifest, write_json_atomic
+from serving.schema import ITEM_ID
 from serving.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def load_items(path: Path) -> ItemTable:
 
     df = pl.read_parquet(path)
     return ItemTable(
-        item_ids=df["item_id"].to_numpy().astype(object),
+        item_ids=df[ITEM_ID].to_numpy().astype(object),
         titles=df["title"].to_numpy().astype(object),
         categories=df["category"].to_numpy().astype(object),
         brands=df["brand"].to_numpy().astype(object),

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from serving.layout import embedding_cache
+from serving.schema import ITEM_ID, QUERY_ID
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -245,11 +246,11 @@ def precision_quality(encoder: Any, variants: dict[str, Any], dataset: str, cach
     products = load_products(DATA / dataset / "products.parquet")
     judgments = load_judgments(DATA / dataset / "judgments.parquet")
     texts = product_texts(products)
-    ids = products["item_id"].to_list()
+    ids = products[ITEM_ID].to_list()
     fp32 = embed_cached(encoder, texts, cache, batch_size=batch_size, progress=False,
                         precision="fp32")
     queries = judgments.queries()
-    qids = queries["query_id"].to_list()
+    qids = queries[QUERY_ID].to_list()
     qvecs = encoder.encode([normalise_query(q, 10_000) for q in queries["query"].to_list()],
                            precision="fp32")
     base = dense_ndcg(fp32, qvecs, qids, ids, judgments)

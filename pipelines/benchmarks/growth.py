@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from serving.layout import bench_dir, embedding_cache
+from serving.schema import CONTENT_HASH, ITEM_ID
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,18 +70,18 @@ def catalogue_of_size(products: Any, real: np.ndarray, n: int, parent_cos: float
 
         vectors, parents = scale_up_with_parents(real, n, parent_cos, seed)
         children = products[parents].with_columns(
-            (pl.col("item_id") + SYNTHETIC_SUFFIX + pl.Series(np.arange(len(parents))).cast(
-                pl.String)).alias("item_id"))
+            (pl.col(ITEM_ID) + SYNTHETIC_SUFFIX + pl.Series(np.arange(len(parents))).cast(
+                pl.String)).alias(ITEM_ID))
         items = pl.concat([products, children])
     from pipelines.benchmarks.serving import synthetic_offers
 
-    prices, stock = synthetic_offers(items["item_id"].to_list())
+    prices, stock = synthetic_offers(items[ITEM_ID].to_list())
     items = items.with_columns(
         pl.lit(None, dtype=pl.String).alias("category"), pl.lit(None, dtype=pl.String).alias("brand"),
         pl.Series("price", prices, dtype=pl.Float64), pl.Series("in_stock", stock),
-        pl.concat_str([pl.col("item_id"), pl.col("title")], separator="\x1f")
-        .hash(seed=0).cast(pl.String).alias("content_hash"))
-    order = np.argsort(items["item_id"].to_numpy(), kind="stable")
+        pl.concat_str([pl.col(ITEM_ID), pl.col("title")], separator="\x1f")
+        .hash(seed=0).cast(pl.String).alias(CONTENT_HASH))
+    order = np.argsort(items[ITEM_ID].to_numpy(), kind="stable")
     return items[order], np.ascontiguousarray(vectors[order])
 
 
@@ -163,7 +164,7 @@ def bench_size(n: int, products: Any, real: np.ndarray, qvecs: np.ndarray, encod
         if shop_home is None:
             raise ValueError("the relevance ranker needs the serving benchmark's home")
         memory_entries = carry_ranker(shop_home, home, release_id,
-                                      items["item_id"].to_numpy().astype(object))
+                                      items[ITEM_ID].to_numpy().astype(object))
     del items, vectors
     served_by: dict[str, Any] = {}
     all_runs = []

@@ -39,6 +39,7 @@ from serving.errors import MeasurementError
 from serving.eventlog import SqliteEventLog
 from serving.events import Event, parse_event
 from serving.release import read_pointer
+from serving.schema import ITEM_ID
 from serving.settings import Settings
 
 QUERIES = ["coffee maker", "yoga mat", "headphones", "cordless drill", "office chair",
@@ -110,15 +111,15 @@ def synthetic_feedback(rec: Any, n_lists: int, seed: int = 0) -> list[Event]:
         session, ts = f"bench-{i % 5000}", t0 + i * 0.01
         for p, item in enumerate(items, start=1):
             events.append(parse_event({"event_id": f"b{i}-i{p}", "session_id": session,
-                                       "query": q, "item_id": item, "type": "impression",
+                                       "query": q, ITEM_ID: item, "type": "impression",
                                        "position": p, "ts": ts}, key))
         pos = min(int(rng.expovariate(0.4)) + 1, len(items))
         events.append(parse_event({"event_id": f"b{i}-c", "session_id": session, "query": q,
-                                   "item_id": items[pos - 1], "type": "click", "position": pos,
+                                   ITEM_ID: items[pos - 1], "type": "click", "position": pos,
                                    "ts": ts + 0.001}, key))
         if rng.random() < 0.1:
             events.append(parse_event({"event_id": f"b{i}-p", "session_id": session,
-                                       "item_id": items[pos - 1], "type": "add_to_cart",
+                                       ITEM_ID: items[pos - 1], "type": "add_to_cart",
                                        "ts": ts + 0.002}, key))
     return events
 
@@ -149,7 +150,7 @@ def _reader(home: str, reload_interval_s: float) -> None:
         sync_by = time.time() + PROBE_DEADLINE_S
         while latest is not None and rec.ranker_seq < latest.seq and time.time() < sync_by:
             time.sleep(0.002)
-        before = probe_state(rec, probe["query"], probe["item_id"])
+        before = probe_state(rec, probe["query"], probe[ITEM_ID])
         why = None
         if latest is not None and rec.ranker_seq < latest.seq:
             why = f"process B did not load checkpoint {latest.seq} (serves {rec.ranker_seq})"
@@ -161,7 +162,7 @@ def _reader(home: str, reload_interval_s: float) -> None:
         deadline = time.time() + PROBE_DEADLINE_S
         after = None
         while time.time() < deadline:
-            now = probe_state(rec, probe["query"], probe["item_id"])
+            now = probe_state(rec, probe["query"], probe[ITEM_ID])
             if now is not None and now["memory"] != before["memory"]:
                 after = now
                 break
@@ -237,23 +238,23 @@ def bench_nearline(settings: Settings, n_lists: int = 2000, probes: int = 20,
         try:
             _read_json(reader, "starting")
             # one event after the updater started: once it is applied, the updater is live
-            rec.record({"session_id": "bench-warmup", "item_id": str(rec.bundle.items.item_ids[0]),
+            rec.record({"session_id": "bench-warmup", ITEM_ID: str(rec.bundle.items.item_ids[0]),
                         "type": "impression"})
             _wait_caught_up(home, SqliteEventLog(env_settings.events_path).last_offset())
             for i in range(probes):
                 q = QUERIES[i % len(QUERIES)]
                 item = rec.recommend(q, k=10)[i % 3].item_id
-                reader.stdin.write(json.dumps({"query": q, "item_id": item}) + "\n")
+                reader.stdin.write(json.dumps({"query": q, ITEM_ID: item}) + "\n")
                 reader.stdin.flush()
                 armed = _read_json(reader, "arming a probe")
                 if not armed["armed"]:
                     raise MeasurementError(f"probe {i} ({item} for {q!r}) cannot be watched: "
                                            f"{armed['why']}")
-                rec.record({"session_id": f"fresh-{i}", "query": q, "item_id": item,
+                rec.record({"session_id": f"fresh-{i}", "query": q, ITEM_ID: item,
                             "type": "purchase"})
                 t0 = time.time()
                 seen = _read_json(reader, "watching a probe")
-                rows.append({"query": q, "item_id": item, "before": seen["before"],
+                rows.append({"query": q, ITEM_ID: item, "before": seen["before"],
                              "after": seen["after"],
                              "lag_s": None if seen["seen"] is None else seen["seen"] - t0})
                 time.sleep(0.1)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from serving.schema import ITEM_ID
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def catalogue_frame(source: str | Path, limit: int | None = None) -> Any:
         frame = pl.read_csv(DEMO_CATALOGUE, infer_schema_length=0)
     else:
         path = CATALOGUES.get(str(source), Path(source))
-        frame = load_products(path).rename({"item_id": "id"})
+        frame = load_products(path).rename({ITEM_ID: "id"})
         # a catalogue needs a title; the judged files have a few empty ones
         frame = frame.filter(pl.col("title").str.strip_chars() != "")
     return frame.head(limit) if limit else frame

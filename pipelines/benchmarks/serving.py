@@ -70,6 +70,7 @@ import numpy as np
 
 from pipelines.offline.splits import hash_unit
 from serving.layout import bench_dir, embedding_cache
+from serving.schema import CONTENT_HASH, ITEM_ID, QUERY_ID
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ def _seed_vectors(settings: Settings, encoder: Any, cache_path: Path) -> int:
     hit = [i for i, k in enumerate(keys) if k in found]
     if not hit:
         return 0
-    frame = todo[hit].select("item_id", "content_hash").with_columns(
+    frame = todo[hit].select(ITEM_ID, CONTENT_HASH).with_columns(
         pl.Series("vector", matrix[[found[keys[i]] for i in hit]],
                   dtype=pl.Array(pl.Float32, encoder.dim)))
     out = shard_dir(settings.work_dir, encoder.version) / "shard-seed.parquet"
@@ -160,7 +161,7 @@ def prepare_release(settings: Settings, products: Path, home: Path,
     start = time.perf_counter()
     home.mkdir(parents=True, exist_ok=True)
     catalogue = home / "catalogue.parquet"
-    items = load_products(products).select(pl.col("item_id").alias("id"), "title", "description")
+    items = load_products(products).select(pl.col(ITEM_ID).alias("id"), "title", "description")
     prices, stock = synthetic_offers(items["id"].to_list())
     items = items.with_columns(pl.Series("price", [f"{p:.2f}" for p in prices]),
                                pl.Series("in_stock", ["true" if s else "false" for s in stock]))
@@ -279,11 +280,11 @@ def synthetic_clicks(rec: Any, texts: Sequence[str], gains: dict[str, dict[str, 
             sid = f"bench-{tag}-{i}-{page}"
             ts = now + (i * pages + page) * 1e-3
             events += [{"event_id": f"{sid}-i{pos}", "session_id": sid, "type": "impression",
-                        "item_id": item, "query": text, "position": pos, "ts": ts}
+                        ITEM_ID: item, "query": text, "position": pos, "ts": ts}
                        for pos, item in enumerate(shown, 1)]
             pos = rng.choices(range(1, len(shown) + 1), weights=weights)[0]
             events.append({"event_id": f"{sid}-c", "session_id": sid, "type": "click",
-                           "item_id": shown[pos - 1], "query": text, "position": pos,
+                           ITEM_ID: shown[pos - 1], "query": text, "position": pos,
                            "ts": ts + 0.5})
     return events
 
@@ -547,7 +548,7 @@ def measure_process(job: dict[str, Any]) -> dict[str, Any]:
     for i, _ in enumerate(plan["session"]):
         sid = f"bench-{run_id}-s{i}"
         rec.record_many([{"event_id": f"{sid}-{c}", "session_id": sid, "type": "click",
-                          "item_id": str(ids[rng.randrange(len(ids))]), "position": c + 1}
+                          ITEM_ID: str(ids[rng.randrange(len(ids))]), "position": c + 1}
                          for c in range(SESSION_CLICKS)])
         sessions.append(sid)
     shaped = []
@@ -795,14 +796,14 @@ def query_backend_quality(encoder_path: Path | None, data: dict[str, tuple[Path,
         products = load_products(products_path)
         judgments = load_judgments(judgments_path)
         items = embed_cached(torch_enc, product_texts(products), embed_cache, progress=False)
-        ids = products["item_id"].to_list()
+        ids = products[ITEM_ID].to_list()
         queries = judgments.queries()
-        qids = queries["query_id"].to_list()
+        qids = queries[QUERY_ID].to_list()
         texts = [normalise_query(q, 10_000) for q in queries["query"].to_list()]
         qv = {"torch": torch_enc.encode(texts),
               "onnx_fp32": batched(onnx["fp32"].encode, texts),
               "onnx_int8": batched(onnx["int8"].encode, texts)}
-        judged = dict(judgments.frame.group_by("query_id").agg("item_id").iter_rows())
+        judged = dict(judgments.frame.group_by(QUERY_ID).agg(ITEM_ID).iter_rows())
         row_of = {item: i for i, item in enumerate(ids)}
         res: dict[str, Any] = {"queries": len(qids)}
         for backend, vecs in qv.items():

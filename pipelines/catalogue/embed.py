@@ -21,6 +21,7 @@ import polars as pl
 
 from pipelines.catalogue.warehouse import connect, query_frame
 from serving.encoder import Encoder
+from serving.schema import CONTENT_HASH, ITEM_ID
 from serving.text import item_text
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def active_item_texts(warehouse: Path) -> tuple[list[str], list[str]]:
                                     FROM items WHERE active ORDER BY item_id""")
     finally:
         con.close()
-    return (items["item_id"].to_list(),
+    return (items[ITEM_ID].to_list(),
             [item_text(r["title"], r["brand"], r["category"], r["description"])
              for r in items.iter_rows(named=True)])
 
@@ -164,7 +165,7 @@ def embed_items(warehouse: Path, work_dir: Path, encoder: Encoder | EncoderLoade
     else:
         vectors = encode_logged(encoder, texts, batch_size, label, log_every_s)
     out_dir.mkdir(parents=True, exist_ok=True)
-    frame = todo.select("item_id", "content_hash").with_columns(
+    frame = todo.select(ITEM_ID, CONTENT_HASH).with_columns(
         pl.Series("vector", vectors, dtype=pl.Array(pl.Float32, encoder.dim)))
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     frame.write_parquet(tmp)

@@ -48,6 +48,7 @@ from serving.release import (
     LEXICAL_DIR,
     VECTORS_FILE,
 )
+from serving.schema import CONTENT_HASH, ITEM_ID
 from serving.text import item_text
 from serving.vector_index import VectorIndex
 
@@ -260,12 +261,12 @@ def plan_delta(live_dir: Path, live: Manifest, items: pl.DataFrame,
     """
     if live.libraries.get("annoy") != library_versions()["annoy"] or INDEX_FILE not in live.files:
         return None
-    live_items = pl.read_parquet(live_dir / ITEMS_FILE, columns=["item_id"])
+    live_items = pl.read_parquet(live_dir / ITEMS_FILE, columns=[ITEM_ID])
     live_vectors = np.load(live_dir / VECTORS_FILE, mmap_mode="r")
     if live_vectors.shape[1] != vectors.shape[1]:
         return None
     pairs = (live_items.with_row_index("live_row")
-             .join(items.select("item_id").with_row_index("new_row"), on="item_id"))
+             .join(items.select(ITEM_ID).with_row_index("new_row"), on=ITEM_ID))
     live_rows = pairs["live_row"].to_numpy().astype(np.int64)
     new_rows = pairs["new_row"].to_numpy().astype(np.int64)
     same = (np.asarray(live_vectors[live_rows]) == vectors[new_rows]).all(axis=1)
@@ -324,7 +325,7 @@ def check_delta(plan: DeltaPlan, vectors: np.ndarray, seed: int, target: float,
 
 def release_id_for(items: pl.DataFrame, encoder_version: str, seed: int, target: float) -> str:
     """Deterministic from the inputs: same catalogue state + encoder + settings, same id."""
-    rows = items.select("item_id", "content_hash", "price", "in_stock").rows()
+    rows = items.select(ITEM_ID, CONTENT_HASH, "price", "in_stock").rows()
     return hashlib.sha256(json.dumps([BUNDLE_LAYOUT, encoder_version, seed, target, rows])
                           .encode()).hexdigest()[:16]
 
@@ -361,19 +362,19 @@ def _cached_analysis(items: pl.DataFrame, warehouse: Path) -> pl.DataFrame:
     sig = lexical_signature()
     con = connect(warehouse)
     try:
-        con.register("wanted", items.select(pl.col("content_hash").unique()))
+        con.register("wanted", items.select(pl.col(CONTENT_HASH).unique()))
         cached = query_frame(con, """SELECT a.content_hash, a.tokens, a.words
             FROM lexical_analysis a JOIN wanted w USING (content_hash)
             WHERE a.analysis = ?""", [sig])
-        rows = items.select("content_hash", "title", "brand", "category", "description").join(
-            cached, on="content_hash", how="left", maintain_order="left")
+        rows = items.select(CONTENT_HASH, "title", "brand", "category", "description").join(
+            cached, on=CONTENT_HASH, how="left", maintain_order="left")
         missing = rows["tokens"].null_count()
-        todo = rows.filter(pl.col("tokens").is_null()).unique("content_hash",
+        todo = rows.filter(pl.col("tokens").is_null()).unique(CONTENT_HASH,
                                                               maintain_order=True)
         if todo.height:
             fresh = analysis_frame(analyse([item_text(t, b, c, d) for t, b, c, d in todo.select(
                 "title", "brand", "category", "description").iter_rows()]))
-            fresh = fresh.with_columns(todo["content_hash"])
+            fresh = fresh.with_columns(todo[CONTENT_HASH])
             con.register("fresh", fresh)
             con.execute("""INSERT OR IGNORE INTO lexical_analysis
                            SELECT content_hash, ?, tokens, words FROM fresh""", [sig])
@@ -381,7 +382,7 @@ def _cached_analysis(items: pl.DataFrame, warehouse: Path) -> pl.DataFrame:
             con.execute("""DELETE FROM lexical_analysis WHERE analysis <> ?
                            OR content_hash NOT IN (SELECT content_hash FROM items)""", [sig])
             rows = rows.drop("tokens", "words").join(fresh.vstack(cached.select(
-                "tokens", "words", "content_hash")), on="content_hash", how="left",
+                "tokens", "words", CONTENT_HASH)), on=CONTENT_HASH, how="left",
                 maintain_order="left")
         log.info("BM25 analysis: %d items analysed, %d from the warehouse", missing,
                  items.height - missing)
@@ -444,10 +445,10 @@ def write_bundle(items: pl.DataFrame, vectors: np.ndarray, staged: Path, release
         delta_files, annoy_entry, delta_spec = [], file_entries(staged, [INDEX_FILE]), {}
     np.save(staged / VECTORS_FILE, vectors)
     lexical_files = build_lexical(items, staged / LEXICAL_DIR, warehouse)
-    items.select("item_id", "title", "category", "brand", "price", "in_stock",
-                 "content_hash").write_parquet(staged / ITEMS_FILE)
+    items.select(ITEM_ID, "title", "category", "brand", "price", "in_stock",
+                 CONTENT_HASH).write_parquet(staged / ITEMS_FILE)
     digest = hashlib.sha256(b"".join(
-        f"{i}:{h}".encode() for i, h in items.select("item_id", "content_hash").iter_rows()
+        f"{i}:{h}".encode() for i, h in items.select(ITEM_ID, CONTENT_HASH).iter_rows()
     )).hexdigest()[:16]
     manifest = Manifest(
         release_id=release_id,

@@ -19,11 +19,11 @@ import polars as pl
 
 from pipelines.catalogue.warehouse import connect
 from serving.errors import CatalogueError
+from serving.schema import CONTENT_HASH, ID_ALIASES, ITEM_ID
 from serving.text import clean_text
 
 log = logging.getLogger(__name__)
 
-ID_ALIASES = ("id", "item_id", "product_id", "product_uid", "sku")
 OPTIONAL = ("description", "category", "brand", "price", "in_stock")
 MAX_TITLE_CHARS = 500
 MAX_DESCRIPTION_CHARS = 5000
@@ -67,11 +67,11 @@ def read_catalogue(source: Path) -> pl.DataFrame:
         raise CatalogueError(f"catalogue {source} has no id column (one of {list(ID_ALIASES)})")
     if "title" not in df.columns:
         raise CatalogueError(f"catalogue {source} has no 'title' column")
-    df = df.rename({id_col: "item_id"})
+    df = df.rename({id_col: ITEM_ID})
     for col in OPTIONAL:
         if col not in df.columns:
             df = df.with_columns(pl.lit(None, dtype=pl.String).alias(col))
-    return df.select(["item_id", "title", *OPTIONAL]).with_row_index("row_number", offset=1)
+    return df.select([ITEM_ID, "title", *OPTIONAL]).with_row_index("row_number", offset=1)
 
 
 # Text that clean_text returns unchanged, recognised in polars without a Python call: printable
@@ -98,7 +98,7 @@ def _clean(col: str) -> pl.Expr:
 def validate_catalogue(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Split raw rows into (accepted, rejected); rejected rows carry a ``reason``."""
     df = raw.with_columns(
-        _clean("item_id").alias("item_id"),
+        _clean(ITEM_ID).alias(ITEM_ID),
         _clean("title").alias("title"),
         _clean("description").str.slice(0, MAX_DESCRIPTION_CHARS).alias("description"),
         _clean("category").alias("category"),
@@ -111,19 +111,19 @@ def validate_catalogue(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         .when(pl.col("stock_raw").is_in(list(_TRUE))).then(True)
         .when(pl.col("stock_raw").is_in(list(_FALSE))).then(False)
         .otherwise(None).alias("in_stock"),
-        pl.col("item_id").count().over("item_id").alias("id_count"),
+        pl.col(ITEM_ID).count().over(ITEM_ID).alias("id_count"),
     )
     for col in ("description", "category", "brand"):
         df = df.with_columns(pl.when(pl.col(col) == "").then(None).otherwise(pl.col(col)).alias(col))
     reason = (
-        pl.when(pl.col("item_id").is_null() | (pl.col("item_id") == ""))
+        pl.when(pl.col(ITEM_ID).is_null() | (pl.col(ITEM_ID) == ""))
         .then(pl.lit("missing id"))
         .when(pl.col("title").is_null() | (pl.col("title") == ""))
         .then(pl.lit("missing title"))
         .when(pl.col("title").str.len_chars() > MAX_TITLE_CHARS)
         .then(pl.lit(f"title longer than {MAX_TITLE_CHARS} characters"))
         .when(pl.col("id_count") > 1)
-        .then(pl.format("duplicate id '{}' ({} rows share it)", pl.col("item_id"), pl.col("id_count")))
+        .then(pl.format("duplicate id '{}' ({} rows share it)", pl.col(ITEM_ID), pl.col("id_count")))
         .when(pl.col("price_raw").is_not_null() & (pl.col("price_raw") != "")
               & pl.col("price").is_null())
         .then(pl.format("price '{}' is not a number", pl.col("price_raw")))
@@ -137,8 +137,8 @@ def validate_catalogue(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     )
     df = df.with_columns(reason)
     accepted = df.filter(pl.col("reason").is_null()).select(
-        "item_id", "title", "description", "category", "brand", "price", "in_stock")
-    rejected = df.filter(pl.col("reason").is_not_null()).select("row_number", "item_id", "reason")
+        ITEM_ID, "title", "description", "category", "brand", "price", "in_stock")
+    rejected = df.filter(pl.col("reason").is_not_null()).select("row_number", ITEM_ID, "reason")
     return accepted, rejected
 
 
@@ -170,7 +170,7 @@ def ingest_catalogue(source: Path, warehouse: Path, max_reject_share: float = 0.
         pl.struct("title", "description", "category", "brand")
         .map_elements(lambda r: content_hash(r["title"], r["description"], r["category"],
                                              r["brand"]), return_dtype=pl.String)
-        .alias("content_hash")
+        .alias(CONTENT_HASH)
     )
     now = datetime.now(UTC).replace(tzinfo=None)
     raw_json = raw.select("row_number", pl.struct(pl.exclude("row_number"))

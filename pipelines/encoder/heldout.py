@@ -14,6 +14,7 @@ from pipelines.encoder.train import incumbent_encoder_path
 from pipelines.offline.metrics import MIN_NDCG_GAIN
 from serving.encoder import Encoder
 from serving.layout import embedding_cache
+from serving.schema import ITEM_ID, QUERY_ID
 from serving.settings import Settings
 from serving.text import normalise_query
 
@@ -29,7 +30,7 @@ def dense_rankings(encoder: Encoder, item_vecs: np.ndarray, ids: list[str],
     qvecs = encoder.encode(texts)
     depth = min(depth, len(ids))
     out: dict[int, list[str]] = {}
-    qids = queries["query_id"].to_list()
+    qids = queries[QUERY_ID].to_list()
     for start in range(0, len(qids), 256):
         scores = qvecs[start:start + 256] @ item_vecs.T
         top = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
@@ -62,9 +63,9 @@ def _eval_sets(settings: Settings, pairs: pl.DataFrame, products: str | None,
         item_ids, texts = active_item_texts(settings.warehouse_path)
         qid = {q: i for i, q in enumerate(sorted(set(ev["query"].to_list())))}
         frame = ev.select(pl.col("query").replace_strict(qid, return_dtype=pl.Int64)
-                          .alias("query_id"), "query", "item_id",
+                          .alias(QUERY_ID), "query", ITEM_ID,
                           pl.col("weight").alias("relevance"))
-        sets.append(("events", pl.DataFrame({"item_id": item_ids}), texts,
+        sets.append(("events", pl.DataFrame({ITEM_ID: item_ids}), texts,
                      Judgments(frame, 0.0, float(ev["weight"].min()))))
     return sets
 
@@ -100,7 +101,7 @@ def evaluate_encoders(settings: Settings, pairs_path: str | Path, encoder_dir: s
         full = catalogue.height
         if max_items is not None and catalogue.height > max_items:
             catalogue, texts = _sample_catalogue(catalogue, texts, judg, max_items)
-        ids = catalogue["item_id"].to_list()
+        ids = catalogue[ITEM_ID].to_list()
         queries = judg.queries()
         result: dict[str, Any] = {"queries": queries.height, "catalogue": len(ids),
                                   "full_catalogue": full}
@@ -130,8 +131,8 @@ def evaluate_encoders(settings: Settings, pairs_path: str | Path, encoder_dir: s
 
 def _sample_catalogue(catalogue: pl.DataFrame, texts: list[str], judg: Any,
                       max_items: int) -> tuple[pl.DataFrame, list[str]]:
-    judged = set(judg.frame["item_id"].to_list())
-    ids = catalogue["item_id"].to_list()
+    judged = set(judg.frame[ITEM_ID].to_list())
+    ids = catalogue[ITEM_ID].to_list()
     others = sorted((hashlib.sha256(i.encode()).hexdigest(), r) for r, i in enumerate(ids)
                     if i not in judged)
     kept = [r for r, i in enumerate(ids) if i in judged]

@@ -11,6 +11,7 @@ from typing import Any
 import polars as pl
 
 from pipelines.offline.splits import hash_unit
+from serving.schema import ITEM_ID
 from serving.session import EVENT_WEIGHTS
 from serving.settings import Settings
 from serving.text import normalise_query
@@ -79,19 +80,19 @@ def judged_pairs(products: pl.DataFrame, judgments: Any) -> pl.DataFrame:
     load_products`, ``judgments`` a :class:`pipelines.offline.judged.Judgments`)."""
     from pipelines.offline.evaluation import product_texts
 
-    text_of = dict(zip(products["item_id"].to_list(), product_texts(products), strict=True))
+    text_of = dict(zip(products[ITEM_ID].to_list(), product_texts(products), strict=True))
     rel = judgments.frame.filter(pl.col("relevance") >= judgments.relevant_threshold)
     rows = [(normalise_query(q, 10_000), i, text_of[i]) for q, i in
-            rel.select("query", "item_id").iter_rows() if i in text_of]
+            rel.select("query", ITEM_ID).iter_rows() if i in text_of]
     return _pairs_frame([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
                         [JUDGED_WEIGHT] * len(rows), ["judged"] * len(rows))
 
 
 def _pairs_frame(queries: list[str], items: list[str], texts: list[str], weights: list[float],
                  sources: list[str]) -> pl.DataFrame:
-    return pl.DataFrame({"query": queries, "item_id": items, "item_text": texts,
+    return pl.DataFrame({"query": queries, ITEM_ID: items, "item_text": texts,
                          "weight": weights, "source": sources},
-                        schema={"query": pl.String, "item_id": pl.String,
+                        schema={"query": pl.String, ITEM_ID: pl.String,
                                 "item_text": pl.String, "weight": pl.Float64,
                                 "source": pl.String})
 
@@ -117,9 +118,9 @@ def collect_pairs(settings: Settings, products: Path | None = None,
         from pipelines.offline.judged import load_judgments, load_products
 
         parts.append(judged_pairs(load_products(Path(products)), load_judgments(Path(judgments))))
-    pairs = split_pairs(pl.concat(parts), holdout, fold).sort("source", "query", "item_id")
+    pairs = split_pairs(pl.concat(parts), holdout, fold).sort("source", "query", ITEM_ID)
     digest = hashlib.sha256()
-    for row in pairs.select("query", "item_id", "item_text", "weight", "heldout").iter_rows():
+    for row in pairs.select("query", ITEM_ID, "item_text", "weight", "heldout").iter_rows():
         digest.update(json.dumps(row).encode())
     pairs_id = digest.hexdigest()[:16]
     out_dir = settings.work_dir / "finetune"

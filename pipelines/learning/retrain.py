@@ -67,6 +67,7 @@ from serving.ranker import Ranker, RankerConfig, query_key
 from serving.release import Bundle
 from serving.relevance import COL_BM25_REL, COL_COS, RelevanceModel
 from serving.retrieval import LexicalCache, QueryRelevance
+from serving.schema import ITEM_ID
 from serving.settings import Settings
 from serving.text import normalise_query
 
@@ -307,10 +308,10 @@ def judged_examples(settings: Settings, updater: NearlineUpdater) -> list[Exampl
     judgments = load_judgments(Path(settings.judgments))
     row_of, vectors = updater.row_of, updater.bundle.vectors
     out: list[Example] = []
-    known = judgments.frame.filter(pl.col("item_id").is_in(list(row_of)))
+    known = judgments.frame.filter(pl.col(ITEM_ID).is_in(list(row_of)))
     queries: dict[str, np.ndarray] = {}
     lexical = LexicalCache()
-    for query, item, rel in known.select("query", "item_id", "relevance").iter_rows():
+    for query, item, rel in known.select("query", ITEM_ID, "relevance").iter_rows():
         text = normalise_query(query, 10_000)
         if text not in queries:
             queries[text] = updater.encoder.encode_query(text).astype(np.float64)

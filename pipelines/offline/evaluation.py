@@ -60,6 +60,7 @@ from serving.retrieval import (
     retrieve_candidates,
     understood,
 )
+from serving.schema import CONTENT_HASH, ITEM_ID, QUERY_ID
 from serving.text import clean_text, item_text, normalise_query
 
 log = logging.getLogger(__name__)
@@ -159,17 +160,17 @@ def judged_items(products: pl.DataFrame) -> tuple[pl.DataFrame, np.ndarray]:
     id; no category, brand or price, all in stock) and, per row of it, the product row."""
     titles, descriptions = zip(*_cleaned(products), strict=True) if products.height else ((), ())
     items = pl.DataFrame({
-        "item_id": products["item_id"], "title": list(titles),
+        ITEM_ID: products[ITEM_ID], "title": list(titles),
         "description": list(descriptions),
-    }, schema={"item_id": pl.String, "title": pl.String, "description": pl.String}).with_columns(
+    }, schema={ITEM_ID: pl.String, "title": pl.String, "description": pl.String}).with_columns(
         pl.lit(None, dtype=pl.String).alias("category"),
         pl.lit(None, dtype=pl.String).alias("brand"),
         pl.lit(None, dtype=pl.Float64).alias("price"),
         pl.lit(True).alias("in_stock"),
     ).with_row_index("product_row")
-    items = items.with_columns(pl.Series("content_hash", [
+    items = items.with_columns(pl.Series(CONTENT_HASH, [
         content_hash(t, d, None, None) for t, d in items.select("title", "description").iter_rows()
-    ], dtype=pl.String)).sort("item_id", maintain_order=True)
+    ], dtype=pl.String)).sort(ITEM_ID, maintain_order=True)
     return items.drop("product_row"), items["product_row"].to_numpy().astype(np.int64)
 
 
@@ -180,7 +181,7 @@ def served_bundle_dir(products: pl.DataFrame, encoder: Encoder, bundles: Path, s
     and recall target, the bundle layout, BM25 analysis and library versions)."""
     digest = hashlib.sha256(json.dumps([
         BUNDLE_LAYOUT, encoder.version, seed, recall_target, lexical_signature(),
-        library_versions(), products["item_id"].to_list(), product_texts(products),
+        library_versions(), products[ITEM_ID].to_list(), product_texts(products),
     ]).encode()).hexdigest()[:16]
     return bundles / f"judged-{digest}"
 
@@ -233,11 +234,11 @@ def candidate_signals(encoder: Encoder, lexical: LexicalIndex, products: pl.Data
     Query-level signals (how many terms, the best cosine and BM25 score any candidate gets)
     let a learned fusion decide per query which channel to trust.
     """
-    ids = products["item_id"].to_list()
+    ids = products[ITEM_ID].to_list()
     row_of = {item: i for i, item in enumerate(ids)}
     qids, normalised, texts, qvecs = _understood_queries(encoder, judgments, query_steps,
                                                          vocabulary)
-    judged = dict(judgments.frame.group_by("query_id").agg(pl.col("item_id")).iter_rows())
+    judged = dict(judgments.frame.group_by(QUERY_ID).agg(pl.col(ITEM_ID)).iter_rows())
     rows: dict[int, np.ndarray] = {}
     features: dict[int, dict[str, np.ndarray]] = {}
     for qid, text, qvec in zip(qids, texts, qvecs, strict=True):
@@ -269,7 +270,7 @@ def _understood_queries(encoder: Encoder, judgments: Judgments, query_steps: Seq
     rewrites = [understood(q, tuple(query_steps), vocabulary) for q in normalised]
     qvecs = encoder.encode([dense for dense, _ in rewrites],
                            precision="fp32")  # as serving's query path
-    return (queries["query_id"].to_list(), normalised, [lexical for _, lexical in rewrites],
+    return (queries[QUERY_ID].to_list(), normalised, [lexical for _, lexical in rewrites],
             qvecs)
 
 
@@ -371,7 +372,7 @@ def method_rankings(encoder: Encoder, products: pl.DataFrame, judgments: Judgmen
         raise ValueError(f"unknown retrieval {retrieval!r}; known: {list(RETRIEVALS)}")
     texts = product_texts(products)
     item_vecs = embed_cached(encoder, texts, cache_path)
-    ids = products["item_id"].to_list()
+    ids = products[ITEM_ID].to_list()
     if protocol == "retrieval" and retrieval == "served":
         served = served_catalogue(products, item_vecs, encoder,
                                   bundles or cache_path.parent / "bundles", seed, recall_target)
@@ -447,7 +448,7 @@ def evaluate_judged(products_path: Path, judgments_path: Path, protocol: Protoco
         raise InvalidInputError(f"unknown method(s) {unknown_methods}; known: {list(METHODS)}")
     products = load_products(products_path)
     judgments = load_judgments(judgments_path, relevant_threshold)
-    unknown = judgments.frame.join(products, on="item_id", how="anti")
+    unknown = judgments.frame.join(products, on=ITEM_ID, how="anti")
     if unknown.height:
         log.warning("%d judged pairs name products missing from %s; they are skipped",
                     unknown.height, products_path)

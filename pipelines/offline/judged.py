@@ -16,8 +16,7 @@ import polars as pl
 
 from pipelines.offline.metrics import ndcg_at_k, recall_at_k, reciprocal_rank
 from serving.errors import InvalidInputError
-
-ID_COLUMNS = ("product_id", "product_uid", "item_id", "id")
+from serving.schema import ID_ALIASES, ITEM_ID, QUERY_ID
 
 
 def read_table(path: Path) -> pl.DataFrame:
@@ -32,9 +31,9 @@ def read_table(path: Path) -> pl.DataFrame:
 
 
 def id_column(df: pl.DataFrame, path: Path) -> str:
-    col = next((c for c in ID_COLUMNS if c in df.columns), None)
+    col = next((c for c in ID_ALIASES if c in df.columns), None)
     if col is None:
-        raise InvalidInputError(f"{path} has no product id column (one of {list(ID_COLUMNS)})")
+        raise InvalidInputError(f"{path} has no product id column (one of {list(ID_ALIASES)})")
     return col
 
 
@@ -47,18 +46,18 @@ class Judgments:
     relevant_threshold: float
 
     def queries(self) -> pl.DataFrame:
-        return self.frame.group_by("query_id").agg(pl.col("query").first()).sort("query_id")
+        return self.frame.group_by(QUERY_ID).agg(pl.col("query").first()).sort(QUERY_ID)
 
     def gains(self) -> dict[int, dict[str, float]]:
         out: dict[int, dict[str, float]] = {}
-        for qid, item, rel in self.frame.select("query_id", "item_id", "relevance").iter_rows():
+        for qid, item, rel in self.frame.select(QUERY_ID, ITEM_ID, "relevance").iter_rows():
             out.setdefault(qid, {})[item] = rel - self.min_label
         return out
 
     def relevant(self) -> dict[int, set[str]]:
         out: dict[int, set[str]] = {}
         rows = self.frame.filter(pl.col("relevance") >= self.relevant_threshold)
-        for qid, item in rows.select("query_id", "item_id").iter_rows():
+        for qid, item in rows.select(QUERY_ID, ITEM_ID).iter_rows():
             out.setdefault(qid, set()).add(item)
         return out
 
@@ -73,17 +72,17 @@ def default_relevant_threshold(labels: pl.Series) -> float:
 
 def load_judgments(path: Path, relevant_threshold: float | None = None) -> Judgments:
     df = read_table(path)
-    missing = {"query_id", "query", "relevance"} - set(df.columns)
+    missing = {QUERY_ID, "query", "relevance"} - set(df.columns)
     if missing:
         raise InvalidInputError(f"judgments {path} lacks column(s) {sorted(missing)}")
     col = id_column(df, path)
     frame = (
-        df.select(pl.col("query_id").cast(pl.Int64), pl.col("query").cast(pl.String),
-                  pl.col(col).cast(pl.String).alias("item_id"),
+        df.select(pl.col(QUERY_ID).cast(pl.Int64), pl.col("query").cast(pl.String),
+                  pl.col(col).cast(pl.String).alias(ITEM_ID),
                   pl.col("relevance").cast(pl.Float64))
-        .group_by("query_id", "item_id")
+        .group_by(QUERY_ID, ITEM_ID)
         .agg(pl.col("query").first(), pl.col("relevance").mean())
-        .sort("query_id", "item_id")
+        .sort(QUERY_ID, ITEM_ID)
     )
     if frame.height == 0:
         raise InvalidInputError(f"judgments {path} has no rows")
@@ -99,7 +98,7 @@ def load_products(path: Path) -> pl.DataFrame:
     if "title" not in df.columns:
         raise InvalidInputError(f"products {path} has no 'title' column")
     desc = pl.col("description").cast(pl.String) if "description" in df.columns else pl.lit(None)
-    return df.select(pl.col(col).cast(pl.String).alias("item_id"),
+    return df.select(pl.col(col).cast(pl.String).alias(ITEM_ID),
                      pl.col("title").cast(pl.String).fill_null(""),
                      desc.alias("description"))
 

@@ -46,6 +46,7 @@ from pipelines.offline.metrics import ndcg_at_k
 from pipelines.offline.splits import hash_unit
 from serving.encoder import Encoder
 from serving.errors import InvalidInputError, ReleaseError
+from serving.schema import ITEM_ID, QUERY_ID
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -232,7 +233,7 @@ class _Shopper:
         self.n_events += 1
         return {"event_id": f"{self.run}-e{self.n_events}", "ts": clock[0],
                 "session_id": session_id, "user_id": user_id, "query": query,
-                "item_id": item_id, "type": etype, "position": position}
+                ITEM_ID: item_id, "type": etype, "position": position}
 
     def impressions(self, session: tuple[str, str, list[float]], query: str,
                     items: Sequence[str]) -> list[dict[str, Any]]:
@@ -454,7 +455,7 @@ def _learning_settings(settings: Settings, seed: int, judgments: Path,
     ones'."""
     sim_settings = _prepare_workspace(settings, f"seed-{seed}")
     seen_judgments = sim_settings.home / "seen-judgments.parquet"
-    read_table(judgments).filter(pl.col("query_id").is_in(seen)).write_parquet(seen_judgments)
+    read_table(judgments).filter(pl.col(QUERY_ID).is_in(seen)).write_parquet(seen_judgments)
     return sim_settings.model_copy(update={"judgments": seen_judgments,
                                            "relevance_source": "feedback"})
 
