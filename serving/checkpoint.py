@@ -65,7 +65,7 @@ def publish_checkpoint(home: Path, ranker: Ranker, offset: int) -> CheckpointRef
     folder = rankers_dir(home) / ranker.release_id
     folder.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{offset:012d}.npz"
-    ranker.meta["offset"] = offset
+    ranker.meta.offset = offset
     ranker.save(folder / name)
     # The nearline updater and the batch retrain both publish: the lock makes every
     # sequence number unique, so a reader can tell whose checkpoint is live.

@@ -38,6 +38,7 @@ zero-shot model), so sparse feedback cannot drag it far from what retrieval alre
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -80,6 +81,36 @@ class RankerConfig:
 
 
 @dataclass
+class CheckpointMeta:
+    """What a ranker checkpoint records beside its parameters (JSON inside the checkpoint)."""
+
+    offset: int | None = None           # the last event-log offset the parameters include
+    applied: int = 0                    # events applied since the ranker started
+    ledger: str = ""                    # running sha256 over the applied event ids, in order
+    counters: dict[str, int] = field(default_factory=dict)   # the updater's counters
+    warm_from: int | None = None        # a restarted updater replays from here, learning nothing
+    published_at: float | None = None   # when the updater published it (unix seconds)
+    retrain_offset: int | None = None   # a batch retrain: the log offset it trained up to,
+    retrain_version: int | None = None  # its MLflow model version,
+    retrain_examples: int | None = None  # and how many examples it trained on
+    extra: dict[str, Any] = field(default_factory=dict)      # anything else (e.g. a benchmark's)
+
+    def to_json(self) -> dict[str, Any]:
+        named = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.name != "extra" and getattr(self, f.name) is not None}
+        return {**self.extra, **named}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CheckpointMeta:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in data.items() if k in names},
+                   extra={k: v for k, v in data.items() if k not in names})
+
+    def copy(self) -> CheckpointMeta:
+        return dataclasses.replace(self, counters=dict(self.counters), extra=dict(self.extra))
+
+
+@dataclass
 class Ranker:
     """Parameters, their starting point and AdaGrad accumulators, for one release's items."""
 
@@ -92,7 +123,7 @@ class Ranker:
     init: dict[str, np.ndarray]
     accum: dict[str, np.ndarray]
     config: RankerConfig = field(default_factory=RankerConfig)
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: CheckpointMeta = field(default_factory=lambda: CheckpointMeta())
     # (query key, item row) -> [value, AdaGrad accumulator]
     query_item: dict[tuple[int, int], list[float]] = field(default_factory=dict)
     # trained by the batch retrain on judged queries; None: the zero-shot channel fusion
@@ -238,7 +269,7 @@ class Ranker:
 
     def save(self, path: Path) -> None:
         """Write atomically (temporary file, fsync, rename)."""
-        meta = {**self.meta, "release_id": self.release_id, "format": CHECKPOINT_FORMAT,
+        meta = {**self.meta.to_json(), "release_id": self.release_id, "format": CHECKPOINT_FORMAT,
                 "config": self.config.__dict__}
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         with tmp.open("wb") as fh:
@@ -270,7 +301,8 @@ class Ranker:
                           zip(arrays["qi_keys"], arrays["qi_values"], strict=True)}
         return cls(release_id=release_id, **{k: arrays[k] for k in PARAMS},
                    init={k: arrays[f"init_{k}"] for k in PARAMS},
-                   accum={k: arrays[f"accum_{k}"] for k in PARAMS}, config=config, meta=meta,
+                   accum={k: arrays[f"accum_{k}"] for k in PARAMS}, config=config,
+                   meta=CheckpointMeta.from_json(meta),
                    query_item=query_item, relevance=RelevanceModel.from_arrays(arrays))
 
     def for_release(self, release_id: str, old_ids: np.ndarray, new_ids: np.ndarray) -> Ranker:
@@ -295,7 +327,7 @@ class Ranker:
                   "item_bias": np.zeros(len(new_ids))},
             accum={**{k: self.accum[k].copy() for k in ("U", "V", "w", "b0")},
                    "item_bias": remap(self.accum["item_bias"])},
-            config=self.config, meta=dict(self.meta), query_item=query_item,
+            config=self.config, meta=self.meta.copy(), query_item=query_item,
             relevance=self.relevance,  # item-agnostic: it scores features, not ids
         )
 

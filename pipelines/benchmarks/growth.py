@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from serving.layout import bench_dir, embedding_cache
+from serving.ranker import CheckpointMeta
 from serving.schema import CONTENT_HASH, ITEM_ID
 from serving.settings import Settings
 
@@ -121,7 +122,8 @@ def carry_ranker(shop_home: Path, home: Path, release_id: str, item_ids: np.ndar
     old_ids = load_bundle(current_bundle_dir(shop_home / "releases"),
                           verify_files=False).items.item_ids
     carried = ranker.for_release(release_id, old_ids, item_ids)
-    carried.meta = {k: v for k, v in carried.meta.items() if k.startswith("bench_")}
+    carried.meta = CheckpointMeta(extra={k: v for k, v in carried.meta.extra.items()
+                                         if k.startswith("bench_")})
     publish_checkpoint(home, carried, 0)
     return len(carried.query_item)
 

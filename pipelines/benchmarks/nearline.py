@@ -38,6 +38,7 @@ from serving.checkpoint import load_latest, publish_checkpoint, read_latest
 from serving.errors import MeasurementError
 from serving.eventlog import SqliteEventLog
 from serving.events import Event, parse_event
+from serving.ranker import CheckpointMeta
 from serving.release import read_pointer
 from serving.schema import ITEM_ID
 from serving.settings import Settings
@@ -86,8 +87,10 @@ def _prepare_home(settings: Settings, work: Path) -> tuple[Path, dict[str, Any]]
             _link_or_copy(old, home / "releases" / ref.release_id)
     # Re-based on this copy's empty event log: the parameters, the relevance model and the
     # memory are the home's; the offset and the updater's bookkeeping start afresh.
-    for key in ("offset", "applied", "ledger", "counters", "warm_from"):
-        ranker.meta.pop(key, None)
+    kept = ranker.meta
+    ranker.meta = CheckpointMeta(retrain_offset=kept.retrain_offset,
+                                 retrain_version=kept.retrain_version,
+                                 retrain_examples=kept.retrain_examples, extra=dict(kept.extra))
     publish_checkpoint(home, ranker, 0)
     held.update({
         "ranker": "relevance model" if ranker.relevance is not None else "zero-shot",

@@ -325,19 +325,19 @@ def prepare_ranker(settings: Settings, work: Path, judgments: Path, *, train_sha
                            "model_key": key, "setup_key": setup}
     latest = load_latest(work)
     if (latest is not None and latest[0].release_id == bundle.release_id
-            and latest[1].meta.get("bench_setup") == setup and latest[1].relevance is not None):
+            and latest[1].meta.extra.get("bench_setup") == setup and latest[1].relevance is not None):
         ref, ranker = latest
         return {**out, "reused": True, "checkpoint_seq": ref.seq,
-                "relevance": dict(ranker.meta.get("bench_relevance", {})),
+                "relevance": dict(ranker.meta.extra.get("bench_relevance", {})),
                 "memory_entries": len(ranker.query_item),
-                "click_queries": ranker.meta.get("bench_click_queries", [])}
+                "click_queries": ranker.meta.extra.get("bench_click_queries", [])}
     encoder = release_encoder(bundle, bench, backend="torch")  # as the batch jobs encode
     model, report = _fitted_relevance(bench, bundle, encoder, train,
                                       work / "relevance" / f"model-{key}")
     ranker = Ranker.initial(bundle.release_id, bundle.manifest.encoder.dim, len(bundle.items))
     ranker.relevance = model
     clicked = texts[:click_queries]
-    ranker.meta.update({"bench_setup": setup, "bench_click_queries": clicked,
+    ranker.meta.extra.update({"bench_setup": setup, "bench_click_queries": clicked,
                         "bench_relevance": {k_: report[k_] for k_ in (
                             "queries", "cross_fitted", "zero_shot", "gate_passed", "trees",
                             "fit_seconds") if k_ in report}})
@@ -364,7 +364,7 @@ def prepare_ranker(settings: Settings, work: Path, judgments: Path, *, train_sha
     event_log.close()
     ref, ranker = load_latest(work)
     return {**out, "reused": False, "checkpoint_seq": ref.seq,
-            "relevance": dict(ranker.meta.get("bench_relevance", {})),
+            "relevance": dict(ranker.meta.extra.get("bench_relevance", {})),
             "memory_entries": len(ranker.query_item), "click_queries": clicked,
             "events": len(events), "nearline": summary["counters"],
             "setup_seconds": round(time.perf_counter() - start, 1)}

@@ -118,7 +118,12 @@ class NearlineUpdater:
     """Consumes the event log and trains the ranker of the live release."""
 
     def __init__(self, settings: Settings, encoder: Encoder | None = None,
-                 event_log: EventLog | None = None, restore: bool = True) -> None:
+                 event_log: EventLog | None = None, restore: bool = True,
+                 collect: bool = False) -> None:
+        """``restore``: continue from the live checkpoint (else from an untrained ranker at
+        offset 0); ``collect``: derive labelled examples into :attr:`sink` (with a
+        :attr:`tally` of what was shown and chosen) instead of learning from them, and never
+        publish by itself (the batch retrain)."""
         self.settings = settings
         self.home = settings.home
         self.log = event_log or open_event_log(settings)
@@ -135,10 +140,8 @@ class NearlineUpdater:
         self._lexical = LexicalCache()
         self.relevance = QueryRelevance(self.bundle, self.encoder,
                                         parse_steps(settings.query_steps), settings.candidates)
-        # With a sink, examples are collected (for batch training) instead of applied, and
-        # a tally of what was shown and chosen may be kept beside them.
-        self.sink: list[Example] | None = None
-        self.tally: FeedbackTally | None = None
+        self.sink: list[Example] | None = [] if collect else None
+        self.tally: FeedbackTally | None = FeedbackTally() if collect else None
         self._published_seq = 0
         if restore:
             self.ranker = self._restore()
@@ -170,10 +173,9 @@ class NearlineUpdater:
         ref, ranker = latest
         self._published_seq = ref.seq
         meta = ranker.meta
-        self.offset = int(meta.get("offset", ref.offset))
-        self.stats = UpdaterStats(Counter(meta.get("counters", {})), int(meta.get("applied", 0)),
-                                  str(meta.get("ledger", "")))
-        warm_from = int(meta.get("warm_from", self.offset))
+        self.offset = meta.offset if meta.offset is not None else ref.offset
+        self.stats = UpdaterStats(Counter(meta.counters), meta.applied, meta.ledger)
+        warm_from = meta.warm_from if meta.warm_from is not None else self.offset
         if ranker.release_id != self.bundle.release_id:
             ranker = self._migrate(ranker, ref.release_id)
         if warm_from < self.offset:
@@ -362,13 +364,28 @@ class NearlineUpdater:
 
     # -- loop -----------------------------------------------------------------------------
 
-    def publish(self) -> None:
+    def close(self) -> None:
+        """Close the event log."""
+        self.log.close()
+
+    def replay_all(self) -> int:
+        """Read the log to its end (learning, or collecting with ``collect``); returns the
+        offset reached."""
+        while self.poll():
+            pass
+        return self.offset
+
+    def publish(self, ranker: Ranker | None = None) -> None:
+        """Publish a checkpoint at the current offset: of the updater's own ranker, or of
+        ``ranker`` (e.g. the batch retrain's), which the updater then continues from. The
+        updater's warm-up metadata (counters, ledger, replay window) goes with it."""
+        if ranker is not None:
+            self.ranker = ranker
         warm_from = self.recent[0][0] - 1 if self.recent else self.offset
-        self.ranker.meta.update({
-            "applied": self.stats.applied, "ledger": self.stats.ledger,
-            "counters": dict(self.stats.counters), "warm_from": warm_from,
-            "published_at": time.time(),
-        })
+        meta = self.ranker.meta
+        meta.applied, meta.ledger = self.stats.applied, self.stats.ledger
+        meta.counters, meta.warm_from = dict(self.stats.counters), warm_from
+        meta.published_at = time.time()
         ref = publish_checkpoint(self.home, self.ranker, self.offset)
         self._published_seq = ref.seq
         self._since_publish = 0

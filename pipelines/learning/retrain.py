@@ -82,14 +82,11 @@ MIN_LOG_LOSS_GAIN = 1e-4     # held-out log-loss (nats per unit weight) the cand
 
 def _collect(settings: Settings, encoder: Encoder | None) -> NearlineUpdater:
     """A fresh updater that has read the whole log into its sink, learning nothing."""
-    updater = NearlineUpdater(settings, encoder, restore=False)
-    updater.sink = []  # with a sink the updater collects examples and never publishes
-    updater.tally = FeedbackTally()
+    updater = NearlineUpdater(settings, encoder, restore=False, collect=True)
     try:
-        while updater.poll():
-            pass
+        updater.replay_all()
     except BaseException:
-        updater.log.close()
+        updater.close()
         raise
     return updater
 
@@ -102,7 +99,7 @@ def collect_examples(settings: Settings, encoder: Encoder | None = None,
     updater's counters (impressions, positives, negatives, drops by reason).
     """
     updater = _collect(settings, encoder)
-    updater.log.close()
+    updater.close()
     return list(updater.sink or []), updater.offset, dict(updater.stats.counters)
 
 
@@ -293,7 +290,7 @@ def retrain_ranker(settings: Settings, holdout: float = 0.2, epochs: int = 5,
     try:
         return _retrain(settings, updater, holdout, epochs)
     finally:
-        updater.log.close()
+        updater.close()
 
 
 def judged_examples(settings: Settings, updater: NearlineUpdater) -> list[Example]:
@@ -492,7 +489,7 @@ def _retrain(settings: Settings, updater: NearlineUpdater, holdout: float,
             log.info("not retraining: %s", reason)
             return {"promoted": False, "reason": reason, **base}
         # judgments alone: the live ranker with the new relevance model under it
-        final = dataclasses.replace(champion, relevance=fitted, meta=dict(champion.meta))
+        final = dataclasses.replace(champion, relevance=fitted, meta=champion.meta.copy())
         return _promote(settings, updater, final, champion_seq, base, reason=reason,
                         metrics=_relevance_metrics(rel_report), params={"epochs": 0})
 
@@ -512,7 +509,7 @@ def _retrain(settings: Settings, updater: NearlineUpdater, holdout: float,
 
     final = train_ranker(examples, release_id, dim, n_items, epochs, relevance=relevance,
                          lookup=lookup)
-    final.meta.update({"retrain_examples": len(examples)})
+    final.meta.retrain_examples = len(examples)
     out = {**base, "n_train": len(train), "n_holdout": len(held), "epochs": epochs,
            "holdout": holdout, "candidate": cand_m, "champion": {**champ_m, "seq": champion_seq},
            "log_loss_gain": gain,
@@ -547,7 +544,7 @@ def _promote(settings: Settings, updater: NearlineUpdater, final: Ranker, champi
     checkpoint at the log's end and move the ``champion`` alias."""
     offset, release_id = updater.offset, updater.bundle.release_id
     relevance = out.get("relevance", {})
-    final.meta.update({"offset": offset, "retrain_offset": offset})
+    final.meta.offset = final.meta.retrain_offset = offset
     version, run_id = _register(
         settings, final,
         params={**params, "examples": out["n_examples"], "release_id": release_id,
@@ -564,12 +561,11 @@ def _promote(settings: Settings, updater: NearlineUpdater, final: Ranker, champi
     if reason is not None:
         result["reason"] = f"{reason}; the relevance model alone was retrained"
     if promoted:
-        final.meta["retrain_version"] = version
+        final.meta.retrain_version = version
         # The collecting updater holds exactly the transient state (sessions, impressions,
         # replay window) and counters at ``offset``: its own publish() writes the warm-up
         # metadata a restarted updater needs to continue from this checkpoint.
-        updater.ranker = final
-        updater.publish()
+        updater.publish(final)
         ref = read_latest(settings.home)
         result["checkpoint_seq"] = ref.seq if ref else None
         promote_version(settings, result["model_name"], version)
@@ -585,9 +581,9 @@ def _live_retrain(settings: Settings, release_id: str, offset: int) -> dict[str,
         return None
     ref, ranker = latest
     if (ref.release_id != release_id or ref.offset != offset
-            or ranker.meta.get("retrain_offset") != offset or "retrain_version" not in ranker.meta):
+            or ranker.meta.retrain_offset != offset or ranker.meta.retrain_version is None):
         return None
-    version = int(ranker.meta["retrain_version"])
+    version = ranker.meta.retrain_version
     name = ranker_model_name(settings)
     promote_version(settings, name, version)
     return {"promoted": False, "model_name": name, "version": version, "checkpoint_seq": ref.seq,

@@ -410,7 +410,7 @@ def simulate(settings: Settings, products: Path, judgments: Path, sessions: int 
         updater_counters = dict(updater.stats.counters)
         applied = updater.stats.applied
     finally:
-        updater.log.close()
+        updater.close()
         rec.close()
 
     chart_path = Path(chart) if chart is not None else settings.home / "simulate.png"

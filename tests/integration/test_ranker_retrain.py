@@ -120,11 +120,11 @@ def test_retrain_dag_promotes_a_better_ranker_that_nearline_and_serving_continue
     # The checkpoint is live at the log's end, with the updater's bookkeeping.
     ref, ranker = load_latest(demo_copy)
     assert (ref.release_id, ref.offset, ref.seq) == (rec.release_id, last, 1)
-    assert ranker.meta["retrain_version"] == int(champion.version)
-    assert ranker.meta["applied"] == last
-    assert ranker.meta["counters"]["positives"] == 30
-    assert ranker.meta["counters"]["negatives"] == 180
-    assert ranker.meta["warm_from"] == 0
+    assert ranker.meta.retrain_version == int(champion.version)
+    assert ranker.meta.applied == last
+    assert ranker.meta.counters["positives"] == 30
+    assert ranker.meta.counters["negatives"] == 180
+    assert ranker.meta.warm_from == 0
 
     # The registered pyfunc scores exactly as the checkpoint does.
     model = mlflow.pyfunc.load_model("models:/instantrec-ranker@champion")

@@ -81,7 +81,7 @@ def test_retrain_fits_the_relevance_model_that_serving_and_nearline_use(shared_d
         assert updater.stats.counters["positives"] == 1
         assert updater.stats.counters["negatives"] == 5
     finally:
-        updater.log.close()
+        updater.close()
     rec.reload()
     again = rec.recommend(query, k=10)
     assert [r.item_id for r in again].index(item) < 5

@@ -127,10 +127,10 @@ def test_save_load_round_trip_and_release_carry_over(tmp_path):
     r.item_bias[:] = [0.1, 0.2, 0.3]
     r.query_item[(7, 0)] = [0.5, 1.0]
     r.query_item[(7, 1)] = [0.25, 1.0]
-    r.meta["offset"] = 42
+    r.meta.offset = 42
     r.save(tmp_path / "c.npz")
     back = Ranker.load(tmp_path / "c.npz")
-    assert back.release_id == "rel-a" and back.meta["offset"] == 42
+    assert back.release_id == "rel-a" and back.meta.offset == 42
     for k in ("U", "V", "w", "b0", "item_bias"):
         np.testing.assert_array_equal(getattr(back, k), getattr(r, k))
     moved = back.for_release("rel-b", np.array(["x", "y", "z"], dtype=object),
@@ -140,3 +140,22 @@ def test_save_load_round_trip_and_release_carry_over(tmp_path):
     np.testing.assert_allclose(moved.item_bias, [0.3, 0.0, 0.1])
     assert moved.query_item == {(7, 2): [0.5, 1.0]}  # "x" moved to row 2; "y" left
     np.testing.assert_array_equal(moved.V, r.V)
+    assert moved.meta == back.meta and moved.meta is not back.meta
+
+
+def test_checkpoint_meta_is_typed_and_keeps_what_it_does_not_know():
+    from serving.ranker import CheckpointMeta
+
+    meta = CheckpointMeta.from_json({"offset": 7, "applied": 5, "ledger": "ab",
+                                     "counters": {"click": 2}, "warm_from": 3,
+                                     "bench_setup": "s1"})
+    assert (meta.offset, meta.applied, meta.ledger, meta.warm_from) == (7, 5, "ab", 3)
+    assert meta.counters == {"click": 2} and meta.extra == {"bench_setup": "s1"}
+    assert meta.retrain_version is None
+    # the JSON keeps the key names checkpoints always had, and leaves unset ones out
+    assert meta.to_json() == {"offset": 7, "applied": 5, "ledger": "ab",
+                              "counters": {"click": 2}, "warm_from": 3, "bench_setup": "s1"}
+    copy = meta.copy()
+    copy.counters["click"] += 1
+    copy.extra["x"] = 1
+    assert meta.counters == {"click": 2} and "x" not in meta.extra
