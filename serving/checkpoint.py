@@ -19,6 +19,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from serving.errors import ReleaseError
+from serving.failpoints import failpoint
 from serving.layout import rankers_dir
 from serving.manifest import write_json_atomic
 from serving.ranker import Ranker
@@ -67,6 +68,7 @@ def publish_checkpoint(home: Path, ranker: Ranker, offset: int) -> CheckpointRef
     name = f"ckpt-{offset:012d}.npz"
     ranker.meta.offset = offset
     ranker.save(folder / name)
+    failpoint("checkpoint.written")
     # The nearline updater and the batch retrain both publish: the lock makes every
     # sequence number unique, so a reader can tell whose checkpoint is live.
     with FileLock(str(rankers_dir(home) / ".latest.lock"), timeout=60):
@@ -74,6 +76,7 @@ def publish_checkpoint(home: Path, ranker: Ranker, offset: int) -> CheckpointRef
         ref = CheckpointRef(ranker.release_id, f"{ranker.release_id}/{name}", offset,
                             (previous.seq + 1) if previous else 1)
         write_json_atomic(rankers_dir(home) / LATEST, ref.__dict__)
+    failpoint("checkpoint.published")
     for old in sorted(folder.glob("ckpt-*.npz"))[:-KEEP]:
         old.unlink(missing_ok=True)
     return ref

@@ -31,6 +31,7 @@ from serving.checkpoint import load_latest, publish_checkpoint, read_latest
 from serving.encoder import Encoder
 from serving.eventlog import EventLog, LoggedEvent
 from serving.events import POSITIVE_TYPES, Event
+from serving.failpoints import failpoint
 from serving.query import parse_steps
 from serving.ranker import Ranker, query_key
 from serving.recommender import release_encoder
@@ -397,6 +398,7 @@ class NearlineUpdater:
         for logged in batch:
             self._process(logged, learn=True)
             self.offset = logged.offset
+            failpoint("nearline.applied")
             self._since_publish += 1
             # a collecting updater (sink set, for batch training) never publishes
             if self.sink is None and self._since_publish >= self.settings.checkpoint_every_events:
