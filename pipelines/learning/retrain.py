@@ -51,20 +51,18 @@ from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.types.schema import Array, ColSpec, DataType, Schema
 
-from pipelines.learning.nearline import (
-    PROPENSITY_ETA,
-    Example,
-    FeedbackTally,
-    NearlineUpdater,
-)
+from pipelines.learning.nearline import NearlineUpdater
+from pipelines.learning.replay import PROPENSITY_ETA, Example, FeedbackTally, replay_examples
 from pipelines.offline.judged import Judgments
 from pipelines.offline.metrics import MIN_NDCG_GAIN
 from pipelines.offline.splits import hash_fold
 from pipelines.registry import log_pyfunc, promote_version, register_version
+from serving.backends import open_event_log
 from serving.checkpoint import load_latest, read_latest
 from serving.encoder import Encoder
 from serving.ranker import Ranker, RankerConfig, query_key
-from serving.release import Bundle
+from serving.recommender import release_encoder
+from serving.release import Bundle, current_bundle_dir, load_bundle
 from serving.relevance import COL_BM25_REL, COL_COS, RelevanceModel
 from serving.retrieval import LexicalCache, QueryRelevance
 from serving.schema import ITEM_ID
@@ -93,14 +91,20 @@ def _collect(settings: Settings, encoder: Encoder | None) -> NearlineUpdater:
 
 def collect_examples(settings: Settings, encoder: Encoder | None = None,
                      ) -> tuple[list[Example], int, dict[str, int]]:
-    """Every labelled example in the event log, as the nearline updater derives them.
+    """Every labelled example in the event log, derived for the live release as the nearline
+    updater derives them (:func:`pipelines.learning.replay.replay_examples`).
 
     Returns the examples in log order, the last offset read (0 for an empty log) and the
-    updater's counters (impressions, positives, negatives, drops by reason).
+    counters (impressions, positives, negatives, drops by reason).
     """
-    updater = _collect(settings, encoder)
-    updater.close()
-    return list(updater.sink or []), updater.offset, dict(updater.stats.counters)
+    bundle = load_bundle(current_bundle_dir(settings.releases_dir))
+    encoder = encoder or release_encoder(bundle, settings, backend="torch")
+    event_log = open_event_log(settings)
+    try:
+        examples, offset, counters, _ = replay_examples(event_log, bundle, encoder, settings)
+    finally:
+        event_log.close()
+    return examples, offset, dict(counters)
 
 
 def split_by_offset(examples: Sequence[Example], holdout: float,

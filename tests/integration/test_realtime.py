@@ -230,6 +230,29 @@ def test_killed_at_any_instant_the_updater_loses_nothing_and_applies_nothing_twi
         np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-9, atol=1e-12)
 
 
+def test_replay_examples_are_what_the_updater_learns_from(demo_copy, encoder):
+    from pipelines.learning.replay import replay_examples
+
+    rec = load(demo_copy, encoder)
+    log = SqliteEventLog(demo_copy / "events" / "events.db")
+    log.append(synthetic_events(rec, 40))
+    settings = make_settings(demo_copy)
+    updater = NearlineUpdater(settings, encoder, restore=False, collect=True)
+    updater.replay_all()
+    updater.close()
+    examples, offset, counters, tally = replay_examples(log, updater.bundle, encoder, settings)
+    assert offset == updater.offset == log.last_offset()
+    assert counters == updater.stats.counters and counters["negatives"] > 0
+    assert len(examples) == len(updater.sink) == counters["positives"] + counters["negatives"]
+    for a, b in zip(examples, updater.sink, strict=True):
+        assert (a.offset, a.row, a.label, a.weight, a.qkey, a.query) == (
+            b.offset, b.row, b.label, b.weight, b.qkey, b.query)
+        assert a.lex == pytest.approx(b.lex)
+        for name in ("q", "x"):
+            np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-12)
+    assert tally.value == updater.tally.value and tally.exposure == updater.tally.exposure
+
+
 def _resumed_equals_uninterrupted(home, reference_home, reference, env, log):
     """Finish the log in a clean updater process; it must end exactly where an uninterrupted
     run ended: same offset, same events applied once each in the same order, same weights."""

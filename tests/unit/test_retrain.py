@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipelines.learning.nearline import Example
+from pipelines.learning.replay import Example
 from pipelines.learning.retrain import evaluate_ranker, split_by_offset, train_ranker
 from serving.ranker import Ranker, RankerConfig
 
@@ -136,7 +136,7 @@ def test_weighted_log_loss_known_answer_and_limits():
 def test_feedback_relevance_weights_each_positive_by_its_ranks_inverse_propensity():
     from types import SimpleNamespace
 
-    from pipelines.learning.nearline import FeedbackTally
+    from pipelines.learning.replay import FeedbackTally
     from pipelines.learning.retrain import MIN_LISTS_PER_QUERY, feedback_relevance
 
     tally = FeedbackTally()
