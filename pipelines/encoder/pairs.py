@@ -22,11 +22,6 @@ JUDGED_WEIGHT = 2.0        # a human "relevant" counts like an add-to-cart
 MAX_PAIR_WEIGHT = 5.0      # many clicks on one pair should not drown the rest of the batch
 
 
-def query_bucket(query: str) -> float:
-    """Stable position of a normalised query in [0, 1): sha256, first 8 bytes."""
-    return hash_unit(query)
-
-
 def is_heldout(query: str, holdout: float, fold: int = 0) -> bool:
     """Whether the normalised ``query`` is held out: its bucket lies in fold ``fold`` of width
     ``holdout`` (0 < holdout < 1)."""
@@ -34,7 +29,7 @@ def is_heldout(query: str, holdout: float, fold: int = 0) -> bool:
         raise ValueError(f"holdout must be between 0 and 1 (exclusive), got {holdout}")
     if not 0 <= fold or (fold + 1) * holdout > 1.0 + 1e-9:
         raise ValueError(f"fold {fold} does not fit {holdout:g}-wide folds in [0, 1)")
-    u = query_bucket(query)
+    u = hash_unit(query)  # the normalised query's place in [0, 1)
     return fold * holdout <= u < (fold + 1) * holdout
 
 

@@ -160,8 +160,9 @@ class Feedback:
 # -- queries ------------------------------------------------------------------------------
 
 
-def query_bucket(query_id: int) -> float:
-    """A stable number in [0, 1) from a query id (sha256), the same on every machine."""
+def seen_bucket(query_id: int) -> float:
+    """Where a judged query id falls in [0, 1) for the seen/unseen split (a salted hash, the
+    same on every machine)."""
     return hash_unit(f"instantrec-simulate:{query_id}")
 
 
@@ -170,7 +171,7 @@ def split_queries(judgments: Judgments, seen_share: float = 0.5,
     """Development queries with at least one relevant product, split into (seen, unseen).
 
     ``max_queries`` keeps the first M such queries by query id before splitting. The queries
-    are ordered by :func:`query_bucket` of their id and the first ``round(seen_share * n)``
+    are ordered by :func:`seen_bucket` of their id and the first ``round(seen_share * n)``
     are seen: the proportion is exact even for a dozen queries, and the split depends only on
     the ids, never on the run.
     """
@@ -181,7 +182,7 @@ def split_queries(judgments: Judgments, seen_share: float = 0.5,
     qids = sorted(judgments.relevant())
     if max_queries is not None:
         qids = qids[:max_queries]
-    ordered = sorted(qids, key=query_bucket)
+    ordered = sorted(qids, key=seen_bucket)
     cut = round(seen_share * len(ordered))
     seen, unseen = sorted(ordered[:cut]), sorted(ordered[cut:])
     if not seen or not unseen:

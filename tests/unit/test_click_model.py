@@ -6,7 +6,7 @@ import polars as pl
 import pytest
 
 from pipelines.offline.judged import Judgments
-from pipelines.offline.simulate import ClickModel, Feedback, query_bucket, split_queries
+from pipelines.offline.simulate import ClickModel, Feedback, seen_bucket, split_queries
 
 
 def test_examination_decays_with_rank_as_one_over_rank_to_the_eta():
@@ -107,11 +107,11 @@ def test_query_split_is_a_stable_exact_share_of_queries_with_a_relevant_product(
     seen, unseen = split_queries(judged)
     assert len(seen) == len(unseen) == 10
     assert sorted(seen + unseen) == list(range(1, 21))   # 99 has nothing relevant
-    assert seen == sorted(sorted(range(1, 21), key=query_bucket)[:10])
+    assert seen == sorted(sorted(range(1, 21), key=seen_bucket)[:10])
     assert split_queries(judged) == (seen, unseen)
     few_seen, few_unseen = split_queries(judged, seen_share=0.25, max_queries=8)
     assert sorted(few_seen + few_unseen) == list(range(1, 9)) and len(few_seen) == 2
-    assert 0.0 <= query_bucket(1) < 1.0 and query_bucket(1) == query_bucket(1)
+    assert 0.0 <= seen_bucket(1) < 1.0 and seen_bucket(1) == seen_bucket(1)
     with pytest.raises(ValueError, match="seen_share"):
         split_queries(judged, seen_share=1.0)
     with pytest.raises(ValueError, match="max_queries"):
