@@ -174,23 +174,12 @@ def _median_qps(passes: dict[str, tuple[Any, int]], repeats: int) -> dict[str, f
 
 def _tune_annoy(vectors: np.ndarray, seed: int, target: float):
     """:func:`pipelines.catalogue.index.tune_index` as a release runs it, with each build timed."""
-    import pipelines.catalogue.index as index_mod
+    from pipelines.catalogue.index import tune_index
 
     builds: list[dict[str, float]] = []
-    original = index_mod._build
-
-    def timed(v: np.ndarray, n_trees: int, s: int):
-        t0 = time.perf_counter()
-        index = original(v, n_trees, s)
-        builds.append({"n_trees": n_trees, "seconds": round(time.perf_counter() - t0, 2)})
-        return index
-
-    index_mod._build = timed
     t0 = time.perf_counter()
-    try:
-        index, choice = index_mod.tune_index(vectors, seed, target)
-    finally:
-        index_mod._build = original
+    index, choice = tune_index(vectors, seed, target, on_build=lambda n_trees, seconds: builds.append(
+        {"n_trees": n_trees, "seconds": round(seconds, 2)}))
     return index, choice, builds, time.perf_counter() - t0
 
 

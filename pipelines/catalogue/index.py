@@ -18,6 +18,8 @@ import json
 import logging
 import os
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version as pkg_version
@@ -108,14 +110,20 @@ def neighbour_recall(found: list[list[int]], truth: np.ndarray) -> float:
     return float(np.mean(hits)) if hits else 1.0
 
 
-def _build(vectors: np.ndarray, n_trees: int, seed: int):
+def _build(vectors: np.ndarray, n_trees: int, seed: int,
+           on_build: Callable[[int, float], None] | None = None):
+    """An Annoy index of ``vectors`` with ``n_trees`` trees; ``on_build(n_trees, seconds)`` is
+    told how long it took (e.g. by ``bench ann``)."""
     import annoy
 
+    started = time.perf_counter()
     index = annoy.AnnoyIndex(vectors.shape[1], "angular")
     index.set_seed(seed)
     for i, v in enumerate(vectors):
         index.add_item(i, v)
     index.build(n_trees, n_jobs=1)  # n_jobs=1 keeps the build deterministic for a seed
+    if on_build is not None:
+        on_build(n_trees, time.perf_counter() - started)
     return index
 
 
@@ -128,7 +136,8 @@ def _probe(index: object, vectors: np.ndarray, search_k: int, queries: np.ndarra
 
 def tune_index(vectors: np.ndarray, seed: int, target: float = 0.95, k: int = 10,
                sample: int = TUNING_QUERIES, reuse: tuple[int, int, int] | None = None,
-               noise: float = PROBE_NOISE):
+               noise: float = PROBE_NOISE,
+               on_build: Callable[[int, float], None] | None = None):
     """Build indexes over ``vectors`` and return (index, choice) for the cheapest setting
     whose recall@k against exact search on a query sample reaches ``target``.
 
@@ -151,7 +160,7 @@ def tune_index(vectors: np.ndarray, seed: int, target: float = 0.95, k: int = 10
     start_trees, start_search_k, built = 0, 0, None
     if reuse is not None:
         n_trees, search_k, tuned_at = reuse
-        index = _build(vectors, n_trees, seed)
+        index = _build(vectors, n_trees, seed, on_build)
         found = _probe(index, vectors, search_k, queries, k)
         recall = neighbour_recall(found, truth)
         point = {"n_trees": n_trees, "search_k": search_k, "recall_at_10": recall,
@@ -168,7 +177,7 @@ def tune_index(vectors: np.ndarray, seed: int, target: float = 0.95, k: int = 10
         if n_trees < start_trees:
             continue
         index = built if built is not None and n_trees == start_trees else _build(
-            vectors, n_trees, seed)
+            vectors, n_trees, seed, on_build)
         for factor in SEARCH_K_FACTORS:
             search_k = n_trees * k * factor
             if n_trees == start_trees and search_k <= start_search_k:
