@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
 from serving.encoder import Encoder
 from serving.settings import Settings
@@ -19,6 +19,63 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEMO_CATALOGUE = Path(__file__).parent / "demo" / "catalogue.csv"
+
+
+# What each catalogue step returns: small, JSON-able, exactly what an XCom carries.
+class IngestOut(TypedDict):
+    run_id: str
+    source: str
+    rows_read: int
+    rows_accepted: int
+    rows_rejected: int
+    items_new: int
+    items_changed: int
+    items_delisted: int
+    reject_reasons: dict[str, int]
+
+
+class EmbedOut(TypedDict):
+    shard: int
+    shards: int
+    encoder_version: str
+    embedded: int
+    seconds: float
+    output: str | None
+
+
+class IndexOut(TypedDict):
+    bundle_dir: str
+    vectors_stored: int
+
+
+class EvaluateOut(TypedDict):
+    bundle_dir: str
+    metrics: dict[str, float]
+    gate: dict[str, Any]
+
+
+class PublishOut(TypedDict):
+    release_id: str
+    path: str
+    live: bool
+    generation: int | None
+    gate_passed: bool
+    went_live: bool
+
+
+class RegisterOut(TypedDict):
+    release_id: str
+    run_id: str
+    model_name: str
+    version: int
+    champion: bool
+
+
+class RetrainOut(TypedDict):
+    promoted: bool
+    version: int | None
+    offset: NotRequired[int]
+
 
 
 def configured_encoder_path(settings: Settings) -> Path | None:
@@ -44,16 +101,16 @@ def configured_encoder_loader(settings: Settings) -> EncoderLoader:
                          lambda: configured_encoder(settings))
 
 
-def run_ingest(settings: Settings, catalogue: str | Path | None = None) -> dict[str, Any]:
+def run_ingest(settings: Settings, catalogue: str | Path | None = None) -> IngestOut:
     from pipelines.catalogue.ingest import ingest_catalogue
 
     source = Path(catalogue) if catalogue else DEMO_CATALOGUE
     report = ingest_catalogue(source, settings.warehouse_path, settings.max_reject_share)
-    return report.to_dict()
+    return IngestOut(**report.to_dict())  # type: ignore[typeddict-item]
 
 
 def run_embed(settings: Settings, shard: int = 0, shards: int = 1,
-              progress: bool = False, encoder: Encoder | None = None) -> dict[str, Any]:
+              progress: bool = False, encoder: Encoder | None = None) -> EmbedOut:
     """Embed shard ``shard`` of ``shards``. Without ``encoder``, the configured one is loaded
     only if the shard has pending items. ``progress``: a progress bar instead of log lines."""
     from pipelines.catalogue.embed import embed_items
@@ -61,10 +118,10 @@ def run_embed(settings: Settings, shard: int = 0, shards: int = 1,
     report = embed_items(settings.warehouse_path, settings.work_dir,
                          encoder or configured_encoder_loader(settings), shard, shards,
                          settings.embed_batch_size, progress=progress)
-    return report.to_dict()
+    return EmbedOut(**report.to_dict())  # type: ignore[typeddict-item]
 
 
-def run_index(settings: Settings, encoder: Encoder | None = None) -> dict[str, Any]:
+def run_index(settings: Settings, encoder: Encoder | None = None) -> IndexOut:
     """Fold embedded shards into the warehouse, then stage a release bundle."""
     from pipelines.catalogue.embed import store_vectors
     from pipelines.catalogue.index import build_index
@@ -73,12 +130,12 @@ def run_index(settings: Settings, encoder: Encoder | None = None) -> dict[str, A
     stored = store_vectors(settings.warehouse_path, settings.work_dir, encoder.version)
     bundle = build_index(settings.warehouse_path, settings.releases_dir, encoder,
                          settings.index_seed, settings.index_recall_target)
-    return {"bundle_dir": str(bundle), "vectors_stored": stored}
+    return IndexOut(bundle_dir=str(bundle), vectors_stored=stored)
 
 
 def run_evaluate(settings: Settings, bundle_dir: str | Path, golden: str | Path | None = None,
                  judgments: str | Path | None = None, encoder: Encoder | None = None,
-                 demo: bool = False) -> dict[str, Any]:
+                 demo: bool = False) -> EvaluateOut:
     """Evaluate a staged bundle and decide its gate. ``demo``: the bundle holds the demo
     catalogue, so without golden queries given or configured the demo's own gate it."""
     from pipelines.catalogue.gate import DEMO_GOLDEN, evaluate_release
@@ -88,19 +145,20 @@ def run_evaluate(settings: Settings, bundle_dir: str | Path, golden: str | Path 
     result = evaluate_release(Path(bundle_dir), settings, encoder,
                               Path(golden) if golden else None,
                               Path(judgments) if judgments else None)
-    return {"bundle_dir": str(bundle_dir), "metrics": result["metrics"], "gate": result["gate"]}
+    return EvaluateOut(bundle_dir=str(bundle_dir), metrics=result["metrics"],
+                          gate=result["gate"])
 
 
-def run_publish(settings: Settings, bundle_dir: str | Path) -> dict[str, Any]:
+def run_publish(settings: Settings, bundle_dir: str | Path) -> PublishOut:
     from pipelines.catalogue.publish import publish_release
 
-    return publish_release(Path(bundle_dir), settings.releases_dir).to_dict()
+    return PublishOut(**publish_release(Path(bundle_dir), settings.releases_dir).to_dict())  # type: ignore[typeddict-item]
 
 
-def run_register(settings: Settings, release_dir: str | Path) -> dict[str, Any]:
+def run_register(settings: Settings, release_dir: str | Path) -> RegisterOut:
     from pipelines.registry import register_release
 
-    return register_release(Path(release_dir), settings).to_dict()
+    return RegisterOut(**register_release(Path(release_dir), settings).to_dict())  # type: ignore[typeddict-item]
 
 
 def run_build(settings: Settings, catalogue: str | Path | None = None,
@@ -132,7 +190,7 @@ def run_retrain(settings: Settings, holdout: float = 0.2, epochs: int = 5,
     return retrain_ranker(settings, holdout=holdout, epochs=epochs, encoder=encoder)
 
 
-def report_retrain(settings: Settings, result: dict[str, Any]) -> dict[str, Any]:
+def report_retrain(settings: Settings, result: dict[str, Any]) -> RetrainOut:
     """Log a retrain's outcome (``result`` of :func:`run_retrain`) and check that a promotion
     took effect: the live ranker pointer is at the promoted checkpoint or past it.
 
@@ -147,7 +205,7 @@ def report_retrain(settings: Settings, result: dict[str, Any]) -> dict[str, Any]
             log.info("kept the champion: held-out log-loss candidate %.4f vs champion %.4f "
                      "(version %s registered, not promoted)", result["candidate"]["log_loss"],
                      result["champion"]["log_loss"], result["version"])
-        return {"promoted": False, "version": result.get("version")}
+        return RetrainOut(promoted=False, version=result.get("version"))
     latest = read_latest(settings.home)
     if latest is None or latest.seq < result["checkpoint_seq"]:
         raise ReleaseError(
@@ -157,7 +215,7 @@ def report_retrain(settings: Settings, result: dict[str, Any]) -> dict[str, Any]
     log.info("promoted ranker version %s: held-out log-loss %.4f (champion %.4f), checkpoint %d "
              "at offset %d", result["version"], result["candidate"]["log_loss"],
              result["champion"]["log_loss"], result["checkpoint_seq"], result["offset"])
-    return {"promoted": True, "version": result["version"], "offset": result["offset"]}
+    return RetrainOut(promoted=True, version=result["version"], offset=result["offset"])
 
 
 def run_collect_pairs(settings: Settings, products: str | Path | None = None,
