@@ -21,28 +21,8 @@ log = logging.getLogger(__name__)
 DEMO_CATALOGUE = Path(__file__).parent / "demo" / "catalogue.csv"
 
 
-# What each catalogue step returns: small, JSON-able, exactly what an XCom carries.
-class IngestOut(TypedDict):
-    run_id: str
-    source: str
-    rows_read: int
-    rows_accepted: int
-    rows_rejected: int
-    items_new: int
-    items_changed: int
-    items_delisted: int
-    reject_reasons: dict[str, int]
-
-
-class EmbedOut(TypedDict):
-    shard: int
-    shards: int
-    encoder_version: str
-    embedded: int
-    seconds: float
-    output: str | None
-
-
+# What the steps that build their result here return (the others return the to_dict() of a
+# typed report: IngestReport, EmbedReport, PublishResult, RegisterResult).
 class IndexOut(TypedDict):
     bundle_dir: str
     vectors_stored: int
@@ -54,28 +34,10 @@ class EvaluateOut(TypedDict):
     gate: dict[str, Any]
 
 
-class PublishOut(TypedDict):
-    release_id: str
-    path: str
-    live: bool
-    generation: int | None
-    gate_passed: bool
-    went_live: bool
-
-
-class RegisterOut(TypedDict):
-    release_id: str
-    run_id: str
-    model_name: str
-    version: int
-    champion: bool
-
-
 class RetrainOut(TypedDict):
     promoted: bool
     version: int | None
     offset: NotRequired[int]
-
 
 
 def configured_encoder_path(settings: Settings) -> Path | None:
@@ -101,16 +63,16 @@ def configured_encoder_loader(settings: Settings) -> EncoderLoader:
                          lambda: configured_encoder(settings))
 
 
-def run_ingest(settings: Settings, catalogue: str | Path | None = None) -> IngestOut:
+def run_ingest(settings: Settings, catalogue: str | Path | None = None) -> dict[str, Any]:
     from pipelines.catalogue.ingest import ingest_catalogue
 
     source = Path(catalogue) if catalogue else DEMO_CATALOGUE
     report = ingest_catalogue(source, settings.warehouse_path, settings.max_reject_share)
-    return IngestOut(**report.to_dict())  # type: ignore[typeddict-item]
+    return report.to_dict()
 
 
 def run_embed(settings: Settings, shard: int = 0, shards: int = 1,
-              progress: bool = False, encoder: Encoder | None = None) -> EmbedOut:
+              progress: bool = False, encoder: Encoder | None = None) -> dict[str, Any]:
     """Embed shard ``shard`` of ``shards``. Without ``encoder``, the configured one is loaded
     only if the shard has pending items. ``progress``: a progress bar instead of log lines."""
     from pipelines.catalogue.embed import embed_items
@@ -118,7 +80,7 @@ def run_embed(settings: Settings, shard: int = 0, shards: int = 1,
     report = embed_items(settings.warehouse_path, settings.work_dir,
                          encoder or configured_encoder_loader(settings), shard, shards,
                          settings.embed_batch_size, progress=progress)
-    return EmbedOut(**report.to_dict())  # type: ignore[typeddict-item]
+    return report.to_dict()
 
 
 def run_index(settings: Settings, encoder: Encoder | None = None) -> IndexOut:
@@ -149,16 +111,16 @@ def run_evaluate(settings: Settings, bundle_dir: str | Path, golden: str | Path 
                           gate=result["gate"])
 
 
-def run_publish(settings: Settings, bundle_dir: str | Path) -> PublishOut:
+def run_publish(settings: Settings, bundle_dir: str | Path) -> dict[str, Any]:
     from pipelines.catalogue.publish import publish_release
 
-    return PublishOut(**publish_release(Path(bundle_dir), settings.releases_dir).to_dict())  # type: ignore[typeddict-item]
+    return publish_release(Path(bundle_dir), settings.releases_dir).to_dict()
 
 
-def run_register(settings: Settings, release_dir: str | Path) -> RegisterOut:
+def run_register(settings: Settings, release_dir: str | Path) -> dict[str, Any]:
     from pipelines.registry import register_release
 
-    return RegisterOut(**register_release(Path(release_dir), settings).to_dict())  # type: ignore[typeddict-item]
+    return register_release(Path(release_dir), settings).to_dict()
 
 
 def run_build(settings: Settings, catalogue: str | Path | None = None,

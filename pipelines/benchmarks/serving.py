@@ -70,6 +70,7 @@ import numpy as np
 
 from pipelines.offline.splits import hash_unit
 from serving.layout import bench_dir, embedding_cache
+from serving.manifest import sha256_file
 from serving.schema import CONTENT_HASH, ITEM_ID, QUERY_ID
 from serving.settings import Settings
 
@@ -188,14 +189,6 @@ def in_training_split(text: str, train_share: float) -> bool:
     return hash_unit(f"{SPLIT_SALT}:{text}") < train_share
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def training_judgments(judgments: Path, item_ids: Sequence[str], out_dir: Path,
                        train_share: float, max_queries: int | None) -> tuple[Path, list[str]]:
     """The training part of ``judgments`` as a judgments file of its own (queries that judge
@@ -220,7 +213,7 @@ def training_judgments(judgments: Path, item_ids: Sequence[str], out_dir: Path,
     train = raw.filter(pl.col("_text").is_in(texts)).drop("_text")
     tmp = out_dir / f".train-{os.getpid()}.parquet"
     train.write_parquet(tmp)
-    path = out_dir / f"judgments-train-{_digest(tmp)}.parquet"
+    path = out_dir / f"judgments-train-{sha256_file(tmp)[:16]}.parquet"
     os.replace(tmp, path)
     return path, texts
 

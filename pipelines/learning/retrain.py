@@ -35,7 +35,6 @@ is the checkpoint published for serving and the nearline updater.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 import tempfile
@@ -60,6 +59,7 @@ from pipelines.registry import log_pyfunc, promote_version, register_version
 from serving.backends import open_event_log
 from serving.checkpoint import load_latest, read_latest
 from serving.encoder import Encoder
+from serving.manifest import sha256_file
 from serving.ranker import Ranker, RankerConfig, query_key
 from serving.recommender import release_encoder
 from serving.release import Bundle, current_bundle_dir, load_bundle
@@ -410,7 +410,7 @@ def fit_relevance(settings: Settings, lookup: QueryRelevance,
     if settings.judgments is not None:
         path = Path(settings.judgments)
         judged = relevance_data(load_judgments(path), lookup)
-        report.update({"judgments": str(path), "judgments_sha256": _file_digest(path)})
+        report.update({"judgments": str(path), "judgments_sha256": sha256_file(path)[:16]})
     if source == "judgments":
         data = judged
     elif tally is not None:
@@ -458,14 +458,6 @@ def fit_relevance(settings: Settings, lookup: QueryRelevance,
                                **{k: v for k, v in report.items()
                                   if k in ("source", "judgments", "judgments_sha256")})
     return model, report
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def _retrain(settings: Settings, updater: NearlineUpdater, holdout: float,
@@ -530,7 +522,7 @@ def _new_judgments(settings: Settings, ranker: Ranker) -> bool:
     if settings.judgments is None:
         return False
     seen = ranker.relevance.meta.get("judgments_sha256") if ranker.relevance else None
-    return seen != _file_digest(Path(settings.judgments))
+    return seen != sha256_file(Path(settings.judgments))[:16]
 
 
 def _relevance_metrics(report: dict[str, Any]) -> dict[str, float]:

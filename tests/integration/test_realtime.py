@@ -216,18 +216,7 @@ def test_killed_at_any_instant_the_updater_loses_nothing_and_applies_nothing_twi
             mid_stream_kills += 1
     assert mid_stream_kills >= 3
 
-    final = subprocess.run([sys.executable, "-m", "pipelines.cli", "nearline", "--once"],
-                           env=env, capture_output=True, text=True, timeout=300)
-    assert final.returncode == 0, final.stderr[-2000:]
-    resumed = json.loads(final.stdout)
-    assert resumed["offset"] == reference["offset"] == log.last_offset()
-    assert resumed["applied_total"] == reference["applied_total"]
-    assert resumed["ledger"] == reference["ledger"]          # same events, same order, once each
-    assert resumed["counters"] == reference["counters"]
-    a = Ranker.load(demo_copy / "rankers" / read_latest(demo_copy).file)
-    b = Ranker.load(reference_home / "rankers" / read_latest(reference_home).file)
-    for name in ("U", "V", "w", "b0", "item_bias"):
-        np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-9, atol=1e-12)
+    _resumed_equals_uninterrupted(demo_copy, reference_home, reference, env, log)
 
 
 def test_replay_examples_are_what_the_updater_learns_from(demo_copy, encoder):
