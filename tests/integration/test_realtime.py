@@ -262,14 +262,8 @@ def _resumed_equals_uninterrupted(home, reference_home, reference, env, log):
         assert value == pytest.approx(b.query_item[key], rel=1e-9, abs=1e-12)
 
 
-@pytest.mark.parametrize("point", [
-    "nearline.applied:1",        # the first event applied, nothing published yet
-    "nearline.applied:700",      # mid-stream, between two checkpoints
-    "checkpoint.written:2",      # a complete checkpoint file, the pointer not moved yet
-    "checkpoint.published:2",    # the pointer moved, older files not cleaned up yet
-])
-def test_killed_at_a_chosen_point_the_updater_loses_nothing_and_applies_nothing_twice(
-        demo_copy, encoder, tmp_path, point):
+def test_killed_at_chosen_points_the_updater_loses_nothing_and_applies_nothing_twice(
+        demo_copy, encoder, tmp_path):
     import shutil
 
     reference_home = tmp_path / "reference"
@@ -281,17 +275,23 @@ def test_killed_at_a_chosen_point_the_updater_loses_nothing_and_applies_nothing_
 
     log = SqliteEventLog(demo_copy / "events" / "events.db")
     log.append(events)
+    assert log.last_offset() > 1000
     env = {**os.environ, "INSTANTREC_HOME": str(demo_copy),
            "INSTANTREC_CHECKPOINT_EVERY_EVENTS": "250", "INSTANTREC_CHECKPOINT_EVERY_S": "60"}
-    killed = subprocess.run([sys.executable, "-m", "pipelines.cli", "nearline", "--once"],
-                            env={**env, "INSTANTREC_FAILPOINT": point}, capture_output=True,
-                            text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    # checkpoints every 250 events (offsets 250, 500, ...): what is live after the kill
-    live = {"nearline.applied:1": None, "nearline.applied:700": 500,
-            "checkpoint.written:2": 250, "checkpoint.published:2": 500}[point]
-    latest = read_latest(demo_copy)
-    assert (latest.offset if latest is not None and latest.offset > 0 else None) == live
+    # One updater process after another, each killed at a chosen point and the next resuming
+    # from what the last left; a checkpoint every 250 events after the one resumed from.
+    for point, live in [
+        ("nearline.applied:1", None),       # the first event applied, nothing published
+        ("checkpoint.written:2", 250),      # the file for 500 complete, the pointer still at 250
+        ("checkpoint.published:2", 750),    # from 250: 500 and 750 published, then killed
+        ("nearline.applied:200", 750),      # from 750: killed at 950, between checkpoints
+    ]:
+        killed = subprocess.run([sys.executable, "-m", "pipelines.cli", "nearline", "--once"],
+                                env={**env, "INSTANTREC_FAILPOINT": point}, capture_output=True,
+                                text=True, timeout=300)
+        assert killed.returncode == -signal.SIGKILL, (point, killed.stderr[-2000:])
+        latest = read_latest(demo_copy)
+        assert (latest.offset if latest is not None and latest.offset > 0 else None) == live, point
     _resumed_equals_uninterrupted(demo_copy, reference_home, reference, env, log)
 
 
