@@ -176,19 +176,24 @@ def synthetic_events(rec, n_rounds):
     return [parse_event(e, b"k", now=t0 + 10 * n_rounds) for e in events]
 
 
-def test_killed_at_any_instant_the_updater_loses_nothing_and_applies_nothing_twice(
-        demo_copy, encoder, tmp_path):
+def _with_reference(demo_copy, encoder, tmp_path, rounds):
+    """``rounds`` rounds of synthetic events, and the summary of one uninterrupted updater run
+    over all of them in a copy of the home (the reference a crashed run must end equal to)."""
     import shutil
 
     reference_home = tmp_path / "reference"
     shutil.copytree(demo_copy, reference_home)
-    rec = load(demo_copy, encoder)
-    events = synthetic_events(rec, 360)             # ~3,700 events
-    parts = np.array_split(np.arange(len(events)), 5)
-
-    # Reference: one uninterrupted run over the whole stream.
+    events = synthetic_events(load(demo_copy, encoder), rounds)
     SqliteEventLog(reference_home / "events" / "events.db").append(events)
     reference = NearlineUpdater(make_settings(reference_home), encoder).run_once()
+    return events, reference_home, reference
+
+
+def test_killed_at_any_instant_the_updater_loses_nothing_and_applies_nothing_twice(
+        demo_copy, encoder, tmp_path):
+    # Reference: one uninterrupted run over the whole stream (~3,700 events).
+    events, reference_home, reference = _with_reference(demo_copy, encoder, tmp_path, 360)
+    parts = np.array_split(np.arange(len(events)), 5)
 
     # Under test: the continuous updater, fed part by part and SIGKILLed mid-stream each time.
     log = SqliteEventLog(demo_copy / "events" / "events.db")
@@ -264,14 +269,7 @@ def _resumed_equals_uninterrupted(home, reference_home, reference, env, log):
 
 def test_killed_at_chosen_points_the_updater_loses_nothing_and_applies_nothing_twice(
         demo_copy, encoder, tmp_path):
-    import shutil
-
-    reference_home = tmp_path / "reference"
-    shutil.copytree(demo_copy, reference_home)
-    rec = load(demo_copy, encoder)
-    events = synthetic_events(rec, 120)              # ~1,200 events
-    SqliteEventLog(reference_home / "events" / "events.db").append(events)
-    reference = NearlineUpdater(make_settings(reference_home), encoder).run_once()
+    events, reference_home, reference = _with_reference(demo_copy, encoder, tmp_path, 120)
 
     log = SqliteEventLog(demo_copy / "events" / "events.db")
     log.append(events)
