@@ -27,16 +27,21 @@ $(STAMP): pyproject.toml constraints.txt
 		|| (grep -v "^WARNING: Location" $(VENV)/install.log | tail -40; exit 1)
 	@touch $(STAMP)
 
-# The Redis backend tests run a real redis-server on loopback (Debian/Ubuntu package).
+# Debian packages the tests run for real: redis-server (the Redis backends, on loopback) and
+# chromium (the storefront test drives it through Playwright; no browser download).
+
 system-deps:
-	@if ! command -v redis-server >/dev/null 2>&1; then \
+	@missing=""; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" -ne 0 ]; then \
-			echo "redis-server is not installed and this is not root: install the redis-server" \
-				"package (e.g. sudo apt-get install redis-server), then run make again" >&2; \
+			echo "missing Debian packages:$$missing; this is not root: install them (e.g." \
+				"sudo apt-get install$$missing), then run make again" >&2; \
 			exit 1; \
 		fi; \
 		apt-get update && DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y --no-install-recommends redis-server; \
+			apt-get install -y --no-install-recommends $$missing; \
 	fi
 
 demo: install

@@ -101,6 +101,16 @@ def cmd_recommend(args: argparse.Namespace) -> None:
               f"{price}){stock}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from serving.api import serve
+
+    settings = load_settings(home=args.home, encoder_path=getattr(args, "encoder", None),
+                             http_host=args.host, http_port=args.port)
+    print(f"instantrec serving {settings.home} on http://{settings.http_host}:"
+          f"{settings.http_port}/ (storefront), /docs (API)", file=sys.stderr)
+    serve(settings, log_level="debug" if args.verbose else "info", server=args.server)
+
+
 def cmd_record(args: argparse.Namespace) -> None:
     from serving.recommender import Recommender
 
@@ -264,7 +274,7 @@ def _catalogue_commands(sub: Any) -> None:
 
 
 def _serving_commands(sub: Any) -> None:
-    """Serving from the command line: recommend, record."""
+    """Serving from the command line: recommend, serve, record."""
     p = sub.add_parser("recommend", help="recommendations for a query from the live release")
     p.add_argument("query", nargs="?", default=None,
                    help="the query (omit with --session to browse from session interest)")
@@ -276,6 +286,15 @@ def _serving_commands(sub: Any) -> None:
     p.add_argument("--session", default=None, help="session id: its recent events shape results")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser("serve", help="the HTTP service and demo storefront (FastAPI, uvicorn)")
+    p.add_argument("--host", default=None,
+                   help="address to bind (default: $INSTANTREC_HTTP_HOST or 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None,
+                   help="port (default: $INSTANTREC_HTTP_PORT or 8000)")
+    p.add_argument("--server", choices=["uvicorn", "granian"], default="uvicorn",
+                   help="HTTP server (uvicorn by measurement: see `bench http`)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("record", help="record feedback events (one, or a JSON-lines file)")
     p.add_argument("--file", type=Path, default=None, help="JSON lines, one event per line")

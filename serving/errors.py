@@ -12,7 +12,15 @@ class InstantrecError(Exception):
 
 
 class InvalidInputError(InstantrecError, ValueError):
-    """A caller passed something that cannot be served or stored."""
+    """A caller passed something that cannot be served or stored.
+
+    ``field`` names the input at fault where one does (``"k"``, ``"filters.max_price"``,
+    ``"events[3].position"``), so a service can point a client at it.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class QueryError(InvalidInputError):
@@ -37,3 +45,12 @@ class EncoderError(InstantrecError):
 
 class MeasurementError(InstantrecError):
     """A benchmark could not measure the figure it exists to measure (it says why)."""
+
+
+def short_repr(value: object, limit: int = 40) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters (a 400-digit integer
+    would fill the message; one past Python's 4,300 digits cannot even be printed)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from serving.errors import InvalidInputError
+from serving.errors import InvalidInputError, short_repr
 from serving.schema import ITEM_ID
 from serving.text import normalise_query
 
@@ -62,14 +62,16 @@ def _text_id(raw: Mapping[str, Any], name: str, required: bool = True) -> str | 
     value = raw.get(name)
     if value is None or value == "":
         if required:
-            raise EventError(f"event field '{name}' is missing")
+            raise EventError(f"event field '{name}' is missing", name)
         return None
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
-        raise EventError(f"event field '{name}' must be a string, got {type(value).__name__}")
+        raise EventError(f"event field '{name}' must be a string, got {type(value).__name__}",
+                         name)
     if len(value) > MAX_ID_CHARS or not value.isprintable():
-        raise EventError(f"event field '{name}' must be printable and at most {MAX_ID_CHARS} chars")
+        raise EventError(f"event field '{name}' must be printable and at most {MAX_ID_CHARS} chars",
+                         name)
     return value
 
 
@@ -91,27 +93,32 @@ def parse_event(raw: Mapping[str, Any] | Event, user_key: bytes, max_query_chars
         raise EventError(f"event must be a mapping, got {type(raw).__name__}")
     unknown = sorted(set(raw) - FIELDS)
     if unknown:
-        raise EventError(f"unknown event field(s) {unknown}")
+        raise EventError(f"unknown event field(s) {[str(u)[:40] for u in unknown[:5]]}",
+                         str(unknown[0])[:MAX_ID_CHARS])
     etype = raw.get("type", raw.get("event_type"))
     if etype not in EVENT_TYPES:
-        raise EventError(f"event type {etype!r} is not one of {list(EVENT_TYPES)}")
+        raise EventError(f"event type {short_repr(etype)} is not one of {list(EVENT_TYPES)}",
+                         "type")
     now = time.time() if now is None else now
     ts = raw.get("ts", raw.get("timestamp", now))
-    if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts) or ts <= 0:
-        raise EventError(f"event timestamp must be positive unix seconds, got {ts!r}")
+    # compared, never converted: NaN fails both bounds, and an integer too large for a float
+    # (10**400) compares without OverflowError
+    if isinstance(ts, bool) or not isinstance(ts, int | float) or not 0 < ts < math.inf:
+        raise EventError(f"event timestamp must be positive unix seconds, got {short_repr(ts)}",
+                         "ts")
     if ts > now + MAX_FUTURE_S:
-        raise EventError(f"event timestamp {ts} is in the future")
+        raise EventError(f"event timestamp {short_repr(ts)} is in the future", "ts")
     position = raw.get("position")
     if position is not None and (isinstance(position, bool) or not isinstance(position, int)
                                  or not 1 <= position <= MAX_POSITION):
         raise EventError(f"event position must be an integer from 1 to {MAX_POSITION}, "
-                         f"got {position!r}")
+                         f"got {short_repr(position)}", "position")
     query = raw.get("query")
     if query is not None:
         try:
             query = normalise_query(query, max_query_chars)
         except InvalidInputError as exc:
-            raise EventError(f"event query: {exc}") from exc
+            raise EventError(f"event query: {exc}", "query") from exc
     user_id = _text_id(raw, "user_id", required=False)
     return Event(
         event_id=_text_id(raw, "event_id", required=False) or uuid.uuid4().hex,

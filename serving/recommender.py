@@ -25,9 +25,9 @@ import numpy as np
 from serving.cache import LRUCache
 from serving.checkpoint import CheckpointRef, load_latest, read_latest
 from serving.encoder import Encoder
-from serving.errors import InvalidInputError, QueryError, ReleaseError
+from serving.errors import InvalidInputError, QueryError, ReleaseError, short_repr
 from serving.eventlog import AppendResult, EventLog
-from serving.events import Event, EventError, parse_event
+from serving.events import MAX_ID_CHARS, Event, EventError, parse_event
 from serving.layout import encoders_dir, rankers_dir
 from serving.manifest import Manifest
 from serving.query import DEFAULT_STEPS, Step, Vocabulary, parse_steps
@@ -218,7 +218,8 @@ class Recommender:
     def recommend(self, query: str | None = None, k: int = 10,
                   filters: Filters | Mapping[str, Any] | None = None,
                   session_id: str | None = None,
-                  timings: dict[str, float] | None = None) -> list[Recommendation]:
+                  timings: dict[str, float] | None = None,
+                  info: dict[str, Any] | None = None) -> list[Recommendation]:
         """Top ``k`` items for ``query`` after ``filters``, best first.
 
         With ``session_id``, the session's recent interactions shape the results; with no
@@ -232,21 +233,34 @@ class Recommender:
         candidates' vectors, relevance features (incl. term coverage), relevance scoring,
         the ranker's online terms, building results); their sum is the call's time up to
         the last lap. Without it nothing is timed.
+
+        ``info``, when given, receives what the results came from: ``release_id`` and
+        ``ranker_seq`` of the state that answered, and ``intent_shift`` (whether this query
+        moved the session away from its interest).
         """
         watch: StageTimer | NoTimer = StageTimer(timings) if timings is not None else NO_TIMER
         try:
             text = None
-            if query is not None or session_id is None:
+            if query is None and session_id is None:
+                raise QueryError("give a query, a session_id, or both", "query")
+            if query is not None:
                 text = normalise_query(query, self._settings.max_query_chars)
             if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
-                raise InvalidInputError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
+                raise InvalidInputError(f"k must be an integer from 1 to {MAX_K}, got "
+                                        f"{short_repr(k)}", "k")
             parsed = Filters.parse(filters)
-            if session_id is not None and (not isinstance(session_id, str) or not session_id):
-                raise InvalidInputError("session_id must be a non-empty string")
+            if session_id is not None and (
+                    not isinstance(session_id, str) or not session_id
+                    or len(session_id) > MAX_ID_CHARS or not session_id.isprintable()):
+                raise InvalidInputError(f"session_id must be a printable string of 1 to "
+                                        f"{MAX_ID_CHARS} characters", "session_id")
         except InvalidInputError as exc:
             self.counters[f"rejected_{type(exc).__name__}"] += 1
             raise
         state = self._state  # one consistent snapshot for the whole request
+        if info is not None:
+            info.update(release_id=state.bundle.release_id, ranker_seq=state.ranker_seq,
+                        intent_shift=False)
         watch.lap("parse")
         dense_text, lexical_text = understood(text, self._steps, state.vocabulary)
         watch.lap("understand")
@@ -259,7 +273,7 @@ class Recommender:
         if qvec is None and interest is None:
             self.counters["rejected_QueryError"] += 1
             raise QueryError(f"no query given and session {session_id!r} has no recent "
-                             "interactions to recommend from")
+                             "interactions to recommend from", "query")
         vec, shifted = blend_query(qvec, interest, self._session_cfg)
         if shifted and session is not None:
             # the shopper moved on: the old intent stops steering at once
@@ -269,6 +283,8 @@ class Recommender:
                                        self._session_cfg)
             vec, _ = blend_query(qvec, interest, self._session_cfg)
             self.counters["intent_shifts"] += 1
+            if info is not None:
+                info["intent_shift"] = True
         depth = max(k, self._settings.candidates)
         watch.lap("session")
         lex = (self._lexical.relative(state.bundle, lexical_text) if lexical_text is not None
@@ -364,21 +380,96 @@ class Recommender:
 
     def record_many(self, events: list[Mapping[str, Any] | Event]) -> list[Event]:
         """Record several events in one durable write (all or none are validated first)."""
+        return self.record_batch(events)[0]
+
+    def record_batch(self, events: list[Mapping[str, Any] | Event],
+                     ) -> tuple[list[Event], AppendResult]:
+        """:meth:`record_many`, also returning what the log did with them (how many were new,
+        how many were re-sent ids). A bad event raises :class:`EventError` whose ``field``
+        names it as ``events[i].<field>``, and nothing of the batch is stored."""
         if self._user_key is None:
             self._user_key = self._settings.user_key()
         parsed = []
-        for raw in events:
+        for i, raw in enumerate(events):
             try:
                 parsed.append(parse_event(raw, self._user_key, self._settings.max_query_chars))
-            except EventError:
+            except EventError as exc:
                 self.counters["rejected_events"] += 1
+                if len(events) > 1:
+                    raise EventError(f"event {i}: {exc}",
+                                     f"events[{i}]" + (f".{exc.field}" if exc.field else "")
+                                     ) from exc
                 raise
         result: AppendResult = self._log().append(parsed)
         self.counters["events_recorded"] += result.accepted
         self.counters["events_duplicate"] += result.duplicates
         # a re-sent event changes nothing, in the log or in the session
         self._apply_to_sessions([ev for ev in parsed if ev.event_id in result.new_ids])
-        return parsed
+        return parsed, result
+
+    @property
+    def event_log(self) -> EventLog:
+        """The durable event log this recommender records to (opened on first use)."""
+        return self._log()
+
+    @property
+    def home(self) -> Path | None:
+        """The home directory whose pointers this recommender follows (None: a fixed bundle)."""
+        return self._home
+
+    def item(self, item_id: str) -> dict[str, Any] | None:
+        """The live release's attributes of one item, or None when it is not listed."""
+        state = self._state
+        row = state.row_of.get(item_id) if isinstance(item_id, str) else None
+        if row is None:
+            return None
+        items = state.bundle.items
+        price = float(items.prices[row])
+        return {ITEM_ID: item_id, "title": str(items.titles[row]),
+                "category": items.categories[row], "brand": items.brands[row],
+                "price": None if price != price else price, "in_stock": bool(items.in_stock[row])}
+
+    def categories(self) -> dict[str, int]:
+        """Items per category in the live release, most items first."""
+        values, counts = np.unique(np.asarray([c for c in self._state.bundle.items.categories
+                                               if c is not None], dtype=object).astype(str),
+                                   return_counts=True)
+        order = np.argsort(-counts, kind="stable")
+        return {str(values[i]): int(counts[i]) for i in order}
+
+    def session_summary(self, session_id: str, now: float | None = None) -> dict[str, Any]:
+        """What the session's next request will be shaped by: its recent interactions (newest
+        first, each with its current weight after decay and any intent shift), the strength of
+        its interest, the categories it leans to, and when the last intent shift happened."""
+        if not isinstance(session_id, str) or not session_id or len(
+                session_id) > MAX_ID_CHARS or not session_id.isprintable():
+            raise InvalidInputError(f"session_id must be a printable string of 1 to "
+                                    f"{MAX_ID_CHARS} characters", "session_id")
+        now = time.time() if now is None else now
+        state = self._state
+        session = self._sessions.get(session_id)
+        cfg = self._session_cfg
+        interactions = []
+        leaning: Counter[str] = Counter()
+        for it in reversed(session.interactions if session is not None else ()):
+            age = now - it.ts
+            if age > cfg.ttl_s:
+                continue
+            weight = it.weight * 0.5 ** (max(age, 0.0) / cfg.half_life_s)
+            item = self.item(it.item_id)
+            interactions.append({ITEM_ID: it.item_id, "title": item and item["title"],
+                                 "category": item and item["category"], "age_s": round(age, 1),
+                                 "weight": round(weight, 4)})
+            if item is not None and item["category"]:
+                leaning[item["category"]] += weight
+        interest = interest_vector(session, state.bundle.vectors, state.row_of, now, cfg)
+        total = sum(leaning.values()) or 1.0
+        return {"session_id": session_id, "interactions": interactions,
+                "interest_strength": round(float(np.linalg.norm(interest)), 4)
+                if interest is not None else 0.0,
+                "categories": {c: round(w / total, 3) for c, w in leaning.most_common(5)},
+                "intent_shift_ts": session.shift_ts if session is not None and session.shift_ts
+                else None}
 
     def restore_session(self, session_id: str) -> bool:
         """Rebuild a session's state from its recent events in the durable log, for a process

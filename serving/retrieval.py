@@ -23,7 +23,7 @@ import numpy as np
 
 from serving.cache import LRUCache
 from serving.encoder import Encoder
-from serving.errors import FilterError
+from serving.errors import FilterError, short_repr
 from serving.query import NEEDS_VOCABULARY, Step, Vocabulary, understand_query
 from serving.release import Bundle
 from serving.relevance import MatchFeatures, RelevanceModel, channel_signals, query_features
@@ -60,6 +60,9 @@ NO_TIMER = NoTimer()
 STAGES = ("parse", "understand", "encode", "session", "bm25", "filters", "ann", "union",
           "candidates_cached", "vectors", "features", "relevance", "ranker", "results")
 
+# Largest price a filter may name (any real price is far below; past it a float loses cents).
+MAX_PRICE = 1e12
+
 
 @dataclass(frozen=True)
 class Filters:
@@ -78,36 +81,38 @@ class Filters:
         if raw is None or isinstance(raw, Filters):
             return raw
         if not isinstance(raw, Mapping):
-            raise FilterError(f"filters must be a mapping, got {type(raw).__name__}")
+            raise FilterError(f"filters must be a mapping, got {type(raw).__name__}", "filters")
         unknown = sorted(set(raw) - set(cls.FIELDS))
         if unknown:
             raise FilterError(
-                f"unknown filter field(s) {unknown}; known fields are {list(cls.FIELDS)}"
-            )
+                f"unknown filter field(s) {unknown}; known fields are {list(cls.FIELDS)}",
+                f"filters.{unknown[0]}")
         cats = raw.get("category")
         if cats is not None:
             cats = [cats] if isinstance(cats, str) else cats
             if not isinstance(cats, list | tuple | set | frozenset) or not all(
                 isinstance(c, str) and c for c in cats
             ):
-                raise FilterError("filter 'category' must be a non-empty string or list of them")
+                raise FilterError("filter 'category' must be a non-empty string or list of them",
+                                  "filters.category")
             cats = frozenset(cats)
         prices = {}
         for name in ("min_price", "max_price"):
             value = raw.get(name)
             if value is not None:
-                if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(
-                    value
-                ) or value < 0:
-                    raise FilterError(f"filter '{name}' must be a non-negative number, got {value!r}")
+                if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                        0 <= value <= MAX_PRICE):  # NaN fails too; a huge int never meets float
+                    raise FilterError(f"filter '{name}' must be a number from 0 to {MAX_PRICE:g}, "
+                                      f"got {short_repr(value)}", f"filters.{name}")
                 prices[name] = float(value)
         if prices.get("min_price", 0.0) > prices.get("max_price", float("inf")):
             raise FilterError(
-                f"filter min_price {prices['min_price']} is above max_price {prices['max_price']}"
-            )
+                f"filter min_price {prices['min_price']} is above max_price {prices['max_price']}",
+                "filters.min_price")
         stock = raw.get("in_stock")
         if stock is not None and not isinstance(stock, bool):
-            raise FilterError(f"filter 'in_stock' must be true or false, got {stock!r}")
+            raise FilterError(f"filter 'in_stock' must be true or false, got {short_repr(stock)}",
+                              "filters.in_stock")
         return cls(categories=cats, in_stock=stock, **prices)
 
     def mask(self, bundle: Bundle) -> np.ndarray:

@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     checkpoint_every_s: float = Field(0.5, gt=0.0)
     abuse_max_clicks: int = Field(10, ge=1, description="Positive events per window per session/user.")
     abuse_window_s: float = Field(10.0, gt=0.0)
+    http_host: str = Field("127.0.0.1", description="Address `instantrec serve` binds (loopback "
+                           "by default; 0.0.0.0 exposes it to the network).")
+    http_port: int = Field(8000, ge=0, le=65535, description="Port of `instantrec serve`.")
+    http_max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body "
+                                     "accepted (413 above it).")
+    http_max_events: int = Field(1000, ge=1, description="Events in one POST /events batch.")
 
     @field_validator("query_steps")
     @classmethod

@@ -22,6 +22,10 @@ def _is_control(ch: str) -> bool:
     return unicodedata.category(ch) in ("Cc", "Cf") and ch not in "\t\n\r"
 
 
+def _is_surrogate(ch: str) -> bool:
+    return "\ud800" <= ch <= "\udfff"
+
+
 def clean_text(value: str) -> str:
     """Unicode-normalise (NFKC), drop control characters and HTML, collapse white space.
 
@@ -45,17 +49,21 @@ def normalise_query(query: object, max_chars: int = 256) -> str:
     characters before normalisation) and control characters.
     """
     if not isinstance(query, str):
-        raise QueryError(f"query must be a string, got {type(query).__name__}")
+        raise QueryError(f"query must be a string, got {type(query).__name__}", "query")
     if len(query) > max_chars:
-        raise QueryError(f"query is {len(query)} characters long; the limit is {max_chars}")
+        raise QueryError(f"query is {len(query)} characters long; the limit is {max_chars}",
+                         "query")
     for pos, ch in enumerate(query):
-        if _is_control(ch):
+        if _is_control(ch) or "\ud800" <= ch <= "\udfff":
+            # a lone surrogate (what JSON's "\ud800" decodes to) is no text: it cannot be
+            # encoded, tokenised or stored
             raise QueryError(
-                f"query contains control character U+{ord(ch):04X} at position {pos}"
+                f"query contains {'a lone surrogate' if _is_surrogate(ch) else 'control character'}"
+                f" U+{ord(ch):04X} at position {pos}", "query"
             )
     text = _WS.sub(" ", unicodedata.normalize("NFKC", query).translate(_FOLD)).strip()
     if not text:
-        raise QueryError("query is empty")
+        raise QueryError("query is empty", "query")
     return text.casefold()
 
 

@@ -36,10 +36,26 @@ def test_defaults_give_a_fresh_id_and_now():
     ({"query": "a\x00b"}, "event query: query contains control character"),
     ({"colour": "red"}, "unknown event field(s) ['colour']"),
     ({"session_id": "x" * 200}, "at most 128 chars"),
+    # what JSON can decode to but no float or text can hold: typed errors, not crashes
+    ({"ts": 10**400}, "is in the future"),
+    ({"ts": float("nan")}, "timestamp must be positive"),
+    ({"ts": float("inf")}, "timestamp must be positive"),
+    ({"position": 10**5000}, "got an integer of 16610 bits"),
+    ({"query": "drill\ud800"}, "lone surrogate U+D800"),
 ])
 def test_invalid_events_name_the_problem(patch, message):
     with pytest.raises(EventError, match=re.escape(message)):
         parse_event({**BASE, **patch}, KEY, now=1000.0)
+
+
+@pytest.mark.parametrize("patch, field", [
+    ({"type": "like"}, "type"), ({"session_id": None}, "session_id"), ({"ts": -1}, "ts"),
+    ({"position": 0}, "position"), ({"query": "\x00"}, "query"), ({"colour": 1}, "colour"),
+])
+def test_invalid_events_carry_the_field(patch, field):
+    with pytest.raises(EventError) as caught:
+        parse_event({**BASE, **patch}, KEY, now=1000.0)
+    assert caught.value.field == field
 
 
 def test_non_mapping_is_rejected():

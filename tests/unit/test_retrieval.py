@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from pipelines.catalogue.index import write_bundle
 from serving.encoder import DEFAULT_ENCODER_NAME
+from serving.errors import FilterError
 from serving.release import load_bundle
 from serving.retrieval import Filters, StageTimer, retrieve_candidates
 
@@ -64,6 +66,22 @@ def test_filters_apply_to_both_channels(bundle):
     assert retrieve_candidates(bundle, QUERY, LEX, 2, cheap_in_stock) == [A, B, C]
     # nothing passes: no candidates at all
     assert retrieve_candidates(bundle, QUERY, LEX, 2, Filters(min_price=1000.0)) == []
+
+
+@pytest.mark.parametrize("raw, field, message", [
+    ({"max_price": 10**400}, "filters.max_price", "got an integer of 1329 bits"),
+    ({"max_price": float("nan")}, "filters.max_price", "from 0 to 1e+12"),
+    ({"min_price": -1}, "filters.min_price", "from 0 to 1e+12"),
+    ({"in_stock": "yes"}, "filters.in_stock", "true or false"),
+    ({"category": [""]}, "filters.category", "non-empty string"),
+    ({"min_price": 5, "max_price": 1}, "filters.min_price", "above max_price"),
+    ({"colour": "red"}, "filters.colour", "unknown filter field"),
+    (["max_price"], "filters", "must be a mapping"),
+])
+def test_bad_filters_are_typed_errors_naming_the_field(raw, field, message):
+    with pytest.raises(FilterError, match=re.escape(message)) as caught:
+        Filters.parse(raw)
+    assert caught.value.field == field
 
 
 def test_the_timer_sees_the_filter_mask_the_ann_search_and_the_union(bundle):

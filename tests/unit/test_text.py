@@ -29,6 +29,7 @@ def test_query_folds_unicode_variants():
     ("zero\u200bwidth", "U+200B"),
     (None, "must be a string"),
     (42, "must be a string"),
+    ("drill\ud800", "lone surrogate U+D800 at position 5"),  # json.loads('"\\ud800"')
 ])
 def test_bad_queries_are_rejected_with_the_reason(bad, message):
     with pytest.raises(QueryError, match=re.escape(message)):
