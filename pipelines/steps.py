@@ -67,7 +67,8 @@ def run_ingest(settings: Settings, catalogue: str | Path | None = None) -> dict[
     from pipelines.catalogue.ingest import ingest_catalogue
 
     source = Path(catalogue) if catalogue else DEMO_CATALOGUE
-    report = ingest_catalogue(source, settings.warehouse_path, settings.max_reject_share)
+    report = ingest_catalogue(source, settings.warehouse_path, settings.max_reject_share,
+                              max_delist_share=settings.max_delist_share)
     return report.to_dict()
 
 

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
         "~1.6-1.9x faster where the CPU has native bf16; vectors within cosine 0.9999 of fp32), "
         "fp32, or auto (bf16 only on CPUs with native bf16).")
     max_reject_share: float = Field(0.05, ge=0.0, le=1.0, description="Ingest fails above this.")
+    max_delist_share: float = Field(
+        0.2, ge=0.0, le=1.0, description="Ingest fails when a snapshot would delist more than "
+        "this share of the listed items (a truncated export), changing nothing.")
     index_seed: int = 42
     index_recall_target: float = Field(0.95, gt=0.0, le=1.0, description="recall@10 vs exact.")
     gate_min_golden_recall: float = Field(0.9, ge=0.0, le=1.0)

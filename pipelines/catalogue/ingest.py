@@ -7,6 +7,7 @@ reason and the raw row, and the run fails when the reject share passes the confi
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
@@ -47,6 +48,33 @@ class IngestReport:
         return asdict(self)
 
 
+def check_columns(columns: list[str], source: Path) -> list[str]:
+    """Refuse a header that only nearly names a known column (``In_Stock``, ``price `` with a
+    trailing space, ``in_stock\\r`` from ``\\r\\r\\n`` line ends): read as an unknown column it
+    would silently drop what it holds (every price unknown, every item's stock the default).
+    Columns not like any known one are ignored, with a warning; returns their names."""
+    known = ("title", *OPTIONAL, *ID_ALIASES)
+    folded = {k.casefold(): k for k in known}
+    ignored = []
+    for col in columns:
+        if col in known:
+            continue
+        key = "".join(col.split()).casefold().replace("-", "_")
+        near = folded.get(key) or next(iter(difflib.get_close_matches(key, list(folded), n=1,
+                                                                        cutoff=0.85)), None)
+        if near is not None:
+            hint = (" (white space or a line-end character around the name: check the "
+                    "file's line ends)" if col.strip() != col or "\r" in col else "")
+            raise CatalogueError(f"catalogue {source}: column {col!r} is not a known column; "
+                                 f"did you mean {folded[near]!r}?{hint} Known columns: "
+                                 f"{list(known)}")
+        ignored.append(col)
+    if ignored:
+        log.warning("catalogue %s: ignoring unknown columns %s (known: %s)", source, ignored,
+                    list(known))
+    return ignored
+
+
 def read_catalogue(source: Path) -> pl.DataFrame:
     """Read a CSV or Parquet catalogue with every column as text (validation is ours)."""
     if not source.is_file():
@@ -62,6 +90,7 @@ def read_catalogue(source: Path) -> pl.DataFrame:
             raise CatalogueError(f"catalogue {source}: unsupported format (use .csv or .parquet)")
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise CatalogueError(f"cannot read catalogue {source}: {exc}") from exc
+    check_columns(df.columns, source)
     id_col = next((c for c in ID_ALIASES if c in df.columns), None)
     if id_col is None:
         raise CatalogueError(f"catalogue {source} has no id column (one of {list(ID_ALIASES)})")
@@ -156,12 +185,13 @@ def content_hash(title: str, description: str | None, category: str | None,
 
 
 def ingest_catalogue(source: Path, warehouse: Path, max_reject_share: float = 0.05,
-                     run_id: str | None = None) -> IngestReport:
+                     run_id: str | None = None, max_delist_share: float = 0.2) -> IngestReport:
     """Ingest one catalogue snapshot from ``source`` (CSV/Parquet) into ``warehouse``.
 
-    ``max_reject_share`` is the largest fraction of rejected rows (0..1) tolerated; above it
-    the rejects are still recorded, the items are left untouched, and :class:`CatalogueError`
-    is raised.
+    ``max_reject_share`` is the largest fraction of rejected rows (0..1) tolerated, and
+    ``max_delist_share`` the largest fraction of the listed items a snapshot may delist (a
+    truncated export would take the shop's catalogue with it); above either, the rejects are
+    still recorded, the items are left untouched, and :class:`CatalogueError` is raised.
     """
     run_id = run_id or uuid.uuid4().hex[:12]
     raw = read_catalogue(source)
@@ -191,16 +221,20 @@ def ingest_catalogue(source: Path, warehouse: Path, max_reject_share: float = 0.
             con.execute("INSERT INTO rejects SELECT run_id, row_number, item_id, reason, raw, "
                         "rejected_at FROM rejects_df")
         failed = n == 0 or share > max_reject_share
-        new = changed = delisted = 0
+        new = changed = delisted = listed = 0
         if not failed:
             con.register("incoming", accepted.with_columns(pl.lit(now).alias("updated_at")))
             new, changed = con.execute(f"""
                 SELECT count(*) FILTER (WHERE i.item_id IS NULL),
                        count(*) FILTER (WHERE i.item_id IS NOT NULL AND ({_CHANGED}))
                 FROM incoming n LEFT JOIN items i USING (item_id)""").fetchone()
-            delisted = con.execute("""
-                SELECT count(*) FROM items WHERE active
-                AND item_id NOT IN (SELECT item_id FROM incoming)""").fetchone()[0]
+            delisted, listed = con.execute("""
+                SELECT count(*) FILTER (WHERE item_id NOT IN (SELECT item_id FROM incoming)),
+                       count(*)
+                FROM items WHERE active""").fetchone()
+            shrinks = listed > 0 and delisted > max_delist_share * listed
+            failed = shrinks
+        if not failed:
             con.execute("""
                 UPDATE items SET active = false, updated_at = ?
                 WHERE active AND item_id NOT IN (SELECT item_id FROM incoming)""", [now])
@@ -229,6 +263,12 @@ def ingest_catalogue(source: Path, warehouse: Path, max_reject_share: float = 0.
         con.close()
     if n == 0:
         raise CatalogueError(f"catalogue {source} has no rows")
+    if failed and share <= max_reject_share:
+        raise CatalogueError(
+            f"catalogue {source} would delist {delisted} of the {listed} listed items "
+            f"({delisted / listed:.1%}), above the limit of {max_delist_share:.0%}: a truncated "
+            f"export? Nothing was changed (run {run_id}). To delist that many on purpose, raise "
+            "INSTANTREC_MAX_DELIST_SHARE for this run.")
     if failed:
         raise CatalogueError(
             f"catalogue {source}: {rejected.height} of {n} rows rejected ({share:.1%}), above the "

@@ -89,12 +89,52 @@ def test_price_change_keeps_content_hash_and_missing_items_are_delisted(tmp_path
     ingest_catalogue(write_rows(tmp_path / "c1.csv", GOOD), db)
     before = dict(rows_of(db, "SELECT item_id, content_hash FROM items"))
     changed = [{**GOOD[0], "price": "79.00"}, {**GOOD[1], "title": "Cast Iron Skillet 10 in."}]
-    report = ingest_catalogue(write_rows(tmp_path / "c2.csv", changed), db)
+    report = ingest_catalogue(write_rows(tmp_path / "c2.csv", changed), db, max_delist_share=0.5)
     assert (report.items_new, report.items_changed, report.items_delisted) == (0, 2, 1)
     after = dict(rows_of(db, "SELECT item_id, content_hash FROM items"))
     assert after["A1"] == before["A1"]  # price only: no re-embedding needed
     assert after["A2"] != before["A2"]  # title changed: must be re-embedded
     assert rows_of(db, "SELECT item_id FROM items WHERE NOT active") == [("A3",)]
+
+
+def test_a_truncated_snapshot_is_refused_and_changes_nothing(tmp_path):
+    db = tmp_path / "w.duckdb"
+    ingest_catalogue(write_rows(tmp_path / "c1.csv", GOOD), db)
+    before = rows_of(db, "SELECT * FROM items ORDER BY item_id")
+    # the first row alone, a changed price in it: 2 of 3 listed items would go
+    truncated = write_rows(tmp_path / "c2.csv", [{**GOOD[0], "price": "1.00"}])
+    with pytest.raises(CatalogueError, match=r"would delist 2 of the 3 listed items \(66.7%\)"):
+        ingest_catalogue(truncated, db)
+    assert rows_of(db, "SELECT * FROM items ORDER BY item_id") == before
+    assert rows_of(db, "SELECT status FROM ingest_runs ORDER BY finished_at DESC LIMIT 1") == [
+        ("failed",)]
+    report = ingest_catalogue(truncated, db, max_delist_share=1.0)  # on purpose
+    assert report.items_delisted == 2
+
+
+@pytest.mark.parametrize("header, meant", [
+    ("In_Stock", "in_stock"), ("price ", "price"), ("Price", "price"),
+    ("descripton", "description"), ("in-stock", "in_stock"),
+])
+def test_a_near_miss_header_is_an_error_naming_the_column(tmp_path, header, meant):
+    rows = [{("title" if k == "title" else header if k == meant else k): v
+             for k, v in r.items()} for r in GOOD]
+    with pytest.raises(CatalogueError, match=f"column {header!r} is not a known column; "
+                                             f"did you mean {meant!r}"):
+        ingest_catalogue(write_rows(tmp_path / "c.csv", rows), tmp_path / "w.duckdb")
+
+
+def test_double_carriage_return_line_ends_are_named(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_bytes(b"id,title,price,in_stock\r\r\nA1,Drill,10.00,false\r\r\n")
+    with pytest.raises(CatalogueError, match="check the file's line ends"):
+        ingest_catalogue(path, tmp_path / "w.duckdb")
+
+
+def test_unknown_columns_are_ignored_with_a_warning(tmp_path, caplog):
+    rows = [{**r, "colour": "red"} for r in GOOD]
+    report = ingest_catalogue(write_rows(tmp_path / "c.csv", rows), tmp_path / "w.duckdb")
+    assert report.rows_accepted == 3 and "ignoring unknown columns ['colour']" in caplog.text
 
 
 def test_parquet_catalogue_with_product_uid_column(tmp_path):
