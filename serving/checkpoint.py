@@ -57,6 +57,41 @@ def load_latest(home: Path) -> tuple[CheckpointRef, Ranker] | None:
     return ref, Ranker.load(rankers_dir(home) / ref.file)
 
 
+def load_usable(home: Path, release_id: str,
+                ) -> tuple[CheckpointRef | None, Ranker | None, list[str]]:
+    """The newest readable checkpoint trained for ``release_id``: the one LATEST names, or,
+    when that cannot be read (truncated, corrupt), the newest older file of the release that
+    can. Returns its reference (a fallback keeps LATEST's sequence number, so a reader does
+    not retry the same broken file until a newer one is published), the ranker, and what was
+    skipped and why. ``(None, None, problems)`` when no checkpoint for the release reads."""
+    problems: list[str] = []
+    try:
+        ref = read_latest(home)
+    except ReleaseError as exc:
+        problems.append(str(exc))
+        ref = None
+    if ref is not None and ref.release_id != release_id:
+        return None, None, problems
+    if ref is not None:
+        try:
+            return ref, Ranker.load(rankers_dir(home) / ref.file), problems
+        except ReleaseError as exc:
+            problems.append(str(exc))
+    broken = rankers_dir(home) / ref.file if ref is not None else None
+    for path in sorted((rankers_dir(home) / release_id).glob("ckpt-*.npz"), reverse=True):
+        if path == broken:
+            continue
+        try:
+            ranker = Ranker.load(path)
+        except ReleaseError as exc:
+            problems.append(str(exc))
+            continue
+        if ranker.release_id == release_id:
+            return (CheckpointRef(release_id, f"{release_id}/{path.name}", ranker.meta.offset,
+                                  ref.seq if ref is not None else 0), ranker, problems)
+    return None, None, problems
+
+
 def publish_checkpoint(home: Path, ranker: Ranker, offset: int) -> CheckpointRef:
     """Write ``ranker`` (having applied every event up to ``offset``) and move LATEST to it.
 

@@ -42,6 +42,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,26 +285,32 @@ class Ranker:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
                 arrays = {k: data[k].copy() for k in data.files if k != "meta"}
-        except (OSError, ValueError, KeyError) as exc:
-            raise ReleaseError(f"ranker checkpoint {path} cannot be read: {exc}") from exc
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ReleaseError(f"ranker checkpoint {path} has format {meta.get('format')}")
-        config = RankerConfig(**meta.pop("config"))
-        if arrays["w"].shape == (2,):  # written before the lexical channel: start it at init
-            for key, fill in (("w", config.init_w_lexical), ("init_w", config.init_w_lexical),
-                              ("accum_w", 0.0)):
-                arrays[key] = np.append(arrays[key], fill)
-        release_id = meta.pop("release_id")
-        meta.pop("format")
-        query_item = {}
-        if "qi_keys" in arrays:
-            query_item = {(int(a), int(b)): [float(v), float(g)] for (a, b), (v, g) in
-                          zip(arrays["qi_keys"], arrays["qi_values"], strict=True)}
-        return cls(release_id=release_id, **{k: arrays[k] for k in PARAMS},
-                   init={k: arrays[f"init_{k}"] for k in PARAMS},
-                   accum={k: arrays[f"accum_{k}"] for k in PARAMS}, config=config,
-                   meta=CheckpointMeta.from_json(meta),
-                   query_item=query_item, relevance=RelevanceModel.from_arrays(arrays))
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            # a truncated or overwritten file is a bad checkpoint, not a crash
+            raise ReleaseError(f"ranker checkpoint {path} cannot be read: "
+                               f"{type(exc).__name__}: {exc}") from exc
+        try:
+            if meta.get("format") != CHECKPOINT_FORMAT:
+                raise ReleaseError(f"ranker checkpoint {path} has format {meta.get('format')}")
+            config = RankerConfig(**meta.pop("config"))
+            if arrays["w"].shape == (2,):  # written before the lexical channel: start it at init
+                for key, fill in (("w", config.init_w_lexical), ("init_w", config.init_w_lexical),
+                                  ("accum_w", 0.0)):
+                    arrays[key] = np.append(arrays[key], fill)
+            release_id = meta.pop("release_id")
+            meta.pop("format")
+            query_item = {}
+            if "qi_keys" in arrays:
+                query_item = {(int(a), int(b)): [float(v), float(g)] for (a, b), (v, g) in
+                              zip(arrays["qi_keys"], arrays["qi_values"], strict=True)}
+            return cls(release_id=release_id, **{k: arrays[k] for k in PARAMS},
+                       init={k: arrays[f"init_{k}"] for k in PARAMS},
+                       accum={k: arrays[f"accum_{k}"] for k in PARAMS}, config=config,
+                       meta=CheckpointMeta.from_json(meta),
+                       query_item=query_item, relevance=RelevanceModel.from_arrays(arrays))
+        except (TypeError, KeyError, ValueError, AttributeError) as exc:  # not a checkpoint
+            raise ReleaseError(f"ranker checkpoint {path} is malformed: "
+                               f"{type(exc).__name__}: {exc}") from exc
 
     def for_release(self, release_id: str, old_ids: np.ndarray, new_ids: np.ndarray) -> Ranker:
         """The same model carried over to another release: item biases follow item ids; items

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 
 from serving.cache import LRUCache
-from serving.checkpoint import CheckpointRef, load_latest, read_latest
+from serving.checkpoint import CheckpointRef, load_usable, read_latest
 from serving.encoder import Encoder
 from serving.errors import InvalidInputError, QueryError, ReleaseError, short_repr
 from serving.eventlog import AppendResult, EventLog
@@ -105,9 +105,13 @@ def _make_state(bundle: Bundle, encoder: Encoder, generation: int, home: Path | 
     with ``warm`` before the state is used, otherwise by the first query that needs it)."""
     ranker, seq = None, 0
     if home is not None:
-        latest = load_latest(home)
-        if latest is not None and latest[0].release_id == bundle.release_id:
-            ranker, seq = latest[1], latest[0].seq
+        ref, ranker, problems = load_usable(home, bundle.release_id)
+        if problems:  # serve on: an older checkpoint, or the untrained ranker
+            log.error("ranker checkpoint unusable (%s); serving %s", "; ".join(problems),
+                      f"the older checkpoint {ref.file}" if ref is not None
+                      else "the untrained ranker")
+        if ref is not None:
+            seq = ref.seq
     if ranker is None:
         ranker = Ranker.initial(bundle.release_id, bundle.manifest.encoder.dim, len(bundle.items))
     if len(ranker.item_bias) != len(bundle.items):
