@@ -111,25 +111,67 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(settings, log_level="debug" if args.verbose else "info", server=args.server)
 
 
-def cmd_record(args: argparse.Namespace) -> None:
+def cmd_record(args: argparse.Namespace) -> int:
     from serving.recommender import Recommender
 
     rec = Recommender.load(settings=_settings(args), watch=False)
     if args.file:
-        raw = [json.loads(line) for line in Path(args.file).read_text().splitlines() if line.strip()]
-    else:
-        if not (args.session and args.item and args.type):
-            raise ValueError("record needs --session, --item and --type (or --file)")
-        one = {"session_id": args.session, ITEM_ID: args.item, "type": args.type}
-        for key, value in (("query", args.query), ("position", args.position),
-                           ("user_id", args.user), ("event_id", args.event_id)):
-            if value is not None:
-                one[key] = value
-        raw = [one]
-    stored = rec.record_many(raw)
-    _emit({"recorded": rec.counters["events_recorded"],
-           "duplicates": rec.counters["events_duplicate"],
+        return _record_file(rec, Path(args.file))
+    if not (args.session and args.item and args.type):
+        raise ValueError("record needs --session, --item and --type (or --file)")
+    one = {"session_id": args.session, ITEM_ID: args.item, "type": args.type}
+    for key, value in (("query", args.query), ("position", args.position),
+                       ("user_id", args.user), ("event_id", args.event_id)):
+        if value is not None:
+            one[key] = value
+    stored, result = rec.record_batch([one])
+    _emit({"recorded": result.accepted, "duplicates": result.duplicates,
            "event_ids": [e.event_id for e in stored]})
+    return 0
+
+
+RECORD_BATCH = 1000
+
+
+def _record_file(rec: Any, path: Path) -> int:
+    """Record a JSON-lines file: every valid line is stored (in batches of
+    :data:`RECORD_BATCH`), every bad one reported by its line number and reason; exit status 1
+    when any line was rejected."""
+    from serving.events import EventError, parse_event
+
+    if not path.is_file():
+        raise ValueError(f"events file {path} does not exist or is not a file")
+    key, max_chars = rec.settings.user_key(), rec.settings.max_query_chars
+    recorded = duplicates = 0
+    rejected: list[dict[str, Any]] = []
+    batch: list[Any] = []
+
+    def flush() -> None:
+        nonlocal recorded, duplicates
+        if batch:
+            _, result = rec.record_batch(batch)
+            recorded += result.accepted
+            duplicates += result.duplicates
+            batch.clear()
+
+    with path.open(encoding="utf-8", errors="surrogateescape", newline="") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                batch.append(parse_event(json.loads(line), key, max_chars))
+            except (ValueError, RecursionError) as exc:  # JSON errors are ValueErrors too
+                field = exc.field if isinstance(exc, EventError) else None
+                reason = str(exc) if isinstance(exc, EventError) else f"not JSON: {exc}"
+                rejected.append({"line": number, "field": field, "error": reason[:300]})
+            if len(batch) >= RECORD_BATCH:
+                flush()
+    flush()
+    _emit({"recorded": recorded, "duplicates": duplicates, "rejected": len(rejected),
+           "rejected_lines": rejected[:100]})
+    for bad in rejected[:20]:
+        print(f"instantrec record: {path}:{bad['line']}: {bad['error']}", file=sys.stderr)
+    return 1 if rejected else 0
 
 
 def cmd_nearline(args: argparse.Namespace) -> None:
@@ -428,11 +470,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
-        args.func(args)
+        return int(args.func(args) or 0)
     except (InstantrecError, ValueError) as exc:
         print(f"instantrec {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":
