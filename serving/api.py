@@ -18,12 +18,14 @@ user input never causes a 500.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -359,6 +361,20 @@ class Service:
         self.registry.register(_LiveCollector(self))
         self._stop = threading.Event()
         self._loader: threading.Thread | None = None
+        self._owns_recommender = recommender is None  # closed on shutdown only if ours
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """Where requests run, off the event loop: the encoder, Annoy and numpy release the
+        GIL, so requests overlap on the cores (a plain executor: its hand-off costs less than
+        the framework's default thread pool's). Made on first use, again after a shutdown."""
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=self.settings.http_threads,
+                                                    thread_name_prefix="instantrec-request")
+            return self._executor
 
     def start(self) -> None:
         if self.recommender is None and self._loader is None:
@@ -388,7 +404,11 @@ class Service:
 
     def close(self) -> None:
         self._stop.set()
-        if self.recommender is not None:
+        with self._executor_lock:
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = None
+        if self._owns_recommender and self.recommender is not None:
             self.recommender.close()
 
 
@@ -454,18 +474,21 @@ def create_app(settings: Settings | None = None, recommender: Recommender | None
 
     @app.post("/recommend", response_model=RecommendOut, responses=ERRORS,
               summary="Top k items for a query, a session, or both")
-    def recommend(body: RecommendIn) -> Response:
+    async def recommend(body: RecommendIn) -> Response:
         rec = service.ready()
-        start = time.perf_counter()
-        info: dict[str, Any] = {}
-        results = rec.recommend(body.query, k=body.k,
-                                filters=body.filters.model_dump(exclude_none=True)
-                                if body.filters is not None else None,
-                                session_id=body.session_id, info=info)
-        return _json({"release_id": info["release_id"], "ranker_seq": info["ranker_seq"],
-                      "intent_shift": info["intent_shift"],
-                      "took_ms": round((time.perf_counter() - start) * 1000, 3),
-                      "results": [r.to_dict() for r in results]})
+        filters = body.filters.model_dump(exclude_none=True) if body.filters is not None else None
+
+        def call() -> Response:
+            start = time.perf_counter()
+            info: dict[str, Any] = {}
+            results = rec.recommend(body.query, k=body.k, filters=filters,
+                                    session_id=body.session_id, info=info)
+            return _json({"release_id": info["release_id"], "ranker_seq": info["ranker_seq"],
+                          "intent_shift": info["intent_shift"],
+                          "took_ms": round((time.perf_counter() - start) * 1000, 3),
+                          "results": [r.to_dict() for r in results]})
+
+        return await asyncio.get_running_loop().run_in_executor(service.executor, call)
 
     @app.post("/events", response_model=EventsOut, responses=ERRORS,
               summary="Record one event, or a batch as {\"events\": [...]}",

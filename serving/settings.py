@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     http_max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body "
                                      "accepted (413 above it).")
     http_max_events: int = Field(1000, ge=1, description="Events in one POST /events batch.")
+    http_threads: int = Field(4, ge=1, le=64, description="Threads answering /recommend in "
+                              "one `instantrec serve` process.")
 
     @field_validator("query_steps")
     @classmethod
