@@ -281,8 +281,9 @@ class Recommender:
         vec, shifted = blend_query(qvec, interest, self._session_cfg)
         if shifted and session is not None:
             # the shopper moved on: the old intent stops steering at once
-            session = session.shifted(now, self._session_cfg)
-            self._sessions.put(session_id, session)
+            # atomic: an interaction another replica records meanwhile is faded, not lost
+            session = self._sessions.update(
+                session_id, lambda current: (current or session).shifted(now, self._session_cfg))
             interest = interest_vector(session, state.bundle.vectors, state.row_of, now,
                                        self._session_cfg)
             vec, _ = blend_query(qvec, interest, self._session_cfg)
@@ -493,9 +494,8 @@ class Recommender:
             weight = EVENT_WEIGHTS.get(ev.type)
             if weight is None or ev.item_id not in row_of:
                 continue
-            current = self._sessions.get(ev.session_id) or SessionState()
-            self._sessions.put(ev.session_id, current.add(ev.item_id, weight, ev.ts,
-                                                          self._session_cfg))
+            self._sessions.update(ev.session_id, lambda current, ev=ev, weight=weight: (
+                current or SessionState()).add(ev.item_id, weight, ev.ts, self._session_cfg))
 
     # -- hot reload ---------------------------------------------------------------------
 

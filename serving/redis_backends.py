@@ -240,9 +240,12 @@ class RedisSessionStore:
     sessions active within ``ttl_s``. For a hard memory cap, configure the server's
     ``maxmemory`` with ``maxmemory-policy volatile-lru`` (every session key has a TTL).
 
-    ``get`` then ``put`` is not atomic: two replicas updating one session at the same instant
-    keep the last write, as with any read-modify-write session cache.
+    :meth:`update` is atomic across replicas (optimistic: ``WATCH`` the key, read, ``MULTI``
+    ``SET``, retried when another writer got in between), so two replicas recording into one
+    session at once lose no interaction; ``get`` then ``put`` keeps the last write.
     """
+
+    MAX_RETRIES = 100
 
     def __init__(self, url: str, prefix: str = "instantrec", ttl_s: float = 1800.0) -> None:
         if ttl_s <= 0:
@@ -258,6 +261,9 @@ class RedisSessionStore:
 
     def get(self, session_id: str) -> SessionState | None:
         raw = _call(self.url, "GET session", lambda: self._r.get(self._key(session_id)))
+        return self._decode(session_id, raw)
+
+    def _decode(self, session_id: str, raw: bytes | str | None) -> SessionState | None:
         if raw is None:
             return None
         try:
@@ -274,15 +280,40 @@ class RedisSessionStore:
             log.warning("ignoring unreadable session state %s: %s", self._key(session_id), exc)
             return None
 
-    def put(self, session_id: str, state: SessionState) -> None:
-        payload = json.dumps({
+    @staticmethod
+    def _encode(state: SessionState) -> str:
+        return json.dumps({
             "interactions": [[it.item_id, it.weight, it.ts] for it in state.interactions],
             "shift_ts": state.shift_ts,
             "last_ts": state.last_ts,
             "extra": dict(state.extra),
         }, separators=(",", ":"))
+
+    def put(self, session_id: str, state: SessionState) -> None:
+        payload = self._encode(state)
         _call(self.url, "SET session",
               lambda: self._r.set(self._key(session_id), payload, px=self._ttl_ms))
+
+    def update(self, session_id: str,
+               change: Callable[[SessionState | None], SessionState]) -> SessionState:
+        key = self._key(session_id)
+
+        def attempt() -> SessionState:
+            with self._r.pipeline() as pipe:
+                for _ in range(self.MAX_RETRIES):
+                    try:
+                        pipe.watch(key)
+                        state = change(self._decode(session_id, pipe.get(key)))
+                        pipe.multi()
+                        pipe.set(key, self._encode(state), px=self._ttl_ms)
+                        pipe.execute()
+                        return state
+                    except redis.WatchError:  # another writer got in first: read again
+                        continue
+            raise InstantrecError(f"session {key}: {self.MAX_RETRIES} concurrent writers in a "
+                                  "row got in first; giving up this update")
+
+        return _call(self.url, "UPDATE session", attempt)
 
     def close(self) -> None:
         self._r.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -103,6 +104,12 @@ class SessionStore(Protocol):
     def get(self, session_id: str) -> SessionState | None: ...
     def put(self, session_id: str, state: SessionState) -> None: ...
 
+    def update(self, session_id: str,
+               change: Callable[[SessionState | None], SessionState]) -> SessionState:
+        """Apply ``change`` to the session's current state atomically (no write of another
+        replica or thread in between is lost) and store the result."""
+        ...
+
 
 class MemorySessionStore:
     """In-process, bounded (LRU) and expiring session store; thread-safe."""
@@ -126,10 +133,23 @@ class MemorySessionStore:
 
     def put(self, session_id: str, state: SessionState) -> None:
         with self._lock:
-            self._data[session_id] = (time.monotonic(), state)
-            self._data.move_to_end(session_id)
-            while len(self._data) > self.max_sessions:
-                self._data.popitem(last=False)
+            self._put(session_id, state)
+
+    def _put(self, session_id: str, state: SessionState) -> None:
+        self._data[session_id] = (time.monotonic(), state)
+        self._data.move_to_end(session_id)
+        while len(self._data) > self.max_sessions:
+            self._data.popitem(last=False)
+
+    def update(self, session_id: str,
+               change: Callable[[SessionState | None], SessionState]) -> SessionState:
+        with self._lock:
+            hit = self._data.get(session_id)
+            current = hit[1] if hit is not None and time.monotonic() - hit[0] <= self.ttl_s \
+                else None
+            state = change(current)
+            self._put(session_id, state)
+            return state
 
     def __len__(self) -> int:
         return len(self._data)
