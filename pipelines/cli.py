@@ -106,6 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     settings = load_settings(home=args.home, encoder_path=getattr(args, "encoder", None),
                              http_host=args.host, http_port=args.port)
+    settings.check_scaled_out()  # at start, not at the first event
     print(f"instantrec serving {settings.home} on http://{settings.http_host}:"
           f"{settings.http_port}/ (storefront), /docs (API)", file=sys.stderr)
     serve(settings, log_level="debug" if args.verbose else "info", server=args.server)

@@ -43,6 +43,10 @@ class EncoderError(InstantrecError):
     """The text encoder cannot be loaded or does not match what a release was built with."""
 
 
+class ConfigurationError(InstantrecError):
+    """The settings cannot work together (the message names the setting to change)."""
+
+
 class MeasurementError(InstantrecError):
     """A benchmark could not measure the figure it exists to measure (it says why)."""
 

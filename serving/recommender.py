@@ -166,6 +166,7 @@ class Recommender:
         settings = settings or Settings()
         if home is not None:
             settings = settings.model_copy(update={"home": Path(home)})
+        settings.check_scaled_out()
         releases_dir = settings.releases_dir
         pointer = read_pointer(releases_dir)
         bundle = load_bundle(current_bundle_dir(releases_dir))

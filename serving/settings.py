@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving import layout
+from serving.errors import ConfigurationError
 from serving.query import DEFAULT_STEPS, parse_steps
 
 
@@ -100,10 +101,27 @@ class Settings(BaseSettings):
     def events_path(self) -> Path:
         return layout.events_path(self.home)
 
+    @property
+    def scaled_out(self) -> bool:
+        """Whether processes on several hosts share this deployment's state (a Redis event log
+        or session store)."""
+        return self.events_backend == "redis" or self.sessions_backend == "redis"
+
+    def check_scaled_out(self) -> None:
+        """Refuse a scaled-out process without a configured user-id key: a key created under
+        this host's home would hash one user's id differently on every replica."""
+        if self.scaled_out and self.user_id_key is None:
+            raise ConfigurationError(
+                "a scaled-out process (events_backend or sessions_backend 'redis') needs the "
+                "user-id key shared by every replica: set INSTANTREC_USER_ID_KEY (e.g. "
+                "python -c 'import secrets; print(secrets.token_hex(32))'), the same everywhere")
+
     def user_key(self) -> bytes:
-        """The user-id hashing key: configured, or created once (0600) under home/secrets."""
+        """The user-id hashing key: configured, or created once (0600) under home/secrets
+        (never for a scaled-out process: :meth:`check_scaled_out`)."""
         if self.user_id_key is not None:
             return self.user_id_key.get_secret_value().encode()
+        self.check_scaled_out()
         path = layout.user_key_path(self.home)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)

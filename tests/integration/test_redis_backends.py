@@ -461,3 +461,23 @@ def test_two_replicas_share_sessions_and_the_log(server, demo_home, encoder):
     finally:
         a.close()
         b.close()
+
+
+def test_a_scaled_out_replica_refuses_to_start_without_the_shared_user_key(server, demo_home,
+                                                                         tmp_path):
+    from pipelines.cli import main
+    from serving.errors import ConfigurationError
+    from serving.recommender import Recommender
+
+    settings = make_settings(demo_home, events_backend="redis", redis_url=server.url,
+                             redis_prefix=unique_prefix())
+    with pytest.raises(ConfigurationError, match="set INSTANTREC_USER_ID_KEY"):
+        Recommender.load(settings=settings, watch=False)
+    with pytest.raises(ConfigurationError, match="set INSTANTREC_USER_ID_KEY"):
+        settings.user_key()
+    env = {"INSTANTREC_SESSIONS_BACKEND": "redis", "INSTANTREC_REDIS_URL": server.url}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        mp.delenv("INSTANTREC_USER_ID_KEY", raising=False)
+        assert main(["--home", str(tmp_path), "serve", "--port", "1"]) == 2
