@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS events (
     query      TEXT,
     item_id    TEXT NOT NULL,
     type       TEXT NOT NULL,
-    position   INTEGER
+    position   INTEGER,
+    received   REAL
 );
 """
 
@@ -72,6 +73,9 @@ class SqliteEventLog:
         con.execute("PRAGMA journal_mode=WAL")
         with con:
             con.executescript(_SCHEMA)
+            columns = {row[1] for row in con.execute("PRAGMA table_info(events)")}
+            if "received" not in columns:  # a log written before events had a server time
+                con.execute("ALTER TABLE events ADD COLUMN received REAL")
 
     def _con(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)
@@ -86,8 +90,8 @@ class SqliteEventLog:
         if not events:
             return AppendResult(0, 0)
         con = self._con()
-        rows = [(e.event_id, e.ts, e.session_id, e.user, e.query, e.item_id, e.type, e.position)
-                for e in events]
+        rows = [(e.event_id, e.ts, e.session_id, e.user, e.query, e.item_id, e.type, e.position,
+                 e.received) for e in events]
         new_ids = set()
         con.execute("BEGIN IMMEDIATE")
         try:
@@ -95,7 +99,7 @@ class SqliteEventLog:
                 before = con.total_changes
                 con.execute(
                     "INSERT OR IGNORE INTO events (event_id, ts, session_id, user, query, "
-                    "item_id, type, position) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+                    "item_id, type, position, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
                 if con.total_changes > before:
                     new_ids.add(row[0])
             con.execute("COMMIT")
@@ -106,8 +110,8 @@ class SqliteEventLog:
 
     def read(self, after: int, limit: int = 1000) -> list[LoggedEvent]:
         cur = self._con().execute(
-            "SELECT offset, event_id, ts, session_id, user, query, item_id, type, position "
-            "FROM events WHERE offset > ? ORDER BY offset LIMIT ?", (after, limit))
+            "SELECT offset, event_id, ts, session_id, user, query, item_id, type, position, "
+            "received FROM events WHERE offset > ? ORDER BY offset LIMIT ?", (after, limit))
         return [LoggedEvent(r[0], Event(*r[1:])) for r in cur.fetchall()]
 
     def last_offset(self) -> int:

@@ -26,6 +26,9 @@ MAX_ID_CHARS = 128
 MAX_POSITION = 10_000
 # Events from further than this in the future are refused (clock skew allowance, seconds).
 MAX_FUTURE_S = 300.0
+# Live events (see parse_event's ``live``) older than this are refused: an app may buffer
+# events for a while, but not for days (history goes in through `record --file`).
+MAX_PAST_S = 86_400.0
 
 
 class EventError(InvalidInputError):
@@ -48,6 +51,9 @@ class Event:
     item_id: str
     type: str
     position: int | None
+    # When the server took it (unix seconds), for live traffic; None for imported history.
+    # What rate limits count by: a client's own timestamps cannot spread a burst out.
+    received: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,12 +86,16 @@ FIELDS = frozenset({"event_id", "ts", "timestamp", "session_id", "user_id", "que
 
 
 def parse_event(raw: Mapping[str, Any] | Event, user_key: bytes, max_query_chars: int = 256,
-                now: float | None = None) -> Event:
+                now: float | None = None, live: bool = False) -> Event:
     """Validate a raw event mapping and return an :class:`Event`.
 
     Accepts ``user_id`` (raw, pseudonymised here), ``type`` or ``event_type``, ``ts`` or
     ``timestamp`` (unix seconds; default now), and ``event_id`` (default a new UUID: give your
     own so that re-sending is a no-op). Raises :class:`EventError` naming the field.
+
+    ``live``: the event arrives from a shop now (the serving API), not from imported history:
+    it is stamped with the server's time (``received``), and a ``ts`` more than
+    :data:`MAX_PAST_S` before it is refused.
     """
     if isinstance(raw, Event):
         return raw
@@ -108,6 +118,11 @@ def parse_event(raw: Mapping[str, Any] | Event, user_key: bytes, max_query_chars
                          "ts")
     if ts > now + MAX_FUTURE_S:
         raise EventError(f"event timestamp {short_repr(ts)} is in the future", "ts")
+    if live and ts < now - MAX_PAST_S:
+        raise EventError(f"event timestamp {short_repr(ts)} is {(now - ts) / 3600:.0f} h before "
+                         f"the server's clock; live events may be at most "
+                         f"{MAX_PAST_S / 3600:.0f} h old (import history with `record --file`)",
+                         "ts")
     position = raw.get("position")
     if position is not None and (isinstance(position, bool) or not isinstance(position, int)
                                  or not 1 <= position <= MAX_POSITION):
@@ -129,4 +144,5 @@ def parse_event(raw: Mapping[str, Any] | Event, user_key: bytes, max_query_chars
         item_id=_text_id(raw, ITEM_ID),
         type=etype,
         position=position,
+        received=now if live else None,
     )

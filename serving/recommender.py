@@ -398,7 +398,8 @@ class Recommender:
         parsed = []
         for i, raw in enumerate(events):
             try:
-                parsed.append(parse_event(raw, self._user_key, self._settings.max_query_chars))
+                parsed.append(parse_event(raw, self._user_key, self._settings.max_query_chars,
+                                          live=True))
             except EventError as exc:
                 self.counters["rejected_events"] += 1
                 if len(events) > 1:

@@ -38,7 +38,8 @@ DEDUPE_TTL_S = 7 * 24 * 3600        # how long a seen event id is remembered
 MIN_SERVER = (6, 2)                 # exclusive XRANGE starts "(ms-seq"
 
 # Field order of a stream entry; a None value is stored as an absent field.
-_FIELDS = ("event_id", "ts", "session_id", "user", "query", ITEM_ID, "type", "position")
+_FIELDS = ("event_id", "ts", "session_id", "user", "query", ITEM_ID, "type", "position",
+           "received")
 
 # KEYS[1] = stream, KEYS[1 + i] = dedupe key of event i.
 # ARGV[1] = dedupe ttl (s), then per event: n (number of field/value pairs), then 2n strings.
@@ -123,7 +124,7 @@ def _event_fields(e: Event) -> list[str]:
         value = getattr(e, name)
         if value is None:
             continue
-        if name == "ts":
+        if name in ("ts", "received"):
             value = repr(float(value))      # repr round-trips a float exactly
         out += [name, str(value)]
     return out
@@ -140,6 +141,7 @@ def _event_from(fields: dict[str, str]) -> Event:
         item_id=fields[ITEM_ID],
         type=fields["type"],
         position=int(position) if position is not None else None,
+        received=float(fields["received"]) if "received" in fields else None,
     )
 
 

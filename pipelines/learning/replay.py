@@ -133,18 +133,21 @@ class FeedbackReplay:
     def _abusive(self, ev: Event) -> bool:
         """More positive events per window than a person makes, per session and per user."""
         limit, window = self.settings.abuse_max_clicks, self.settings.abuse_window_s
+        # the server's clock where there is one: a client cannot spread a burst out by
+        # sending timestamps of its own choosing (imported history has only its own)
+        clock = ev.received if ev.received is not None else ev.ts
         flagged = False
         for key in (f"s:{ev.session_id}", f"u:{ev.user}" if ev.user else None):
             if key is None:
                 continue
             times = self.rate.setdefault(key, deque())
-            while times and times[0] < ev.ts - window:
+            while times and times[0] < clock - window:
                 times.popleft()
             if len(times) >= limit:
                 flagged = True
-            times.append(ev.ts)
+            times.append(clock)
         if len(self.rate) > MAX_KEYS:
-            for key in [k for k, v in self.rate.items() if not v or v[-1] < ev.ts - window]:
+            for key in [k for k, v in self.rate.items() if not v or v[-1] < clock - window]:
                 del self.rate[key]
         return flagged
 

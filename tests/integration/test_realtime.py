@@ -19,7 +19,7 @@ from pipelines.learning.nearline import NearlineUpdater
 from serving import Recommender
 from serving.checkpoint import read_latest
 from serving.eventlog import SqliteEventLog
-from serving.events import parse_event
+from serving.events import EventError, parse_event
 from serving.ranker import Ranker
 from tests.conftest import make_settings
 
@@ -142,6 +142,23 @@ def test_a_stream_of_clicks_improves_the_query_for_everyone(demo_copy, encoder):
                {b.item_id for b in before[:6]})
     # items' global biases do not learn online (they cost queries without feedback)
     assert all(r.signals["item_bias"] == 0.0 for r in after)
+
+
+def test_client_timestamps_cannot_spread_a_bot_burst_past_the_abuse_filter(demo_copy, encoder):
+    """50 clicks sent at once by one user, with timestamps spread over ten minutes: the rate
+    limit counts by the server's clock, so all but the first 10 in the window are dropped;
+    the same history imported (`record --file`, no server time) keeps its own clock."""
+    settings = make_settings(demo_copy)
+    rec = load(demo_copy, encoder)
+    item = rec.recommend("coffee maker", k=1)[0].item_id
+    now = time.time()
+    rec.record_many([{"event_id": f"bot-{i}", "session_id": f"bot-s{i}", "user_id": "bot",
+                      "item_id": item, "type": "click", "query": "coffee maker",
+                      "position": 1, "ts": now - 600 + 12 * i} for i in range(50)])
+    summary = NearlineUpdater(settings, encoder).run_once()
+    assert summary["counters"]["abuse_dropped"] == 40
+    with pytest.raises(EventError, match="h before the server's clock"):
+        rec.record({"session_id": "s", "item_id": item, "type": "click", "ts": 1.0})
 
 
 def test_serving_never_applies_a_checkpoint_trained_for_another_release(demo_copy, encoder):

@@ -61,3 +61,14 @@ def test_invalid_events_carry_the_field(patch, field):
 def test_non_mapping_is_rejected():
     with pytest.raises(EventError, match="must be a mapping"):
         parse_event(["click"], KEY)
+
+
+def test_live_events_carry_the_server_time_and_may_not_be_days_old():
+    ev = parse_event({**BASE, "ts": 990.0}, KEY, now=1000.0, live=True)
+    assert (ev.ts, ev.received) == (990.0, 1000.0)
+    with pytest.raises(EventError, match="h before the server's clock") as caught:
+        parse_event({**BASE, "ts": 1.0}, KEY, now=1_000_000.0, live=True)
+    assert caught.value.field == "ts"
+    # imported history keeps its own time and has no server time
+    old = parse_event({**BASE, "ts": 1.0}, KEY, now=1_000_000.0)
+    assert (old.ts, old.received) == (1.0, None)
