@@ -15,7 +15,7 @@ from typing import Any
 
 from serving.errors import MeasurementError
 
-NAMES = ("nearline", "serving", "ann", "embed", "refresh", "growth", "http")
+NAMES = ("nearline", "serving", "ann", "embed", "refresh", "growth", "http", "fuzz")
 
 
 def load(name: str) -> ModuleType:
