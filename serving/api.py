@@ -140,6 +140,7 @@ class ErrorOut(BaseModel):
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorOut, "description": "invalid input; `field` names it"},
+    429: {"model": ErrorOut, "description": "too many requests for one session or user"},
     503: {"model": ErrorOut, "description": "no release loaded yet"},
 }
 _EVENTS_BODY: TypeAdapter[EventIn | EventsIn] = TypeAdapter(EventIn | EventsIn)
@@ -340,6 +341,51 @@ def _capped(receive: Any, limit: int) -> Any:
     return wrapped
 
 
+# -- rate limits ----------------------------------------------------------------------------
+
+class RateLimiter:
+    """Token buckets per key (a session, a user): ``rate`` requests a second on average,
+    ``burst`` at once. A flood from one key is refused (429) without slowing anyone else.
+    Bounded: the least recently seen keys are forgotten past ``max_keys``. Keys are hashed
+    with a per-process salt, so no raw user id is held."""
+
+    def __init__(self, rate: float, burst: float, max_keys: int = 100_000) -> None:
+        import hashlib
+        import os
+        from collections import OrderedDict
+
+        self.rate, self.burst, self.max_keys = rate, burst, max_keys
+        self._salt = os.urandom(16)
+        self._hash = hashlib.blake2b
+        self._buckets: OrderedDict[bytes, tuple[float, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def allow(self, key: str, now: float | None = None) -> float:
+        """0.0 if a request for ``key`` may go ahead now (and count it), else the seconds
+        until it may."""
+        digest = self._hash(key.encode("utf-8", "surrogatepass"), key=self._salt,
+                            digest_size=16).digest()
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            tokens, last = self._buckets.pop(digest, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            wait = 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+            self._buckets[digest] = (tokens - 1.0 if wait == 0.0 else tokens, now)
+            while len(self._buckets) > self.max_keys:
+                self._buckets.popitem(last=False)
+        return wait
+
+
+def _limit(limiter: RateLimiter, keys: list[tuple[str, str]], service: Service) -> None:
+    """Raise a 429 naming the field whose key is over its rate."""
+    for field, key in keys:
+        wait = limiter.allow(key)
+        if wait > 0:
+            service.errors.labels("RateLimited").inc()
+            raise ServiceError(429, "RateLimited", f"too many requests for this {field}; "
+                               f"retry in {wait:.2f} s", field)
+
+
 # -- the service ----------------------------------------------------------------------------
 
 class Service:
@@ -362,6 +408,9 @@ class Service:
         self._stop = threading.Event()
         self._loader: threading.Thread | None = None
         self._owns_recommender = recommender is None  # closed on shutdown only if ours
+        self.recommend_limit = RateLimiter(settings.http_rate_recommend, 2 * settings.
+                                           http_rate_recommend)
+        self.events_limit = RateLimiter(settings.http_rate_events, 2 * settings.http_rate_events)
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
 
@@ -476,6 +525,8 @@ def create_app(settings: Settings | None = None, recommender: Recommender | None
               summary="Top k items for a query, a session, or both")
     async def recommend(body: RecommendIn) -> Response:
         rec = service.ready()
+        if body.session_id is not None:
+            _limit(service.recommend_limit, [("session_id", f"s:{body.session_id}")], service)
         filters = body.filters.model_dump(exclude_none=True) if body.filters is not None else None
 
         def call() -> Response:
@@ -512,6 +563,9 @@ def create_app(settings: Settings | None = None, recommender: Recommender | None
             raise ServiceError(413, "TooManyEvents", f"{len(items)} events in one request; "
                                f"the limit is {limit} (the http_max_events setting)", "events")
         rec = service.ready()
+        keys = {("session_id", f"s:{e.session_id}") for e in items} | {
+            ("user_id", f"u:{e.user_id}") for e in items if e.user_id is not None}
+        _limit(service.events_limit, sorted(keys), service)
         raws = [e.model_dump(exclude_none=True) for e in items]
         from starlette.concurrency import run_in_threadpool
 

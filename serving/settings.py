@@ -77,6 +77,12 @@ class Settings(BaseSettings):
     http_max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body "
                                      "accepted (413 above it).")
     http_max_events: int = Field(1000, ge=1, description="Events in one POST /events batch.")
+    http_rate_recommend: float = Field(
+        10.0, gt=0.0, description="POST /recommend requests a second per session (bursts of "
+        "twice that); past it 429.")
+    http_rate_events: float = Field(
+        50.0, gt=0.0, description="POST /events requests a second per session and per user "
+        "(bursts of twice that); past it 429.")
     http_threads: int = Field(4, ge=1, le=64, description="Threads answering /recommend in "
                               "one `instantrec serve` process.")
 

@@ -139,6 +139,37 @@ def test_bad_input_is_a_4xx_naming_the_field(client, method, path, body, status,
     assert error["message"]
 
 
+def test_a_flood_from_one_session_is_refused_without_starving_another(home):
+    # 1 request a second per session or user (bursts of 2), so that how fast this machine
+    # answers cannot change which requests get through
+    app = create_app(make_settings(home, http_rate_recommend=1.0, http_rate_events=1.0))
+    with TestClient(app) as client:
+        while client.get("/readyz").status_code != 200:
+            time.sleep(0.1)
+        bot = {"query": "headphones", "k": 5, "session_id": "flood-bot"}
+        human = {"query": "headphones", "k": 5, "session_id": "flood-human"}
+        statuses: dict[str, list[int]] = {"bot": [], "human": []}
+        start = time.monotonic()
+        for i in range(100):  # 100x the allowed pace, from one session
+            statuses["bot"].append(client.post("/recommend", json=bot).status_code)
+            if i % 50 == 0:
+                statuses["human"].append(client.post("/recommend", json=human).status_code)
+        allowed = 2 + (time.monotonic() - start) * 1.0 + 1  # burst + refill (+1 rounding)
+        assert statuses["bot"][:2] == [200, 200]
+        assert statuses["bot"].count(200) <= allowed and statuses["bot"].count(429) >= 90
+        assert statuses["human"] == [200, 200]  # the other session is served throughout
+        resp = client.post("/recommend", json=bot)
+        assert resp.status_code == 429 and resp.json()["error"]["field"] == "session_id"
+        assert "retry in" in resp.json()["error"]["message"]
+        flood = {"events": [{"type": "impression", "session_id": f"flood-{i}",
+                             "item_id": "SKU-10001", "user_id": "flooder"}]}
+        codes = [client.post("/events", json={"events": [
+            {**flood["events"][0], "session_id": f"flood-{i}"}]}).status_code for i in range(50)]
+        assert codes[:2] == [200, 200] and codes.count(429) >= 45  # by user, across sessions
+        metrics = client.get("/metrics").text
+        assert 'instantrec_http_errors_total{kind="RateLimited"}' in metrics
+
+
 def test_malformed_and_oversized_bodies(client):
     for path in ("/recommend", "/events"):
         resp = client.post(path, content=b"{nope", headers={"content-type": "application/json"})

@@ -79,3 +79,18 @@ def test_filters_are_parsed_or_refused_naming_the_field(raw):
         return
     for price in (parsed.min_price, parsed.max_price):
         assert price is None or (isinstance(price, float) and 0 <= price <= 1e12)
+
+
+def test_rate_limiter_buckets_refill_and_stay_apart():
+    from serving.api import RateLimiter
+
+    limiter = RateLimiter(rate=2.0, burst=4.0)
+    assert [limiter.allow("a", now=0.0) for _ in range(4)] == [0.0] * 4
+    assert limiter.allow("a", now=0.0) == 0.5          # empty: one token in half a second
+    assert limiter.allow("b", now=0.0) == 0.0          # another key has its own bucket
+    assert limiter.allow("a", now=0.5) == 0.0          # refilled
+    assert limiter.allow("a", now=0.5) > 0
+    small = RateLimiter(rate=1.0, burst=1.0, max_keys=2)
+    for key in ("x", "y", "z"):
+        small.allow(key, now=0.0)
+    assert len(small._buckets) == 2                     # bounded
