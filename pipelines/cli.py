@@ -131,6 +131,16 @@ def cmd_record(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_forget(args: argparse.Namespace) -> None:
+    from serving.recommender import Recommender
+
+    rec = Recommender.load(settings=_settings(args), watch=False)
+    try:
+        _emit(rec.forget(args.user))
+    finally:
+        rec.close()
+
+
 RECORD_BATCH = 1000
 
 
@@ -351,6 +361,12 @@ def _serving_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_record)
 
 
+def _forget_command(sub: Any) -> None:
+    p = sub.add_parser("forget", help="remove a user's events and session state")
+    p.add_argument("--user", required=True, help="the raw user id, as the shop sent it")
+    p.set_defaults(func=cmd_forget)
+
+
 def _learning_commands(sub: Any) -> None:
     """Learning from feedback: nearline, retrain, finetune."""
     p = sub.add_parser("nearline", help="fold feedback events into the ranker continuously")
@@ -455,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    for add_commands in (_catalogue_commands, _serving_commands, _learning_commands,
+    for add_commands in (_catalogue_commands, _serving_commands, _forget_command,
+                         _learning_commands,
                          _bench_commands, _offline_commands):
         add_commands(sub)
     return parser

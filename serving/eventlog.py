@@ -37,6 +37,7 @@ class EventLog(Protocol):
     def append(self, events: Sequence[Event]) -> AppendResult: ...
     def read(self, after: int, limit: int = 1000) -> list[LoggedEvent]: ...
     def last_offset(self) -> int: ...
+    def forget(self, user: str) -> tuple[int, set[str]]: ...
     def close(self) -> None: ...
 
 
@@ -120,6 +121,23 @@ class SqliteEventLog:
 
     def count(self) -> int:
         return int(self._con().execute("SELECT count(*) FROM events").fetchone()[0])
+
+    def forget(self, user: str) -> tuple[int, set[str]]:
+        """Delete every event of ``user`` (its pseudonym); returns how many and their
+        sessions. The rows are gone from the file, not only unlinked (``secure_delete``)."""
+        con = self._con()
+        con.execute("PRAGMA secure_delete=ON")
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            sessions = {r[0] for r in con.execute(
+                "SELECT DISTINCT session_id FROM events WHERE user = ?", (user,))}
+            deleted = con.execute("DELETE FROM events WHERE user = ?", (user,)).rowcount
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # nor in the write-ahead log
+        return int(deleted), sessions
 
     def close(self) -> None:
         con = getattr(self._local, "con", None)

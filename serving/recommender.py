@@ -414,6 +414,22 @@ class Recommender:
         self._apply_to_sessions([ev for ev in parsed if ev.event_id in result.new_ids])
         return parsed, result
 
+    def forget(self, user_id: str) -> dict[str, int]:
+        """Remove a user: every stored event of theirs (found by the keyed hash of
+        ``user_id``) and the state of every session those events belonged to. Returns what
+        was removed. The ranker keeps only aggregates (per query and item), never a user."""
+        from serving.events import pseudonymise
+
+        if not isinstance(user_id, str) or not user_id or len(user_id) > MAX_ID_CHARS:
+            raise InvalidInputError(f"user_id must be a string of 1 to {MAX_ID_CHARS} "
+                                    "characters", "user_id")
+        if self._user_key is None:
+            self._user_key = self._settings.user_key()
+        deleted, sessions = self._log().forget(pseudonymise(user_id, self._user_key))
+        cleared = sum(self._sessions.delete(sid) for sid in sessions)
+        self.counters["users_forgotten"] += 1
+        return {"events_deleted": deleted, "sessions": len(sessions), "sessions_cleared": cleared}
+
     @property
     def event_log(self) -> EventLog:
         """The durable event log this recommender records to (opened on first use)."""

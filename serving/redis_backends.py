@@ -228,6 +228,27 @@ class RedisEventLog:
     def count(self) -> int:
         return int(_call(self.url, "XLEN", lambda: self._r.xlen(self.stream)))
 
+    def forget(self, user: str, batch: int = 5000) -> tuple[int, set[str]]:
+        """Delete every entry of ``user`` (its pseudonym) from the stream (XDEL); returns how
+        many and their sessions. Reads the whole stream: an operator's request, not a hot path."""
+        ids: list[str] = []
+        sessions: set[str] = set()
+        start = "-"
+        while True:
+            entries = _call(self.url, "XRANGE", lambda s=start: self._r.xrange(
+                self.stream, min=s, max="+", count=batch))
+            for sid, fields in entries:
+                if fields.get("user") == user:
+                    ids.append(sid)
+                    sessions.add(fields["session_id"])
+            if len(entries) < batch:
+                break
+            start = "(" + entries[-1][0]
+        for i in range(0, len(ids), 1000):
+            chunk = ids[i:i + 1000]
+            _call(self.url, "XDEL", lambda c=chunk: self._r.xdel(self.stream, *c))
+        return len(ids), sessions
+
     def close(self) -> None:
         self._r.close()
 
@@ -316,6 +337,9 @@ class RedisSessionStore:
                                   "row got in first; giving up this update")
 
         return _call(self.url, "UPDATE session", attempt)
+
+    def delete(self, session_id: str) -> bool:
+        return bool(_call(self.url, "DEL session", lambda: self._r.delete(self._key(session_id))))
 
     def close(self) -> None:
         self._r.close()

@@ -110,6 +110,8 @@ class SessionStore(Protocol):
         replica or thread in between is lost) and store the result."""
         ...
 
+    def delete(self, session_id: str) -> bool: ...
+
 
 class MemorySessionStore:
     """In-process, bounded (LRU) and expiring session store; thread-safe."""
@@ -150,6 +152,10 @@ class MemorySessionStore:
             state = change(current)
             self._put(session_id, state)
             return state
+
+    def delete(self, session_id: str) -> bool:
+        with self._lock:
+            return self._data.pop(session_id, None) is not None
 
     def __len__(self) -> int:
         return len(self._data)

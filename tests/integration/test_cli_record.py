@@ -41,3 +41,19 @@ def test_a_missing_file_is_a_clear_error(demo_copy, tmp_path, capsys):
     assert main(["--home", str(demo_copy), "record", "--file", str(tmp_path / "none")]) == 2
     assert "does not exist or is not a file" in capsys.readouterr().err
     assert main(["--home", str(demo_copy), "record", "--file", str(tmp_path)]) == 2
+
+
+def test_forget_removes_a_users_events_from_the_command_line(demo_copy, tmp_path, capsys):
+    path = tmp_path / "events.jsonl"
+    path.write_text("\n".join([_event(1, user_id="bob"), _event(2, user_id="bob"),
+                               _event(3, user_id="carol")]) + "\n")
+    assert main(["--home", str(demo_copy), "record", "--file", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["--home", str(demo_copy), "forget", "--user", "bob"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"events_deleted": 2, "sessions": 1,
+                                                   "sessions_cleared": 0}
+    log = SqliteEventLog(demo_copy / "events" / "events.db")
+    try:
+        assert [e.event.event_id for e in iter_all(log)] == ["f-3"]
+    finally:
+        log.close()
