@@ -70,14 +70,18 @@ airflow-stop:
 airflow-status:
 	infra/local/airflow.sh status
 
+# Both cores: a test file per worker (module fixtures and servers stay within one process);
+# 399 tests in 9 min on 2 cores against 14 min in one process.
+PYTEST_PARALLEL := -n 2 --dist loadfile
+
 test: install system-deps
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(PYTEST_PARALLEL)
 
 test-unit: install
 	$(BIN)/pytest -q tests/unit
 
 test-integration: install system-deps
-	$(BIN)/pytest -q tests/integration
+	$(BIN)/pytest -q $(PYTEST_PARALLEL) tests/integration
 
 lint: install
 	$(BIN)/ruff check dags pipelines serving tests
