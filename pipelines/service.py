@@ -1,5 +1,6 @@
 """``instantrec serve`` as a child process on loopback, started and stopped by PID.
 
+Also the loopback helpers every test server uses (:func:`free_port`, :func:`die_with_parent`).
 Used by ``instantrec bench http`` and the service's tests: the server runs exactly as an
 operator starts it (the console script, its own process), bound to 127.0.0.1 on a free port,
 and is stopped with SIGTERM (then SIGKILL) by its PID, never left behind.
@@ -32,7 +33,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: SIGTERM it if the parent dies without stopping it."""
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -79,7 +80,7 @@ class ServiceProcess:
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env={**os.environ, **self.env},
-                                         preexec_fn=_die_with_parent)
+                                         preexec_fn=die_with_parent)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -19,12 +19,15 @@ user input never causes a 500.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
+import os
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -158,10 +161,9 @@ class ServiceError(Exception):
         self.status, self.kind, self.field = status, kind, field
 
 
-def _error(status: int, kind: str, message: str, field: str | None = None,
-           extra: dict[str, Any] | None = None) -> JSONResponse:
-    body: dict[str, Any] = {"type": kind, "field": field, "message": message}
-    return JSONResponse({"error": body | (extra or {})}, status_code=status)
+def _error(status: int, kind: str, message: str, field: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"type": kind, "field": field, "message": message}},
+                        status_code=status)
 
 
 def _field_of(loc: tuple[Any, ...] | list[Any]) -> str | None:
@@ -350,21 +352,16 @@ class RateLimiter:
     with a per-process salt, so no raw user id is held."""
 
     def __init__(self, rate: float, burst: float, max_keys: int = 100_000) -> None:
-        import hashlib
-        import os
-        from collections import OrderedDict
-
         self.rate, self.burst, self.max_keys = rate, burst, max_keys
         self._salt = os.urandom(16)
-        self._hash = hashlib.blake2b
         self._buckets: OrderedDict[bytes, tuple[float, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def allow(self, key: str, now: float | None = None) -> float:
         """0.0 if a request for ``key`` may go ahead now (and count it), else the seconds
         until it may."""
-        digest = self._hash(key.encode("utf-8", "surrogatepass"), key=self._salt,
-                            digest_size=16).digest()
+        digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), key=self._salt,
+                                 digest_size=16).digest()
         now = time.monotonic() if now is None else now
         with self._lock:
             tokens, last = self._buckets.pop(digest, (self.burst, now))
@@ -567,10 +564,9 @@ def create_app(settings: Settings | None = None, recommender: Recommender | None
             ("user_id", f"u:{e.user_id}") for e in items if e.user_id is not None}
         _limit(service.events_limit, sorted(keys), service)
         raws = [e.model_dump(exclude_none=True) for e in items]
-        from starlette.concurrency import run_in_threadpool
-
-        try:
-            stored, result = await run_in_threadpool(rec.record_batch, raws)
+        try:  # on the request threads, as /recommend: the durable append waits on the disk
+            stored, result = await asyncio.get_running_loop().run_in_executor(
+                service.executor, rec.record_batch, raws)
         except EventError as exc:
             if batch and exc.field and not exc.field.startswith("events"):
                 exc.field = f"events[0].{exc.field}"
@@ -651,8 +647,6 @@ def serve(settings: Settings, log_level: str = "info", server: str = "uvicorn") 
         uvicorn.run(create_app(settings), host=settings.http_host, port=settings.http_port,
                     log_level=log_level, access_log=False, server_header=False)
     elif server == "granian":
-        import os
-
         from granian.constants import Interfaces
         from granian.server import Server
 

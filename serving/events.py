@@ -64,6 +64,17 @@ def pseudonymise(user_id: str, key: bytes) -> str:
     return "u_" + hmac.new(key, user_id.encode(), hashlib.sha256).hexdigest()[:32]
 
 
+def check_id(value: object, name: str,
+             error: type[InvalidInputError] = InvalidInputError) -> str:
+    """``value`` as an id (a session, a user): a printable string of 1 to
+    :data:`MAX_ID_CHARS` characters; else ``error`` naming ``name``."""
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS or (
+            not value.isprintable()):
+        raise error(f"{name} must be a printable string of 1 to {MAX_ID_CHARS} characters",
+                    name)
+    return value
+
+
 def _text_id(raw: Mapping[str, Any], name: str, required: bool = True) -> str | None:
     value = raw.get(name)
     if value is None or value == "":

@@ -27,7 +27,7 @@ from serving.checkpoint import CheckpointRef, load_usable, read_latest
 from serving.encoder import Encoder
 from serving.errors import InvalidInputError, QueryError, ReleaseError, short_repr
 from serving.eventlog import AppendResult, EventLog
-from serving.events import MAX_ID_CHARS, Event, EventError, parse_event
+from serving.events import Event, EventError, check_id, parse_event
 from serving.layout import encoders_dir, rankers_dir
 from serving.manifest import Manifest
 from serving.query import DEFAULT_STEPS, Step, Vocabulary, parse_steps
@@ -52,6 +52,7 @@ from serving.session import (
     SessionState,
     SessionStore,
     blend_query,
+    current_weight,
     interest_vector,
     session_signal,
 )
@@ -152,6 +153,7 @@ class Recommender:
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self.counters: Counter[str] = Counter()
+        self._categories: tuple[str, dict[str, int]] | None = None  # (release, counts)
 
     # -- construction -------------------------------------------------------------------
 
@@ -254,11 +256,8 @@ class Recommender:
                 raise InvalidInputError(f"k must be an integer from 1 to {MAX_K}, got "
                                         f"{short_repr(k)}", "k")
             parsed = Filters.parse(filters)
-            if session_id is not None and (
-                    not isinstance(session_id, str) or not session_id
-                    or len(session_id) > MAX_ID_CHARS or not session_id.isprintable()):
-                raise InvalidInputError(f"session_id must be a printable string of 1 to "
-                                        f"{MAX_ID_CHARS} characters", "session_id")
+            if session_id is not None:
+                check_id(session_id, "session_id")
         except InvalidInputError as exc:
             self.counters[f"rejected_{type(exc).__name__}"] += 1
             raise
@@ -420,9 +419,7 @@ class Recommender:
         was removed. The ranker keeps only aggregates (per query and item), never a user."""
         from serving.events import pseudonymise
 
-        if not isinstance(user_id, str) or not user_id or len(user_id) > MAX_ID_CHARS:
-            raise InvalidInputError(f"user_id must be a string of 1 to {MAX_ID_CHARS} "
-                                    "characters", "user_id")
+        check_id(user_id, "user_id")
         if self._user_key is None:
             self._user_key = self._settings.user_key()
         deleted, sessions = self._log().forget(pseudonymise(user_id, self._user_key))
@@ -453,21 +450,24 @@ class Recommender:
                 "price": None if price != price else price, "in_stock": bool(items.in_stock[row])}
 
     def categories(self) -> dict[str, int]:
-        """Items per category in the live release, most items first."""
-        values, counts = np.unique(np.asarray([c for c in self._state.bundle.items.categories
-                                               if c is not None], dtype=object).astype(str),
-                                   return_counts=True)
-        order = np.argsort(-counts, kind="stable")
-        return {str(values[i]): int(counts[i]) for i in order}
+        """Items per category in the live release, most items first (counted once a
+        release)."""
+        bundle = self._state.bundle
+        cached = self._categories
+        if cached is None or cached[0] != bundle.release_id:
+            values, counts = np.unique(np.asarray([c for c in bundle.items.categories
+                                                   if c is not None], dtype=object).astype(str),
+                                       return_counts=True)
+            order = np.argsort(-counts, kind="stable")
+            cached = (bundle.release_id, {str(values[i]): int(counts[i]) for i in order})
+            self._categories = cached
+        return dict(cached[1])
 
     def session_summary(self, session_id: str, now: float | None = None) -> dict[str, Any]:
         """What the session's next request will be shaped by: its recent interactions (newest
         first, each with its current weight after decay and any intent shift), the strength of
         its interest, the categories it leans to, and when the last intent shift happened."""
-        if not isinstance(session_id, str) or not session_id or len(
-                session_id) > MAX_ID_CHARS or not session_id.isprintable():
-            raise InvalidInputError(f"session_id must be a printable string of 1 to "
-                                    f"{MAX_ID_CHARS} characters", "session_id")
+        check_id(session_id, "session_id")
         now = time.time() if now is None else now
         state = self._state
         session = self._sessions.get(session_id)
@@ -475,14 +475,13 @@ class Recommender:
         interactions = []
         leaning: Counter[str] = Counter()
         for it in reversed(session.interactions if session is not None else ()):
-            age = now - it.ts
-            if age > cfg.ttl_s:
+            weight = current_weight(it, now, cfg)
+            if weight is None:
                 continue
-            weight = it.weight * 0.5 ** (max(age, 0.0) / cfg.half_life_s)
             item = self.item(it.item_id)
             interactions.append({ITEM_ID: it.item_id, "title": item and item["title"],
-                                 "category": item and item["category"], "age_s": round(age, 1),
-                                 "weight": round(weight, 4)})
+                                 "category": item and item["category"],
+                                 "age_s": round(now - it.ts, 1), "weight": round(weight, 4)})
             if item is not None and item["category"]:
                 leaning[item["category"]] += weight
         interest = interest_vector(session, state.bundle.vectors, state.row_of, now, cfg)

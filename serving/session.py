@@ -57,6 +57,15 @@ class SessionState:
         return replace(self, interactions=items, last_ts=max(self.last_ts, ts))
 
 
+def current_weight(it: Interaction, now: float, cfg: SessionConfig) -> float | None:
+    """What an interaction weighs at ``now``: halved every ``half_life_s``; None once it is
+    older than ``ttl_s`` (it no longer counts)."""
+    age = now - it.ts
+    if age > cfg.ttl_s:
+        return None
+    return it.weight * 0.5 ** (max(age, 0.0) / cfg.half_life_s)
+
+
 def interest_vector(state: SessionState | None, vectors: np.ndarray, row_of: dict[str, int],
                     now: float, cfg: SessionConfig) -> np.ndarray | None:
     """Decayed, weighted sum of the session's recent item vectors (not normalised), or None.
@@ -67,11 +76,10 @@ def interest_vector(state: SessionState | None, vectors: np.ndarray, row_of: dic
         return None
     total = None
     for it in state.interactions:
-        age = now - it.ts
+        w = current_weight(it, now, cfg)
         row = row_of.get(it.item_id)
-        if row is None or age > cfg.ttl_s:
+        if row is None or w is None:
             continue
-        w = it.weight * 0.5 ** (max(age, 0.0) / cfg.half_life_s)
         v = w * np.asarray(vectors[row], dtype=np.float32)
         total = v if total is None else total + v
     return total
@@ -123,15 +131,17 @@ class MemorySessionStore:
         self.ttl_s = ttl_s
 
     def get(self, session_id: str) -> SessionState | None:
-        now = time.monotonic()
         with self._lock:
-            hit = self._data.get(session_id)
-            if hit is None:
-                return None
-            if now - hit[0] > self.ttl_s:
-                del self._data[session_id]
-                return None
-            return hit[1]
+            return self._get(session_id)
+
+    def _get(self, session_id: str) -> SessionState | None:
+        hit = self._data.get(session_id)
+        if hit is None:
+            return None
+        if time.monotonic() - hit[0] > self.ttl_s:
+            del self._data[session_id]
+            return None
+        return hit[1]
 
     def put(self, session_id: str, state: SessionState) -> None:
         with self._lock:
@@ -146,10 +156,7 @@ class MemorySessionStore:
     def update(self, session_id: str,
                change: Callable[[SessionState | None], SessionState]) -> SessionState:
         with self._lock:
-            hit = self._data.get(session_id)
-            current = hit[1] if hit is not None and time.monotonic() - hit[0] <= self.ttl_s \
-                else None
-            state = change(current)
+            state = change(self._get(session_id))
             self._put(session_id, state)
             return state
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,15 +25,11 @@ from typing import Any
 
 import psutil
 
+from pipelines.service import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "infra" / "local" / "airflow.sh"
 COMPONENTS = ("api-server", "scheduler", "dag-processor")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class AirflowServices:

@@ -6,9 +6,7 @@ tests that need it, loudly, and never skips them.
 
 from __future__ import annotations
 
-import ctypes
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,14 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.service import die_with_parent, free_port
+
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _binary() -> str:
@@ -36,12 +30,6 @@ def _binary() -> str:
                     "run `make system-deps` (as root: apt-get install -y redis-server)",
                     pytrace=False)
     return path
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM it if the test process dies without cleaning up."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _ping(port: int) -> bool:
@@ -78,7 +66,7 @@ class RedisServer:
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                preexec_fn=die_with_parent if sys.platform == "linux" else None)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not _ping(self.port):
             if self.proc.poll() is not None:

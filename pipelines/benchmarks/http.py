@@ -59,6 +59,7 @@ def run(settings: Settings, args: Any) -> dict[str, Any]:
 def plan(home: Path, n_queries: int, levels: tuple[int, ...] = LEVELS) -> dict[str, Any]:
     """Disjoint sets of distinct queries from the live release's titles: a warm-up, one set
     per client level, and the repeated query."""
+    from pipelines.offline.splits import hash_unit
     from serving.layout import releases_dir
     from serving.release import current_bundle_dir, load_items
 
@@ -74,7 +75,7 @@ def plan(home: Path, n_queries: int, levels: tuple[int, ...] = LEVELS) -> dict[s
         for size in (3, 2, 4):
             if len(words) >= size:
                 seen.setdefault(" ".join(words[:size]), None)
-    queries = sorted(seen, key=lambda q: hash_text(q))
+    queries = sorted(seen, key=hash_unit)  # a fixed order that mixes the catalogue
     need = 10 + n_queries * len(levels)
     if len(queries) < need:
         raise MeasurementError(f"bench http: the live release gives {len(queries)} distinct "
@@ -83,12 +84,6 @@ def plan(home: Path, n_queries: int, levels: tuple[int, ...] = LEVELS) -> dict[s
             for i, c in enumerate(levels)}
     return {"warmup": queries[:9], "repeated": queries[9], "unseen": sets,
             "release_dir": str(bundle_dir)}
-
-
-def hash_text(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _summary(latencies: list[float], wall: float | None = None) -> dict[str, float]:
