@@ -7,7 +7,12 @@ deterministic), and an embedding shard with nothing pending never loads the enco
 model version in the event's extra, only when a release went live that was not announced
 before; that event is what starts ``ranker_retrain``, so an unchanged catalogue does not
 retrain the ranker every hour. A release that fails its evaluation gate fails the run (it is
-registered, but not live). Settings come from INSTANTREC_* in the worker's environment; run
+registered, but not live). The run changes its own copy of the warehouse (``ingest`` makes it,
+``embed`` and ``index`` work on it); ``publish`` replaces the warehouse with it only when the
+release passed its gate, and otherwise discards it, keeping the run's rejected rows and its
+``ingest_runs`` row: a run that fails its gate leaves the warehouse as it was. A run that fails
+before ``publish`` leaves its copy behind, unused; the next run's ``ingest`` discards it the
+same way. Settings come from INSTANTREC_* in the worker's environment; run
 params can point at another catalogue or gate file. Every task calls one function of
 ``pipelines.steps``, imported inside the task so parsing this file stays light.
 
@@ -28,6 +33,7 @@ from airflow.sdk import Asset, Param, dag, get_current_context, task
 from serving.layout import RELEASE_ASSET  # names only: nothing heavy at parse time
 
 RELEASE = Asset(name=RELEASE_ASSET[0], uri=RELEASE_ASSET[1])
+STAGING = "catalogue_refresh"  # this DAG's copy of the warehouse: <warehouse>.catalogue_refresh
 
 
 def _settings():
@@ -68,34 +74,37 @@ def _log_failure(context) -> None:
 def catalogue_refresh():
     @task(execution_timeout=timedelta(minutes=20))
     def ingest() -> dict:
-        """Validate the catalogue snapshot and upsert new and changed items into the warehouse;
-        rejects are counted, and too many fail the run."""
+        """Validate the catalogue snapshot and upsert new and changed items into this run's
+        copy of the warehouse; rejects are counted (and kept), and too many fail the run."""
         from pipelines.steps import run_ingest
 
-        return run_ingest(_settings(), get_current_context()["params"]["catalogue"])
+        return run_ingest(_settings(), get_current_context()["params"]["catalogue"],
+                          staging=STAGING)
 
     @task(execution_timeout=timedelta(minutes=1))
     def plan_shards(ingested: dict) -> list[dict]:
         """One mapped ``embed`` task per shard (param ``shards``)."""
         shards = int(get_current_context()["params"]["shards"])
-        return [{"shard": i, "shards": shards} for i in range(shards)]
+        return [{"shard": i, "shards": shards, "warehouse": ingested["warehouse"]}
+                for i in range(shards)]
 
     # Shards run as wide as the executor allows (AIRFLOW__CORE__PARALLELISM / worker slots).
     # A mapped task does not take its docstring as doc_md: it is given explicitly.
     @task(execution_timeout=timedelta(hours=2),
           doc_md="Embed this shard's new and changed items into a shard file (progress in the "
                  "log); with nothing pending it returns at once without loading the encoder.")
-    def embed(shard: int, shards: int) -> dict:
+    def embed(shard: int, shards: int, warehouse: str) -> dict:
         from pipelines.steps import run_embed
 
-        return run_embed(_settings(), shard, shards)
+        return run_embed(_settings(), shard, shards, warehouse=warehouse)
 
     @task(execution_timeout=timedelta(hours=1))
-    def index(embedded: list[dict]) -> dict:
-        """Fold the shard files into the warehouse and stage a release bundle (Annoy + BM25)."""
+    def index(embedded: list[dict], ingested: dict) -> dict:
+        """Fold the shard files into the run's warehouse copy and stage a release bundle
+        (Annoy + BM25)."""
         from pipelines.steps import run_index
 
-        return run_index(_settings())
+        return run_index(_settings(), warehouse=ingested["warehouse"])
 
     @task(execution_timeout=timedelta(minutes=30))
     def evaluate(built: dict) -> dict:
@@ -108,11 +117,12 @@ def catalogue_refresh():
                             params["judgments"], demo=params["catalogue"] is None)
 
     @task(execution_timeout=timedelta(minutes=10))
-    def publish(evaluated: dict) -> dict:
-        """Move the bundle into releases/ and, if the gate passed, the live pointer forward."""
+    def publish(evaluated: dict, ingested: dict) -> dict:
+        """Move the bundle into releases/ and, if the gate passed, the live pointer forward
+        and the run's warehouse copy into place; if not, discard the copy."""
         from pipelines.steps import run_publish
 
-        return run_publish(_settings(), evaluated["bundle_dir"])
+        return run_publish(_settings(), evaluated["bundle_dir"], warehouse=ingested["warehouse"])
 
     @task(execution_timeout=timedelta(minutes=15))
     def register(published: dict) -> dict:
@@ -145,8 +155,9 @@ def catalogue_refresh():
         context["outlet_events"][RELEASE].extra = extra
         return extra
 
-    embedded = embed.expand_kwargs(plan_shards(ingest()))
-    published = publish(evaluate(index(embedded)))
+    ingested = ingest()
+    embedded = embed.expand_kwargs(plan_shards(ingested))
+    published = publish(evaluate(index(embedded, ingested)), ingested)
     announce(published, register(published))
 
 

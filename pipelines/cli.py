@@ -64,9 +64,18 @@ def cmd_register(args: argparse.Namespace) -> None:
     _emit(run_register(_settings(args), args.release))
 
 
+def _not_a_directory(path: Path | None, what: str) -> None:
+    """Refuse a file argument that names a directory, saying so (before, some of them said
+    "does not exist", which sends an operator looking for a file that is there)."""
+    if path is not None and Path(path).is_dir():
+        raise ValueError(f"{what} {path} is a directory, expected a file")
+
+
 def cmd_build(args: argparse.Namespace) -> None:
     from pipelines.steps import run_build
 
+    _not_a_directory(args.catalogue, "catalogue")
+    _not_a_directory(args.golden, "golden queries file")
     _emit(run_build(_settings(args), args.catalogue, args.golden,
                     register=not args.no_register, progress=True))
 
@@ -115,6 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_record(args: argparse.Namespace) -> int:
     from serving.recommender import Recommender
 
+    _not_a_directory(args.file, "events file")  # before loading a release to record with
     rec = Recommender.load(settings=_settings(args), watch=False)
     if args.file:
         return _record_file(rec, Path(args.file))
@@ -150,6 +160,7 @@ def _record_file(rec: Any, path: Path) -> int:
     when any line was rejected."""
     from serving.events import EventError, parse_event
 
+    _not_a_directory(path, "events file")
     if not path.is_file():
         raise ValueError(f"events file {path} does not exist or is not a file")
     key, max_chars = rec.settings.user_key(), rec.settings.max_query_chars
@@ -238,6 +249,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from pipelines.offline.evaluation import evaluate_judged
     from serving.encoder import Encoder
 
+    _not_a_directory(args.products, "products file")  # before loading the encoder
+    _not_a_directory(args.judgments, "judgments file")
     settings = _settings(args)
     encoder = Encoder(settings.encoder_path, max_length=settings.item_max_tokens,
                       precision=settings.embed_precision)

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEMO_CATALOGUE = Path(__file__).parent / "demo" / "catalogue.csv"
+BUILD_STAGING = "build"   # run_build's copy of the warehouse: <warehouse>.build
 
 
 # What the steps that build their result here return (the others return the to_dict() of a
@@ -63,36 +64,79 @@ def configured_encoder_loader(settings: Settings) -> EncoderLoader:
                          lambda: configured_encoder(settings))
 
 
-def run_ingest(settings: Settings, catalogue: str | Path | None = None) -> dict[str, Any]:
+def run_ingest(settings: Settings, catalogue: str | Path | None = None,
+               staging: str | None = None) -> dict[str, Any]:
+    """Ingest ``catalogue`` (default: the demo). ``staging`` names a copy of the warehouse to
+    ingest into instead (see :mod:`pipelines.catalogue.warehouse`): the result's ``warehouse``
+    is the path the later steps of the run work on, and :func:`run_publish` commits it only
+    if the release passes its gate. A refused catalogue leaves the warehouse as it was, with
+    the rejected rows recorded."""
     from pipelines.catalogue.ingest import ingest_catalogue
+    from pipelines.catalogue.warehouse import (
+        build_lock,
+        discard_warehouse,
+        stage_warehouse,
+        staged_path,
+    )
 
     source = Path(catalogue) if catalogue else DEMO_CATALOGUE
-    report = ingest_catalogue(source, settings.warehouse_path, settings.max_reject_share,
-                              max_delist_share=settings.max_delist_share)
-    return report.to_dict()
+    live = settings.warehouse_path
+    with build_lock(live):
+        target = stage_warehouse(live, staged_path(live, staging)) if staging else live
+        try:
+            report = ingest_catalogue(source, target, settings.max_reject_share,
+                                      max_delist_share=settings.max_delist_share)
+        except Exception:
+            if target != live:
+                discard_warehouse(live, target, "failed")
+            raise
+    return {**report.to_dict(), "warehouse": str(target)}
+
+
+def run_warehouse(settings: Settings, warehouse: str | Path | None) -> Path:
+    """The warehouse a step works on: ``warehouse`` (a run's copy, see :func:`run_ingest`),
+    else the home's. Raises :class:`CatalogueError` when the copy is gone."""
+    from serving.errors import CatalogueError
+
+    if not warehouse:
+        return settings.warehouse_path
+    path = Path(warehouse)
+    if path != settings.warehouse_path and not path.exists():
+        raise CatalogueError(f"this run's copy of the warehouse {path} is gone (committed or "
+                             "discarded by its publish step, or by a later run's ingest): run "
+                             "the refresh again from ingest")
+    return path
 
 
 def run_embed(settings: Settings, shard: int = 0, shards: int = 1,
-              progress: bool = False, encoder: Encoder | None = None) -> dict[str, Any]:
-    """Embed shard ``shard`` of ``shards``. Without ``encoder``, the configured one is loaded
-    only if the shard has pending items. ``progress``: a progress bar instead of log lines."""
+              progress: bool = False, encoder: Encoder | None = None,
+              warehouse: str | Path | None = None) -> dict[str, Any]:
+    """Embed shard ``shard`` of ``shards`` of ``warehouse`` (default: the home's; a run's
+    copy, see :func:`run_ingest`). Without ``encoder``, the configured one is loaded only if
+    the shard has pending items. ``progress``: a progress bar instead of log lines. Reads the
+    warehouse only, so shards run side by side without the build lock."""
     from pipelines.catalogue.embed import embed_items
 
-    report = embed_items(settings.warehouse_path, settings.work_dir,
-                         encoder or configured_encoder_loader(settings), shard, shards,
-                         settings.embed_batch_size, progress=progress)
+    report = embed_items(run_warehouse(settings, warehouse),
+                         settings.work_dir, encoder or configured_encoder_loader(settings),
+                         shard, shards, settings.embed_batch_size, progress=progress)
     return report.to_dict()
 
 
-def run_index(settings: Settings, encoder: Encoder | None = None) -> IndexOut:
-    """Fold embedded shards into the warehouse, then stage a release bundle."""
+def run_index(settings: Settings, encoder: Encoder | None = None,
+              warehouse: str | Path | None = None) -> IndexOut:
+    """Fold embedded shards into ``warehouse`` (default: the home's; a run's copy, see
+    :func:`run_ingest`), then stage a release bundle."""
     from pipelines.catalogue.embed import store_vectors
     from pipelines.catalogue.index import build_index
+    from pipelines.catalogue.warehouse import build_lock
 
+    target = run_warehouse(settings, warehouse)
     encoder = encoder or configured_encoder(settings)
-    stored = store_vectors(settings.warehouse_path, settings.work_dir, encoder.version)
-    bundle = build_index(settings.warehouse_path, settings.releases_dir, encoder,
-                         settings.index_seed, settings.index_recall_target)
+    with build_lock(settings.warehouse_path):
+        stored = store_vectors(target, settings.work_dir, encoder.version)
+        bundle = build_index(target, settings.releases_dir, encoder, settings.index_seed,
+                             settings.index_recall_target)
     return IndexOut(bundle_dir=str(bundle), vectors_stored=stored)
 
 
@@ -112,10 +156,27 @@ def run_evaluate(settings: Settings, bundle_dir: str | Path, golden: str | Path 
                           gate=result["gate"])
 
 
-def run_publish(settings: Settings, bundle_dir: str | Path) -> dict[str, Any]:
+def run_publish(settings: Settings, bundle_dir: str | Path,
+                warehouse: str | Path | None = None) -> dict[str, Any]:
+    """Publish the evaluated bundle; with ``warehouse`` (the run's copy, see
+    :func:`run_ingest`), then replace the home's warehouse with it if the release passed its
+    gate, or discard it (keeping its record of bad input) if not: the result's ``warehouse``
+    says ``committed`` or ``rolled back``."""
     from pipelines.catalogue.publish import publish_release
+    from pipelines.catalogue.warehouse import build_lock, commit_warehouse, discard_warehouse
 
-    return publish_release(Path(bundle_dir), settings.releases_dir).to_dict()
+    out = publish_release(Path(bundle_dir), settings.releases_dir).to_dict()
+    live = settings.warehouse_path
+    if warehouse is not None and Path(warehouse) != live:
+        with build_lock(live):
+            if out["gate_passed"]:
+                commit_warehouse(live, Path(warehouse))
+                out["warehouse"] = "committed"
+            else:
+                discard_warehouse(live, Path(warehouse),
+                                  f"rolled back: release {out['release_id']} failed its gate")
+                out["warehouse"] = "rolled back"
+    return out
 
 
 def run_register(settings: Settings, release_dir: str | Path) -> dict[str, Any]:
@@ -127,18 +188,34 @@ def run_register(settings: Settings, release_dir: str | Path) -> dict[str, Any]:
 def run_build(settings: Settings, catalogue: str | Path | None = None,
               golden: str | Path | None = None, register: bool = True,
               progress: bool = False, encoder: Encoder | None = None) -> dict[str, Any]:
-    """The whole catalogue refresh in one process, as the DAG runs it step by step.
+    """The whole catalogue refresh in one process, as the DAG runs it step by step, holding
+    the build lock throughout. The steps change a copy of the warehouse, which replaces it
+    only once the release passed its gate: a failed gate, or a failure anywhere, leaves the
+    warehouse as it was (see :mod:`pipelines.catalogue.warehouse`).
 
     With the demo catalogue and no golden file given or configured, the demo golden queries
     gate it.
     """
-    encoder = encoder or configured_encoder(settings)
-    out: dict[str, Any] = {"ingest": run_ingest(settings, catalogue)}
-    out["embed"] = run_embed(settings, progress=progress, encoder=encoder)
-    out["index"] = run_index(settings, encoder)
-    out["evaluate"] = run_evaluate(settings, out["index"]["bundle_dir"], golden, encoder=encoder,
-                                   demo=catalogue is None)
-    out["publish"] = run_publish(settings, out["index"]["bundle_dir"])
+    from pipelines.catalogue.warehouse import build_lock, discard_warehouse
+
+    live = settings.warehouse_path
+    with build_lock(live):  # before loading the encoder: a second build is refused at once
+        encoder = encoder or configured_encoder(settings)
+        out: dict[str, Any] = {"ingest": run_ingest(settings, catalogue, staging=BUILD_STAGING)}
+        staged = Path(out["ingest"]["warehouse"])
+        try:
+            out["embed"] = run_embed(settings, progress=progress, encoder=encoder,
+                                     warehouse=staged)
+            out["index"] = run_index(settings, encoder, warehouse=staged)
+            out["evaluate"] = run_evaluate(settings, out["index"]["bundle_dir"], golden,
+                                           encoder=encoder, demo=catalogue is None)
+            out["publish"] = run_publish(settings, out["index"]["bundle_dir"], warehouse=staged)
+        except BaseException as exc:
+            try:
+                discard_warehouse(live, staged, f"rolled back: {type(exc).__name__}")
+            except Exception:  # noqa: BLE001 - the build's own error is the one to report
+                log.exception("could not discard the build's copy of the warehouse %s", staged)
+            raise
     if register:
         out["register"] = run_register(settings, out["publish"]["path"])
     return out

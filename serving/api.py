@@ -11,7 +11,8 @@ Endpoints: ``POST /recommend``, ``POST /events`` (one event or ``{"events": [...
 storefront, plain HTML and JavaScript from ``serving/static``).
 
 Every error is JSON, ``{"error": {"type", "field", "message"}}``: bad input is a 4xx that names
-the field (422 for a value, 404 for an unknown item, 413 for a body over the limit), the
+the field (422 for a value, 404 for an unknown item, 409 for an event id already recorded with
+another payload, 413 for a body over the limit), the
 Python API's own errors (:class:`InvalidInputError` and its kinds) keep their type names, and
 user input never causes a 500.
 """
@@ -44,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.errors import InvalidInputError
-from serving.events import EVENT_TYPES, MAX_ID_CHARS, MAX_POSITION, EventError
+from serving.events import EVENT_TYPES, MAX_ID_CHARS, MAX_POSITION, EventConflictError, EventError
 from serving.recommender import MAX_K, Recommendation, Recommender
 from serving.retrieval import MAX_PRICE
 from serving.schema import ITEM_ID
@@ -103,7 +104,8 @@ class EventIn(BaseModel):
     type: Literal[EVENT_TYPES]  # type: ignore[valid-type]
     session_id: Id
     item_id: Id
-    event_id: Id | None = Field(None, description="give one so that re-sending is a no-op")
+    event_id: Id | None = Field(None, description="give one so that re-sending is a no-op "
+                                "(re-sent with another payload: 409, nothing stored)")
     user_id: Id | None = None
     query: str | None = None
     position: int | None = Field(None, ge=1, le=MAX_POSITION)
@@ -118,7 +120,8 @@ class EventsIn(BaseModel):
 
 class EventsOut(BaseModel):
     recorded: int = Field(description="newly stored")
-    duplicates: int = Field(description="event ids already in the log (a no-op)")
+    duplicates: int = Field(description="event ids already in the log with the same payload "
+                            "(a no-op)")
     event_ids: list[str]
 
 
@@ -146,6 +149,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     429: {"model": ErrorOut, "description": "too many requests for one session or user"},
     503: {"model": ErrorOut, "description": "no release loaded yet"},
 }
+EVENT_ERRORS: dict[int | str, dict[str, Any]] = {**ERRORS, 409: {
+    "model": ErrorOut, "description": "an event id already recorded with another payload; "
+    "`field` names its `event_id`, and nothing of the request was stored"}}
 _EVENTS_BODY: TypeAdapter[EventIn | EventsIn] = TypeAdapter(EventIn | EventsIn)
 _ONE_EVENT: TypeAdapter[EventIn] = TypeAdapter(EventIn)
 _BATCH: TypeAdapter[EventsIn] = TypeAdapter(EventsIn)
@@ -492,6 +498,11 @@ def create_app(settings: Settings | None = None, recommender: Recommender | None
         service.errors.labels(kind).inc()
         return _error(422, kind, str(exc), exc.field)
 
+    @app.exception_handler(EventConflictError)
+    async def event_conflict(_: Request, exc: EventConflictError) -> JSONResponse:
+        service.errors.labels("EventConflictError").inc()
+        return _error(409, "EventConflictError", str(exc), exc.field)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         err = _validation_error(list(exc.errors()))
@@ -538,7 +549,7 @@ def create_app(settings: Settings | None = None, recommender: Recommender | None
 
         return await asyncio.get_running_loop().run_in_executor(service.executor, call)
 
-    @app.post("/events", response_model=EventsOut, responses=ERRORS,
+    @app.post("/events", response_model=EventsOut, responses=EVENT_ERRORS,
               summary="Record one event, or a batch as {\"events\": [...]}",
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": _EVENTS_BODY.json_schema(
@@ -609,8 +620,13 @@ def create_app(settings: Settings | None = None, recommender: Recommender | None
         rec = service.recommender
         if rec is None:
             raise ServiceError(503, "NotReady", f"no release loaded yet ({service.not_ready})")
-        return _json({"status": "ready", "release_id": rec.release_id,
-                      "items": rec.manifest.item_count, "ranker_seq": rec.ranker_seq})
+        # files of the live release changed in place: still 200 (it serves what it loaded;
+        # every replica sharing the files out of rotation at once would be an outage), but
+        # said, for an operator (and counted in /metrics: release_files_changed)
+        changed = rec.changed_files
+        return _json({"status": "degraded" if changed else "ready",
+                      "release_id": rec.release_id, "items": rec.manifest.item_count,
+                      "ranker_seq": rec.ranker_seq, "release_files_changed": changed})
 
     @app.get("/metrics", summary="Prometheus text format", response_class=Response)
     def metrics() -> Response:

@@ -18,11 +18,12 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from serving.errors import ReleaseError
+from serving.errors import ReleaseError, short_repr
 from serving.failpoints import failpoint
 from serving.layout import rankers_dir
 from serving.manifest import write_json_atomic
 from serving.ranker import Ranker
+from serving.release import check_pointer_name
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,18 @@ def read_latest(home: Path) -> CheckpointRef | None:
         return None
     try:
         raw = json.loads(path.read_text())
-        return CheckpointRef(str(raw["release_id"]), str(raw["file"]), int(raw["offset"]),
-                             int(raw["seq"]))
+        ref = CheckpointRef(str(raw["release_id"]), str(raw["file"]), int(raw["offset"]),
+                            int(raw["seq"]))
     except (ValueError, KeyError, TypeError) as exc:
         raise ReleaseError(f"ranker pointer {path} is corrupt: {exc}") from exc
+    # the file is <release_id>/<plain name>: nothing outside the release's folder is loaded
+    check_pointer_name(ref.release_id, path)
+    folder, _, name = ref.file.partition("/")
+    if folder != ref.release_id:
+        raise ReleaseError(f"ranker pointer {path} names file {short_repr(ref.file)}, which is "
+                           f"not inside the folder of its release {ref.release_id}: refused")
+    check_pointer_name(name, path, "checkpoint file")
+    return ref
 
 
 def load_latest(home: Path) -> tuple[CheckpointRef, Ranker] | None:

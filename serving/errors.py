@@ -47,6 +47,20 @@ class ConfigurationError(InstantrecError):
     """The settings cannot work together (the message names the setting to change)."""
 
 
+class StorageError(InstantrecError):
+    """A write to disk failed (disk full, I/O error, failed fsync): nothing was published, and
+    what was live before stays live. The message names the file and the operating system's
+    reason."""
+
+
+class UpdaterLockedError(InstantrecError):
+    """Another nearline updater already consumes this home's event log."""
+
+
+class WarehouseBusyError(InstantrecError):
+    """Another build holds the warehouse (the message names the holder's pid and command)."""
+
+
 class MeasurementError(InstantrecError):
     """A benchmark could not measure the figure it exists to measure (it says why)."""
 

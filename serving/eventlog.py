@@ -1,8 +1,10 @@
 """Durable feedback-event logs: an embedded SQLite log and a Redis Streams log.
 
 Both give every accepted event a monotonically increasing integer ``offset`` in commit order,
-acknowledge an append only once it is durable, and ignore an event id they have seen before.
-Readers (the nearline updater) consume ``read(after=offset)``.
+acknowledge an append only once it is durable, and ignore an event id they have seen before
+with the same payload (a retry). The same id with another payload (:func:`same_payload`) is a
+conflict: the append stores nothing and reports it. Readers (the nearline updater) consume
+``read(after=offset)``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from serving.events import Event
+from serving.errors import StorageError
+from serving.events import Event, same_payload
+from serving.failpoints import failpoint
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +33,11 @@ class LoggedEvent:
 @dataclass(frozen=True)
 class AppendResult:
     accepted: int      # newly stored
-    duplicates: int    # event ids already in the log: a no-op
+    duplicates: int    # event ids already in the log with the same payload: a no-op
     new_ids: frozenset[str] = frozenset()  # the ids of the newly stored events
+    # ids already in the log (or earlier in the same append) with another payload; when there
+    # is any, the append stored nothing (accepted 0): nothing is overwritten, nothing half-done
+    conflicts: frozenset[str] = frozenset()
 
 
 class EventLog(Protocol):
@@ -94,20 +101,42 @@ class SqliteEventLog:
         rows = [(e.event_id, e.ts, e.session_id, e.user, e.query, e.item_id, e.type, e.position,
                  e.received) for e in events]
         new_ids = set()
-        con.execute("BEGIN IMMEDIATE")
+        duplicates = 0
+        conflicts = set()
         try:
-            for row in rows:
+            con.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:  # locked past the timeout, disk full, I/O
+            raise StorageError(f"event log {self.path}: {exc}; nothing was recorded") from exc
+        try:
+            for event, row in zip(events, rows, strict=True):
                 before = con.total_changes
                 con.execute(
                     "INSERT OR IGNORE INTO events (event_id, ts, session_id, user, query, "
                     "item_id, type, position, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+                failpoint("eventlog.inserted")
                 if con.total_changes > before:
                     new_ids.add(row[0])
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
+                    continue
+                # only an ignored id is compared, with the row that holds it (stored before, or
+                # earlier in this append)
+                stored = con.execute(
+                    "SELECT event_id, ts, session_id, user, query, item_id, type, position, "
+                    "received FROM events WHERE event_id = ?", (row[0],)).fetchone()
+                if same_payload(Event(*stored), event):
+                    duplicates += 1
+                else:
+                    conflicts.add(row[0])
+            con.execute("ROLLBACK" if conflicts else "COMMIT")
+        except BaseException as exc:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError | OSError):
+                raise StorageError(f"event log {self.path}: {exc}; nothing was recorded"
+                                   ) from exc
             raise
-        return AppendResult(len(new_ids), len(rows) - len(new_ids), frozenset(new_ids))
+        if conflicts:
+            return AppendResult(0, duplicates, frozenset(), frozenset(conflicts))
+        return AppendResult(len(new_ids), duplicates, frozenset(new_ids))
 
     def read(self, after: int, limit: int = 1000) -> list[LoggedEvent]:
         cur = self._con().execute(

@@ -1,11 +1,13 @@
 """Feedback events: schema, validation and pseudonymisation.
 
 A user id never leaves this module in the clear: :func:`pseudonymise` turns it into a keyed
-hash (HMAC-SHA256 with a deployment secret) before an event is built, stored or logged.
+hash (HMAC-SHA256 with a deployment secret) before an event is built, stored or logged; nor
+does personal data typed into a query: :func:`serving.privacy.scrub` replaces it first.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import math
@@ -16,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from serving.errors import InvalidInputError, short_repr
+from serving.privacy import scrub
 from serving.schema import ITEM_ID
 from serving.text import normalise_query
 
@@ -35,12 +38,23 @@ class EventError(InvalidInputError):
     """An event is malformed; the message names the field."""
 
 
+class EventConflictError(EventError):
+    """An event id was already recorded with a different payload (see :func:`same_payload`);
+    ``field`` names the ``event_id``."""
+
+
+class IdError(InvalidInputError):
+    """A session or user id is not a printable string of 1 to :data:`MAX_ID_CHARS`
+    characters; ``field`` names it."""
+
+
 @dataclass(frozen=True)
 class Event:
     """One feedback event, as stored in the durable log.
 
-    ``user`` is already pseudonymous (see :func:`pseudonymise`); ``query`` is normalised;
-    ``position`` is the 1-based rank the item was shown at (None if not from a result list).
+    ``user`` is already pseudonymous (see :func:`pseudonymise`); ``query`` is normalised,
+    with personal data replaced by placeholders (:func:`serving.privacy.scrub`); ``position``
+    is the 1-based rank the item was shown at (None if not from a result list).
     """
 
     event_id: str
@@ -64,10 +78,29 @@ def pseudonymise(user_id: str, key: bytes) -> str:
     return "u_" + hmac.new(key, user_id.encode(), hashlib.sha256).hexdigest()[:32]
 
 
-def check_id(value: object, name: str,
-             error: type[InvalidInputError] = InvalidInputError) -> str:
-    """``value`` as an id (a session, a user): a printable string of 1 to
-    :data:`MAX_ID_CHARS` characters; else ``error`` naming ``name``."""
+def client_ts(event: Event) -> float | None:
+    """The timestamp the client itself gave, where that is known: a live event's ``ts``
+    unless the server filled it in (then ``ts == received``). Imported history cannot tell
+    (its ``ts`` may be the import's clock): None."""
+    return event.ts if event.received is not None and event.ts != event.received else None
+
+
+def same_payload(a: Event, b: Event) -> bool:
+    """Whether ``b`` is a retry of ``a`` (same event id assumed): the same session, user,
+    query, item, type and position, and the same timestamp where both came from the client
+    (:func:`client_ts`). ``received`` is the server's clock and differs on every retry, so it
+    is never compared; nor is a ``ts`` the server filled in."""
+    if (a.session_id, a.user, a.query, a.item_id, a.type, a.position) != (
+            b.session_id, b.user, b.query, b.item_id, b.type, b.position):
+        return False
+    ts_a, ts_b = client_ts(a), client_ts(b)
+    return ts_a is None or ts_b is None or ts_a == ts_b
+
+
+def check_id(value: object, name: str, error: type[InvalidInputError] = IdError) -> str:
+    """``value`` as an id (a session, a user, an event, an item): a printable string of 1 to
+    :data:`MAX_ID_CHARS` characters; else ``error`` naming ``name``. The one check for ids,
+    in requests and in events alike."""
     if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS or (
             not value.isprintable()):
         raise error(f"{name} must be a printable string of 1 to {MAX_ID_CHARS} characters",
@@ -86,10 +119,7 @@ def _text_id(raw: Mapping[str, Any], name: str, required: bool = True) -> str | 
     if not isinstance(value, str):
         raise EventError(f"event field '{name}' must be a string, got {type(value).__name__}",
                          name)
-    if len(value) > MAX_ID_CHARS or not value.isprintable():
-        raise EventError(f"event field '{name}' must be printable and at most {MAX_ID_CHARS} chars",
-                         name)
-    return value
+    return check_id(value, name, EventError)
 
 
 FIELDS = frozenset({"event_id", "ts", "timestamp", "session_id", "user_id", "query", ITEM_ID,
@@ -109,7 +139,10 @@ def parse_event(raw: Mapping[str, Any] | Event, user_key: bytes, max_query_chars
     :data:`MAX_PAST_S` before it is refused.
     """
     if isinstance(raw, Event):
-        return raw
+        # already parsed; its query scrubbed again all the same (idempotent), so that an Event
+        # built by hand cannot carry personal data into the log
+        query = scrub(raw.query) if raw.query is not None else None
+        return raw if query == raw.query else dataclasses.replace(raw, query=query)
     if not isinstance(raw, Mapping):
         raise EventError(f"event must be a mapping, got {type(raw).__name__}")
     unknown = sorted(set(raw) - FIELDS)
@@ -145,6 +178,7 @@ def parse_event(raw: Mapping[str, Any] | Event, user_key: bytes, max_query_chars
             query = normalise_query(query, max_query_chars)
         except InvalidInputError as exc:
             raise EventError(f"event query: {exc}", "query") from exc
+        query = scrub(query)  # before it is stored: e-mail addresses, phone numbers, cards...
     user_id = _text_id(raw, "user_id", required=False)
     return Event(
         event_id=_text_id(raw, "event_id", required=False) or uuid.uuid4().hex,

@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from serving.errors import ReleaseError
+from serving.errors import ReleaseError, StorageError
+from serving.failpoints import failpoint
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -99,13 +100,35 @@ def file_entries(bundle_dir: Path, names: list[str]) -> dict[str, FileEntry]:
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON to ``path`` via a temporary file, fsync and ``os.replace``."""
+    """Write JSON to ``path`` via a temporary file, fsync, ``os.replace`` and an fsync of the
+    directory, so the new content is whole and durable before this returns.
+
+    Raises :class:`StorageError` if any step fails (disk full, I/O error, failed fsync): the
+    old file is untouched then, and a failure is never reported as success.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as fh:
-        json.dump(payload, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w") as fh:
+            json.dump(payload, fh, indent=2, sort_keys=True)
+            failpoint("atomic.written")
+            fh.flush()
+            os.fsync(fh.fileno())
+        failpoint("atomic.synced")
+        os.replace(tmp, path)
+        failpoint("atomic.replaced")
+        fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StorageError(f"cannot write {path}: {exc}") from exc
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_manifest(bundle_dir: Path, manifest: Manifest) -> None:

@@ -49,7 +49,8 @@ from typing import Any
 
 import numpy as np
 
-from serving.errors import ReleaseError
+from serving.errors import ReleaseError, StorageError
+from serving.failpoints import failpoint
 from serving.relevance import RelevanceModel
 
 PARAMS = ("U", "V", "w", "b0", "item_bias")
@@ -273,11 +274,16 @@ class Ranker:
         meta = {**self.meta.to_json(), "release_id": self.release_id, "format": CHECKPOINT_FORMAT,
                 "config": self.config.__dict__}
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with tmp.open("wb") as fh:
-            np.savez(fh, meta=np.array(json.dumps(meta, sort_keys=True)), **self.to_arrays())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            with tmp.open("wb") as fh:
+                np.savez(fh, meta=np.array(json.dumps(meta, sort_keys=True)), **self.to_arrays())
+                fh.flush()
+                os.fsync(fh.fileno())
+            failpoint("checkpoint.saved")
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"cannot write ranker checkpoint {path}: {exc}") from exc
 
     @classmethod
     def load(cls, path: Path) -> Ranker:

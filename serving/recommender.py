@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 
@@ -27,12 +27,27 @@ from serving.checkpoint import CheckpointRef, load_usable, read_latest
 from serving.encoder import Encoder
 from serving.errors import InvalidInputError, QueryError, ReleaseError, short_repr
 from serving.eventlog import AppendResult, EventLog
-from serving.events import Event, EventError, check_id, parse_event
+from serving.events import (
+    Event,
+    EventConflictError,
+    EventError,
+    check_id,
+    parse_event,
+    same_payload,
+)
 from serving.layout import encoders_dir, rankers_dir
 from serving.manifest import Manifest
+from serving.privacy import scrub
 from serving.query import DEFAULT_STEPS, Step, Vocabulary, parse_steps
 from serving.ranker import Ranker, query_key, sigmoid
-from serving.release import Bundle, current_bundle_dir, load_bundle, read_pointer
+from serving.release import (
+    Bundle,
+    Pointer,
+    changed_files,
+    current_bundle_dir,
+    load_bundle,
+    read_pointer,
+)
 from serving.relevance import MatchFeatures
 from serving.retrieval import (
     NO_TIMER,
@@ -62,6 +77,9 @@ from serving.text import normalise_query
 log = logging.getLogger(__name__)
 
 MAX_K = 1000
+# a release that failed to load (corrupt, incomplete) is tried again after this long, or as
+# soon as the pointer moves: not checksummed again on every poll
+RETRY_REFUSED_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -150,10 +168,13 @@ class Recommender:
         self._candidates: LRUCache[tuple[int, ...]] = LRUCache(1024)
         self._relevance: LRUCache[np.ndarray] = LRUCache(1024)
         self._reload_lock = threading.Lock()
+        # the pointer whose release failed to load, and when: not verified again every poll
+        self._refused: tuple[Pointer | None, float] = (None, 0.0)
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self.counters: Counter[str] = Counter()
         self._categories: tuple[str, dict[str, int]] | None = None  # (release, counts)
+        self._changed: tuple[Path | None, tuple[str, ...]] = (None, ())  # (bundle, its changes)
 
     # -- construction -------------------------------------------------------------------
 
@@ -335,7 +356,10 @@ class Recommender:
             watch.lap("relevance")
         z, feats = state.ranker.logits(vec.astype(np.float64), X, session_signal(interest),
                                        rows_arr, lex[rows_arr] if lex is not None else None,
-                                       query_key(text) if text is not None else None, rel)
+                                       # the key the learner saw: events store the query
+                                       # scrubbed of personal data
+                                       query_key(scrub(text)) if text is not None else None,
+                                       rel)
         order = np.argsort(-z, kind="stable")[:k]
         watch.lap("ranker")
         out = self._results(state.bundle, rows_arr[order], z[order], {
@@ -378,8 +402,9 @@ class Recommender:
         """Validate, store durably and apply one feedback event; returns the stored form.
 
         Raises :class:`EventError` naming the bad field (the rejection is counted). Re-sending
-        an event id is a no-op. A click, add-to-cart or purchase shapes the same session's
-        next request at once.
+        an event id with the same payload is a no-op; with another payload it is refused
+        (:class:`EventConflictError`, nothing overwritten). A click, add-to-cart or purchase
+        shapes the same session's next request at once.
         """
         return self.record_many([event])[0]
 
@@ -391,7 +416,9 @@ class Recommender:
                      ) -> tuple[list[Event], AppendResult]:
         """:meth:`record_many`, also returning what the log did with them (how many were new,
         how many were re-sent ids). A bad event raises :class:`EventError` whose ``field``
-        names it as ``events[i].<field>``, and nothing of the batch is stored."""
+        names it as ``events[i].<field>``, and nothing of the batch is stored; so does an
+        event id already recorded (or given twice in the batch) with another payload:
+        :class:`EventConflictError` naming ``events[i].event_id`` (``event_id`` for one)."""
         if self._user_key is None:
             self._user_key = self._settings.user_key()
         parsed = []
@@ -406,12 +433,28 @@ class Recommender:
                                      f"events[{i}]" + (f".{exc.field}" if exc.field else "")
                                      ) from exc
                 raise
+        repeated = _repeated_with_another_payload(parsed)
+        if repeated is not None:
+            self._refuse_conflict(parsed, repeated, len(events) > 1)
         result: AppendResult = self._log().append(parsed)
+        if result.conflicts:  # nothing of the batch was stored
+            self._refuse_conflict(parsed, next(i for i, ev in enumerate(parsed)
+                                               if ev.event_id in result.conflicts), len(events) > 1)
         self.counters["events_recorded"] += result.accepted
         self.counters["events_duplicate"] += result.duplicates
         # a re-sent event changes nothing, in the log or in the session
         self._apply_to_sessions([ev for ev in parsed if ev.event_id in result.new_ids])
         return parsed, result
+
+    def _refuse_conflict(self, parsed: list[Event], i: int, batch: bool) -> NoReturn:
+        """Count and raise :class:`EventConflictError` for ``parsed[i]``."""
+        self.counters["rejected_events"] += 1
+        self.counters["events_conflict"] += 1
+        message = (f"event id {parsed[i].event_id!r} was already recorded with a different "
+                   "payload (a retry must repeat the event as it was sent)")
+        if batch:
+            raise EventConflictError(f"event {i}: {message}", f"events[{i}].event_id")
+        raise EventConflictError(message, "event_id")
 
     def forget(self, user_id: str) -> dict[str, int]:
         """Remove a user: every stored event of theirs (found by the keyed hash of
@@ -525,10 +568,15 @@ class Recommender:
             return False
         with self._reload_lock:
             current = self._state
+            self._check_files(current.bundle)
             try:
                 pointer = read_pointer(self._releases_dir)
-                if pointer is not None and pointer.release_id != current.bundle.release_id:
+                refused, when = self._refused
+                if (pointer is not None and pointer.release_id != current.bundle.release_id
+                        and (pointer != refused or time.monotonic() - when >= RETRY_REFUSED_S)):
+                    self._refused = (pointer, time.monotonic())
                     bundle = load_bundle(self._releases_dir / pointer.release_id)
+                    self._refused = (None, 0.0)
                     encoder = release_encoder(bundle, self._settings, current.encoder)
                     self._state = _make_state(bundle, encoder, pointer.generation, self._home,
                                               self._steps)
@@ -541,6 +589,35 @@ class Recommender:
                           current.bundle.release_id, exc)
                 return False
             return self._reload_ranker()
+
+    @property
+    def changed_files(self) -> list[str]:
+        """Files of the live release that changed on disk after it was loaded (paths inside
+        the release; empty when none did), as seen when the pointer was last polled. A
+        published release must never be edited in place: the loaded release keeps serving
+        (a truncated memory-mapped file would kill the process); checksums are verified
+        again at its next load."""
+        where, names = self._changed
+        return list(names) if where == self._state.bundle.path else []
+
+    def _check_files(self, bundle: Bundle) -> None:
+        """Log (as an error naming the file) and count each file of the live release that
+        changed since it was loaded (size, mtime or inode), once per file and bundle."""
+        try:
+            changed = changed_files(bundle)
+        except Exception as exc:  # noqa: BLE001 - a check must never stop serving
+            log.error("cannot check the files of release %s: %s", bundle.release_id, exc)
+            return
+        where, known = self._changed
+        known = known if where == bundle.path else ()
+        for name in changed:
+            if name not in known:
+                self.counters["release_files_changed"] += 1
+                log.error("release %s: file %s changed on disk after it was loaded (release "
+                          "files are immutable and must never be edited in place); serving "
+                          "on what was loaded; its checksums are verified at its next load",
+                          bundle.release_id, bundle.path / name)
+        self._changed = (bundle.path, tuple(sorted({*known, *changed})))
 
     def _reload_ranker(self) -> bool:
         """Swap in a newer ranker checkpoint trained for the live release, if there is one."""
@@ -583,6 +660,17 @@ class Recommender:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _repeated_with_another_payload(events: list[Event]) -> int | None:
+    """The index of the first event whose id came earlier in ``events`` with another payload
+    (the log would report the id; this names the event), or None."""
+    first: dict[str, Event] = {}
+    for i, ev in enumerate(events):
+        earlier = first.setdefault(ev.event_id, ev)
+        if earlier is not ev and not same_payload(earlier, ev):
+            return i
+    return None
 
 
 def encoder_path_for(bundle: Bundle, settings: Settings) -> Path | None:

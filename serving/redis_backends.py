@@ -7,12 +7,14 @@ updater can share one Redis instead of one machine's files and memory.
 Keys (``prefix`` defaults to ``instantrec``)::
 
     {prefix}:events               stream of feedback events, one entry per accepted event
-    {prefix}:event-id:{event_id}  dedupe marker of an event id (expires after ``dedupe_ttl_s``)
+    {prefix}:event-id:{event_id}  dedupe marker of an event id, its payload's fingerprint
+                                  (expires after ``dedupe_ttl_s``)
     {prefix}:session:{session_id} JSON session state (expires ``ttl_s`` after its last write)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -24,7 +26,7 @@ from redis import exceptions as rexc
 
 from serving.errors import InstantrecError
 from serving.eventlog import AppendResult, LoggedEvent
-from serving.events import Event
+from serving.events import Event, client_ts
 from serving.schema import ITEM_ID
 from serving.session import Interaction, SessionState
 
@@ -42,27 +44,51 @@ _FIELDS = ("event_id", "ts", "session_id", "user", "query", ITEM_ID, "type", "po
            "received")
 
 # KEYS[1] = stream, KEYS[1 + i] = dedupe key of event i.
-# ARGV[1] = dedupe ttl (s), then per event: n (number of field/value pairs), then 2n strings.
+# ARGV[1] = dedupe ttl (s), then per event: its fingerprint (see _fingerprint), n (number of
+# field/value pairs), then 2n strings.
 # All in one script, so Redis runs it atomically: no other client sees a dedupe key set without
-# its stream entry, and two writers racing on one event id cannot both add it.
+# its stream entry, and two writers racing on one event id cannot both add it. A first pass
+# compares each known id's fingerprint (an id earlier in the same append included); with any
+# conflict nothing is written. Returns {accepted, duplicates, flags}, a flag per event: 1 new,
+# 0 a duplicate, 2 a conflict.
 _APPEND_LUA = """
+local function same(stored, fp)
+  if stored == '1' then return true end  -- a marker from before payloads were compared
+  local stored_hash, stored_ts = string.match(stored, '^(%S+) (%S+)$')
+  local hash, ts = string.match(fp, '^(%S+) (%S+)$')
+  if stored_hash ~= hash then return false end
+  return stored_ts == '-' or ts == '-' or stored_ts == ts
+end
 local ttl = tonumber(ARGV[1])
-local accepted, duplicates = 0, 0
-local flags = {}
+local duplicates, conflict = 0, false
+local flags, seen, fps, starts, counts = {}, {}, {}, {}, {}
 local a = 2
 for i = 2, #KEYS do
-  local n = tonumber(ARGV[a])
-  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ttl) then
-    local fields = {}
-    for j = a + 1, a + 2 * n do fields[#fields + 1] = ARGV[j] end
-    redis.call('XADD', KEYS[1], '*', unpack(fields))
-    accepted = accepted + 1
+  local fp, n = ARGV[a], tonumber(ARGV[a + 1])
+  fps[i], starts[i], counts[i] = fp, a + 2, n
+  local stored = seen[KEYS[i]] or redis.call('GET', KEYS[i])
+  if not stored then
+    seen[KEYS[i]] = fp
     flags[#flags + 1] = 1
-  else
+  elseif same(stored, fp) then
     duplicates = duplicates + 1
     flags[#flags + 1] = 0
+  else
+    conflict = true
+    flags[#flags + 1] = 2
   end
-  a = a + 1 + 2 * n
+  a = a + 2 + 2 * n
+end
+if conflict then return {0, duplicates, flags} end
+local accepted = 0
+for i = 2, #KEYS do
+  if flags[i - 1] == 1 then
+    redis.call('SET', KEYS[i], fps[i], 'EX', ttl)
+    local fields = {}
+    for j = starts[i], starts[i] + 2 * counts[i] - 1 do fields[#fields + 1] = ARGV[j] end
+    redis.call('XADD', KEYS[1], '*', unpack(fields))
+    accepted = accepted + 1
+  end
 end
 return {accepted, duplicates, flags}
 """
@@ -130,6 +156,17 @@ def _event_fields(e: Event) -> list[str]:
     return out
 
 
+def _fingerprint(e: Event) -> str:
+    """What an event's dedupe marker holds: a digest of the payload that
+    :func:`serving.events.same_payload` compares, then the client's timestamp (``-`` when the
+    server filled it in or cannot tell); a digest, so the marker holds no query or user."""
+    payload = json.dumps([e.session_id, e.user, e.query, e.item_id, e.type, e.position],
+                         separators=(",", ":"))
+    digest = hashlib.blake2b(payload.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    ts = client_ts(e)
+    return f"{digest} {'-' if ts is None else repr(float(ts))}"
+
+
 def _event_from(fields: dict[str, str]) -> Event:
     position = fields.get("position")
     return Event(
@@ -155,8 +192,11 @@ class RedisEventLog:
     the order the (atomic) appends run, so a reader of ``read(after=offset)`` never skips an
     event that lands later with a smaller offset.
 
-    Re-sending an event id is a no-op: each append runs one Lua script that, per event, sets
-    ``{prefix}:event-id:{event_id}`` with NX and adds the entry only if that key was new. The
+    Re-sending an event id with the same payload is a no-op: each append runs one Lua script
+    that, per event, reads ``{prefix}:event-id:{event_id}`` and adds the entry (and the marker,
+    the payload's fingerprint) only if there was none. A known id whose fingerprint differs is
+    a conflict (:func:`serving.events.same_payload`): the script then writes nothing and the
+    result names it. A marker written before fingerprints (``1``) matches any payload. The
     marker expires after ``dedupe_ttl_s`` (7 days by default): an id re-sent later than that is
     stored again. The script is idempotent, so retrying an append whose reply was lost (e.g. a
     connection dropped) is safe; such a retry counts the events already stored as duplicates.
@@ -205,12 +245,16 @@ class RedisEventLog:
         for e in events:
             fields = _event_fields(e)
             keys.append(self._id_prefix + e.event_id)
-            args.append(len(fields) // 2)
+            args += [_fingerprint(e), len(fields) // 2]
             args += fields
         accepted, duplicates, flags = _call(self.url, "append",
                                             lambda: self._append(keys=keys, args=args))
-        new_ids = frozenset(e.event_id for e, f in zip(events, flags, strict=True) if int(f))
-        return AppendResult(int(accepted), int(duplicates), new_ids)
+        marked = list(zip(events, map(int, flags), strict=True))
+        conflicts = frozenset(e.event_id for e, f in marked if f == 2)
+        if conflicts:
+            return AppendResult(0, int(duplicates), frozenset(), conflicts)
+        return AppendResult(int(accepted), int(duplicates),
+                            frozenset(e.event_id for e, f in marked if f == 1))
 
     def read(self, after: int, limit: int = 1000) -> list[LoggedEvent]:
         if limit <= 0:

@@ -13,18 +13,30 @@ Layout under ``<home>/releases``::
         lexical/              BM25 index over the same item texts (bm25s)
         manifest.json         written last
     .staging/<release_id>/    bundles being built; never read by serving
+
+A published release is immutable: its files are made read-only (``a-w``) when the bundle is
+moved into place, and must never be edited, truncated or replaced in place. Serving
+memory-maps ``index.ann`` and ``vectors.npy``: truncating a mapped file kills the serving
+process (SIGBUS), and rewriting one changes what it answers. Mode bits do not stop root, so
+serving also records each file's size, mtime and inode at load (:func:`changed_files`) and
+reports a release whose files changed under it; checksums at load refuse such a release. A
+new catalogue means a new release, published beside the old one.
+
+Pointers name a release by a plain name inside their folder (:func:`check_pointer_name`):
+a pointer naming ``../..`` or an absolute path is refused, never followed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 
 import numpy as np
 
-from serving.errors import ReleaseError
+from serving.errors import ReleaseError, short_repr
 from serving.lexical import LexicalIndex
 from serving.manifest import Manifest, read_manifest, write_json_atomic
 from serving.schema import ITEM_ID
@@ -47,6 +59,20 @@ class Pointer:
     generation: int
 
 
+def check_pointer_name(name: str, pointer: Path, what: str = "release id") -> str:
+    """``name`` read from the pointer file ``pointer``, if it is a plain name of an entry of
+    the pointer's folder: not empty, no ``/`` or ``\\``, not ``.``, ``..`` or hidden (a leading
+    dot: ``.staging``), no NUL or other control character. A pointer is a file anyone with
+    write access to the home can edit; following ``../..`` would load whatever lies there.
+
+    Raises :class:`ReleaseError` naming the pointer file."""
+    if (not name or "/" in name or "\\" in name or name.startswith(".")
+            or not name.isprintable()):
+        raise ReleaseError(f"pointer {pointer} names {what} {short_repr(name)}, which is not a "
+                           f"plain name inside {pointer.parent}: refused")
+    return name
+
+
 def read_pointer(releases_dir: Path) -> Pointer | None:
     """The live release, or None when nothing has been published yet."""
     path = releases_dir / POINTER_NAME
@@ -54,9 +80,11 @@ def read_pointer(releases_dir: Path) -> Pointer | None:
         return None
     try:
         raw = json.loads(path.read_text())
-        return Pointer(release_id=str(raw["release_id"]), generation=int(raw["generation"]))
+        pointer = Pointer(release_id=str(raw["release_id"]), generation=int(raw["generation"]))
     except (ValueError, KeyError, TypeError) as exc:
         raise ReleaseError(f"release pointer {path} is corrupt: {exc}") from exc
+    check_pointer_name(pointer.release_id, path)
+    return pointer
 
 
 def write_pointer(releases_dir: Path, pointer: Pointer) -> None:
@@ -89,10 +117,38 @@ class Bundle:
     vectors: np.ndarray       # float32 (n, dim), memory-mapped
     items: ItemTable
     lexical: LexicalIndex | None = None
+    # (size, mtime_ns, inode) of every file of the bundle when loading began
+    file_stats: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
     @property
     def release_id(self) -> str:
         return self.manifest.release_id
+
+
+def stat_files(bundle_dir: Path) -> dict[str, tuple[int, int, int]]:
+    """(size, mtime_ns, inode) of every file under ``bundle_dir``, by relative path."""
+    stats = {}
+    for path in sorted(bundle_dir.rglob("*")):
+        st = path.stat()
+        if S_ISREG(st.st_mode):
+            stats[path.relative_to(bundle_dir).as_posix()] = (st.st_size, st.st_mtime_ns,
+                                                              st.st_ino)
+    return stats
+
+
+def changed_files(bundle: Bundle) -> list[str]:
+    """Files of a loaded bundle whose size, mtime or inode differ from when it was loaded, or
+    that are gone: a published release edited in place (see the module docstring)."""
+    changed = []
+    for name, recorded in bundle.file_stats.items():
+        try:
+            st = (bundle.path / name).stat()
+        except OSError:
+            changed.append(name)
+            continue
+        if (st.st_size, st.st_mtime_ns, st.st_ino) != recorded:
+            changed.append(name)
+    return changed
 
 
 def load_items(path: Path) -> ItemTable:
@@ -116,6 +172,10 @@ def load_bundle(bundle_dir: Path, verify_files: bool = True) -> Bundle:
     """
     import annoy
 
+    try:  # before the checksums: a file changed after them is seen by changed_files
+        file_stats = stat_files(bundle_dir)
+    except OSError as exc:
+        raise ReleaseError(f"release {bundle_dir} cannot be loaded: {exc}") from exc
     manifest = read_manifest(bundle_dir, verify_files=verify_files)
     built_with = manifest.libraries.get("annoy")
     here = _annoy_version()
@@ -151,7 +211,7 @@ def load_bundle(bundle_dir: Path, verify_files: bool = True) -> Bundle:
             f"items table has {len(items)}, vectors {vectors.shape}, index {in_index}"
         )
     return Bundle(path=bundle_dir, manifest=manifest, index=index, vectors=vectors, items=items,
-                  lexical=lexical)
+                  lexical=lexical, file_stats=file_stats)
 
 
 def current_bundle_dir(releases_dir: Path) -> Path:

@@ -6,6 +6,10 @@ import html
 import re
 import unicodedata
 
+# the third-party `regex` (a requirement of transformers): the standard library knows no emoji
+# properties, and its Unicode tables lag the emoji shoppers' phones send
+import regex
+
 from serving.errors import QueryError
 
 _WS = re.compile(r"\s+")
@@ -20,6 +24,27 @@ _BREAKS = str.maketrans("\t\n\r", "   ")
 
 def _is_control(ch: str) -> bool:
     return unicodedata.category(ch) in ("Cc", "Cf") and ch not in "\t\n\r"
+
+
+# Format characters that are part of an emoji rather than hidden text: the zero-width joiner
+# between two emoji (woman, ZWJ, girl; white flag, VS16, ZWJ, rainbow), and the tag characters
+# after a flag (black flag, tags "gbsct", cancel tag: the flag of Scotland). An emoji here is an
+# Extended_Pictographic character that NFKC and case folding leave alone (U+2122 becomes "tm",
+# after which a joiner would join nothing, and a normalised query must normalise to itself).
+_EMOJI = (r"[\p{Extended_Pictographic}--[\u203c\u2049\u2122\u2139\u24c2\u3297\u3299"
+          r"\U0001F201\U0001F202\U0001F21A\U0001F22F\U0001F232-\U0001F23A\U0001F250\U0001F251]]")
+_EMOJI_JOINER = regex.compile(_EMOJI + r"(?:\ufe0f|\p{Emoji_Modifier})?(\u200d)(?=" + _EMOJI + ")",
+                              regex.V1)
+_EMOJI_TAGS = regex.compile(_EMOJI + r"([\U000E0020-\U000E007E]+\U000E007F)", regex.V1)
+_JOINERS = frozenset("\u200d") | frozenset(map(chr, range(0xE0020, 0xE0080)))
+
+
+def _emoji_format_positions(text: str) -> set[int]:
+    """Positions in ``text`` of the joiners and tag characters that belong to an emoji."""
+    allowed = {m.start(1) for m in _EMOJI_JOINER.finditer(text)}
+    for m in _EMOJI_TAGS.finditer(text):
+        allowed.update(range(m.start(1), m.end(1)))
+    return allowed
 
 
 def _is_surrogate(ch: str) -> bool:
@@ -46,14 +71,24 @@ def normalise_query(query: object, max_chars: int = 256) -> str:
     Model numbers, sizes and fractions ("dcd771c2", "3/4 in.", "1-gal") are kept as typed;
     case is folded, since the encoder's vocabulary is uncased. Raises :class:`QueryError`
     naming the problem for non-strings, empty queries, over-long queries (``max_chars``
-    characters before normalisation) and control characters.
+    characters before normalisation) and control characters: C0 and C1 controls and invisible
+    format characters (zero-width space, bidi overrides and marks), except the zero-width
+    joiners and tag characters inside an emoji sequence (a family "woman ZWJ woman ZWJ girl",
+    the flag of Scotland); variation selectors, keycaps and skin tones are marks or symbols,
+    never refused.
     """
     if not isinstance(query, str):
         raise QueryError(f"query must be a string, got {type(query).__name__}", "query")
     if len(query) > max_chars:
         raise QueryError(f"query is {len(query)} characters long; the limit is {max_chars}",
                          "query")
+    emoji: set[int] | None = None
     for pos, ch in enumerate(query):
+        if ch in _JOINERS:
+            if emoji is None:
+                emoji = _emoji_format_positions(query)
+            if pos in emoji:
+                continue
         if _is_control(ch) or "\ud800" <= ch <= "\udfff":
             # a lone surrogate (what JSON's "\ud800" decodes to) is no text: it cannot be
             # encoded, tokenised or stored

@@ -77,6 +77,8 @@ def check_columns(columns: list[str], source: Path) -> list[str]:
 
 def read_catalogue(source: Path) -> pl.DataFrame:
     """Read a CSV or Parquet catalogue with every column as text (validation is ours)."""
+    if source.is_dir():
+        raise CatalogueError(f"catalogue {source} is a directory, expected a file")
     if not source.is_file():
         raise CatalogueError(f"catalogue file {source} does not exist")
     try:

@@ -3,6 +3,10 @@
 The manifest is rewritten (last) with the evaluation and gate verdict, the staging directory
 is renamed into place atomically, and only then, and only if the gate passed, does the
 pointer move. Pointer updates are serialised by a file lock and only ever move forward.
+
+A published release's files are made read-only (``a-w``) before it is moved into place: they
+are immutable, and serving memory-maps some of them (see :mod:`serving.release`). Root
+ignores mode bits, which is why serving also watches the files for changes.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from pathlib import Path
 from filelock import FileLock
 
 from pipelines.catalogue.gate import EVALUATION_FILE
-from serving.errors import ReleaseError
-from serving.manifest import read_manifest, write_manifest
+from serving.errors import ReleaseError, StorageError
+from serving.failpoints import failpoint
+from serving.manifest import fsync_dir, read_manifest, write_manifest
 from serving.release import Pointer, read_pointer, write_pointer
 
 log = logging.getLogger(__name__)
@@ -46,6 +51,9 @@ def publish_release(bundle_dir: Path, releases_dir: Path) -> PublishResult:
     Idempotent: publishing the same release again changes nothing (and says
     ``went_live=False``).
     """
+    if not bundle_dir.exists() and (releases_dir / bundle_dir.name).is_dir():
+        # a retry after a crash between moving the staged bundle into place and the pointer
+        bundle_dir = releases_dir / bundle_dir.name
     manifest = read_manifest(bundle_dir)
     final = releases_dir / manifest.release_id
     if bundle_dir.resolve() != final.resolve():
@@ -56,12 +64,20 @@ def publish_release(bundle_dir: Path, releases_dir: Path) -> PublishResult:
         manifest = manifest.model_copy(update={"evaluation": evaluation,
                                                "gate": evaluation["gate"]})
         write_manifest(bundle_dir, manifest)  # last write into the bundle
+        failpoint("publish.manifest")
+        make_read_only(bundle_dir)  # immutable from here on (see serving.release)
         if final.exists():
             shutil.rmtree(bundle_dir)  # a concurrent or earlier run published it already
         else:
-            _fsync_dir(bundle_dir)
-            os.replace(bundle_dir, final)
-            _fsync_dir(releases_dir)
+            try:
+                fsync_dir(bundle_dir)
+                os.replace(bundle_dir, final)
+                failpoint("publish.moved")
+                fsync_dir(releases_dir)
+                failpoint("publish.dir_synced")
+            except OSError as exc:
+                raise StorageError(f"cannot move release {manifest.release_id} into "
+                                   f"{releases_dir}: {exc}") from exc
         manifest = read_manifest(final)
     passed = bool(manifest.gate and manifest.gate.get("passed"))
     if not passed:
@@ -79,13 +95,14 @@ def publish_release(bundle_dir: Path, releases_dir: Path) -> PublishResult:
                                  False)
         generation = (current.generation if current else 0) + 1
         write_pointer(releases_dir, Pointer(manifest.release_id, generation))
+        failpoint("publish.pointer")
     log.info("release %s is live (generation %d)", manifest.release_id, generation)
     return PublishResult(manifest.release_id, str(final), True, generation, True, True)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def make_read_only(bundle_dir: Path) -> None:
+    """Clear every write bit (``a-w``) of the files under ``bundle_dir``; directories keep
+    theirs, so a release that is no longer wanted can still be deleted whole."""
+    for path in bundle_dir.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, path.stat().st_mode & ~0o222)

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from pipelines.service import ServiceProcess
 from serving.api import create_app
 from serving.eventlog import iter_all
+from serving.events import IdError
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.integration
@@ -114,6 +115,12 @@ def test_intent_shift_is_reported(client):
     ("post", "/recommend", {"session_id": "nobody"}, 422, "QueryError", "query"),
     ("post", "/recommend", {"query": "drill", "session_id": ""}, 422, "InvalidRequest",
      "session_id"),
+    ("post", "/recommend", {"query": "drill", "session_id": "x" * 129}, 422, "InvalidRequest",
+     "session_id"),
+    ("post", "/recommend", {"query": "drill", "session_id": "s\n1"}, 422, "IdError",
+     "session_id"),
+    ("get", "/sessions/s%0A1", None, 422, "IdError", "session_id"),
+    ("post", "/recommend", {"query": "drill\u200dbit"}, 422, "QueryError", "query"),
     ("post", "/events", {"type": "like", "session_id": "s", "item_id": "SKU-10001"}, 422,
      "InvalidRequest", "type"),
     ("post", "/events", {"events": [{"type": "click", "session_id": "s", "item_id": "i",
@@ -245,3 +252,59 @@ def test_serve_binds_loopback_and_stops_by_pid(home, tmp_path):
         assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
         pid = server.pid
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_emoji_queries_are_answered(client):
+    for query in ("\U0001F469\u200d\U0001F469\u200d\U0001F467 gift",
+                  "\U0001F3F3\ufe0f\u200d\U0001F308 flag", "1\ufe0f\u20e3 headphones",
+                  "\U0001F44D\U0001F3FD mug"):
+        resp = client.post("/recommend", json={"query": query, "k": 3})
+        assert resp.status_code == 200, resp.text
+        assert len(resp.json()["results"]) == 3
+
+
+def test_recommend_refuses_the_ids_events_refuse(client):
+    # the Python API, where no request schema caps the length first: a 10 MB session id
+    rec = client.app.state.service.recommender
+    for bad in ("x" * 10_000_000, "x" * 129, "s\n1", ""):
+        with pytest.raises(IdError) as caught:
+            rec.recommend("drill", session_id=bad)
+        assert caught.value.field == "session_id"
+        resp = client.post("/events", json={"type": "click", "session_id": bad,
+                                            "item_id": "SKU-10001"})
+        assert resp.status_code in (413, 422), resp.text   # 413: over this app's 4 KiB body
+        if resp.status_code == 422:
+            assert resp.json()["error"]["field"] == "session_id"
+    assert rec.counters["rejected_IdError"] >= 4
+
+
+def test_an_event_id_resent_with_another_payload_is_a_conflict(client):
+    rec = client.app.state.service.recommender
+    event = {"type": "click", "session_id": "conflict-s", "item_id": "SKU-10001",
+             "query": "headphones", "position": 2, "event_id": "conflict-1", "ts": time.time()}
+    assert client.post("/events", json=event).json()["recorded"] == 1
+    assert client.post("/events", json=event).json()["duplicates"] == 1  # a retry
+    stored = [e.event for e in iter_all(rec.event_log) if e.event.event_id == "conflict-1"]
+    for patch in ({"item_id": "SKU-10002"}, {"type": "purchase"}, {"session_id": "other"},
+                  {"query": "drill"}, {"position": 3}, {"ts": event["ts"] - 1}):
+        resp = client.post("/events", json={**event, **patch})
+        assert resp.status_code == 409, (patch, resp.text)
+        error = resp.json()["error"]
+        assert (error["type"], error["field"]) == ("EventConflictError", "event_id")
+        assert "event id 'conflict-1' was already recorded with a different payload" in (
+            error["message"])
+    # in a batch: the event is named, and nothing of the batch is stored
+    before = rec.event_log.last_offset()
+    resp = client.post("/events", json={"events": [
+        {**event, "event_id": "conflict-new"}, {**event, "position": 5}]})
+    assert resp.status_code == 409 and resp.json()["error"]["field"] == "events[1].event_id"
+    resp = client.post("/events", json={"events": [
+        {**event, "event_id": "conflict-2"}, {**event, "event_id": "conflict-2", "position": 9}]})
+    assert resp.status_code == 409 and resp.json()["error"]["field"] == "events[1].event_id"
+    assert rec.event_log.last_offset() == before
+    # nothing was overwritten
+    assert [e.event for e in iter_all(rec.event_log)
+            if e.event.event_id.startswith("conflict-")] == stored
+    assert rec.counters["events_conflict"] == 8
+    metrics = client.get("/metrics").text
+    assert 'instantrec_http_errors_total{kind="EventConflictError"} 8.0' in metrics

@@ -1,6 +1,8 @@
 """Personal data: 1,000 canary user ids sent through every way in leave no trace in any file
 the system writes or in its logs (user ids are stored only as keyed hashes), and
-`forget(user)` removes a user's events and session state, from the file itself."""
+`forget(user)` removes a user's events and session state, from the file itself. 1,000 queries
+holding e-mail addresses, phone and card numbers, IBANs, social security numbers and street
+addresses leave none either: queries are scrubbed before they are stored."""
 
 from __future__ import annotations
 
@@ -15,9 +17,14 @@ from fastapi.testclient import TestClient
 from pipelines.cli import main
 from pipelines.learning.nearline import NearlineUpdater
 from serving.api import create_app
+from serving.checkpoint import load_latest
 from serving.eventlog import iter_all
 from serving.events import pseudonymise
+from serving.privacy import scrub
+from serving.ranker import query_key
+from serving.text import normalise_query
 from tests.conftest import make_settings
+from tests.unit.test_privacy_scrub import personal_queries
 
 pytestmark = pytest.mark.integration
 
@@ -80,3 +87,70 @@ def test_canary_user_ids_leave_no_trace_and_forget_removes_a_user(demo_home, tmp
         assert client.get("/sessions/priv-forget-a").json()["interactions"] == []
         assert _files_containing(home / "events", pseudonym.encode()) == []
         assert rec.forget(f"{CANARY}-forget-me")["events_deleted"] == 0  # idempotent
+
+
+def _written_since(root, before: dict[str, bytes]) -> dict[str, bytes]:
+    """Every file under ``root`` that is new or changed since ``before`` (path -> bytes)."""
+    out = {}
+    for p in root.rglob("*"):
+        if p.is_file():
+            data = p.read_bytes()
+            if before.get(str(p)) != data:
+                out[str(p)] = data
+    return out
+
+
+def test_personal_data_in_queries_leaves_no_trace(demo_home, tmp_path, caplog, capsys,
+                                                  encoder):
+    home = tmp_path / "home"
+    shutil.copytree(demo_home, home)
+    before = {str(p): p.read_bytes() for p in home.rglob("*") if p.is_file()}
+    settings = make_settings(home, http_rate_events=1e6, http_rate_recommend=1e6)
+    caplog.set_level(logging.DEBUG)
+    queries = personal_queries()  # 1,000, each with the substrings that must not be stored
+    with TestClient(create_app(settings)) as client:
+        while client.get("/readyz").status_code != 200:
+            time.sleep(0.1)
+        rec = client.app.state.service.recommender
+        events: list[dict] = []
+        for i, (query, _) in enumerate(queries):
+            # searched over HTTP (the search runs on the shopper's own words)...
+            resp = client.post("/recommend", json={"query": query, "k": 3,
+                                                   "session_id": f"pii-{i}"})
+            assert resp.status_code == 200, resp.text
+            top = resp.json()["results"][0]["item_id"]
+            shown = [{"type": "impression", "session_id": f"pii-{i}", "item_id": top,
+                      "query": query, "position": 1, "event_id": f"pii-{i}-i"},
+                     {"type": "click", "session_id": f"pii-{i}", "item_id": top,
+                      "query": query, "position": 1, "event_id": f"pii-{i}-c"}]
+            # ...and reported, half over HTTP (100 events a request), half through record()
+            if i % 2:
+                for event in shown:
+                    rec.record(event)
+            else:
+                events += shown
+            if len(events) == 100:
+                assert client.post("/events", json={"events": events}).json()["recorded"] == 100
+                events = []
+        assert rec.counters["events_recorded"] == 2000
+        metrics = client.get("/metrics").text
+        NearlineUpdater(settings, encoder).run_once()
+
+    secrets = {s for _, found in queries for s in found}
+    assert len(secrets) >= len(queries)  # 1,958: as typed, case-folded, digits alone
+    written = _written_since(home, before)
+    assert any("events" in path for path in written) and any("rankers" in path for path in written)
+    leaks = {path: [s for s in secrets if s.encode() in data or s.casefold().encode() in data]
+             for path, data in written.items()}
+    assert {path: found for path, found in leaks.items() if found} == {}
+    text = caplog.text + capsys.readouterr().err + metrics
+    assert [s for s in secrets if s in text or s.casefold() in text] == []
+    # what was stored is the scrubbed query, and the ranker learned under its key, never under
+    # the key of the query as typed
+    stored = {e.event.query for e in iter_all(rec.event_log)}
+    assert stored == {scrub(normalise_query(q)) for q, _ in queries}
+    ref_ranker = load_latest(home)
+    assert ref_ranker is not None
+    learned = {key for key, _ in ref_ranker[1].query_item}
+    assert learned & {query_key(q) for q in stored}
+    assert not learned & {query_key(normalise_query(q)) for q, _ in queries}

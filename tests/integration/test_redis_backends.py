@@ -136,6 +136,13 @@ def test_stream_ids_map_to_ordered_integer_offsets():
 # -- the event-log contract, on both backends --------------------------------------------
 
 
+def live(event_id: str, now: float, **fields) -> Event:
+    """An event as the serving API takes it: stamped with the server's time ``now``."""
+    raw = {"event_id": event_id, "session_id": "s1", "item_id": "SKU-1", "type": "click",
+           "query": "drill", "position": 2, "user_id": "bob", **fields}
+    return parse_event(raw, KEY, now=now, live=True)
+
+
 def test_empty_log(elog):
     assert elog.last_offset() == 0
     assert elog.read(0) == []
@@ -176,8 +183,9 @@ def test_resending_event_ids_is_a_no_op_counted_as_duplicates(elog, backend):
     last = elog.last_offset()
 
     assert elog.append(events) == AppendResult(0, 5)
-    # the same id with different content is still a duplicate: the first write wins
-    assert elog.append([ev("e1", ts=now, item_id="SKU-999")]) == AppendResult(0, 1)
+    # the same id with another payload is a conflict: reported, and nothing overwritten
+    assert elog.append([ev("e1", ts=now, item_id="SKU-999")]) == AppendResult(
+        0, 0, frozenset(), frozenset({"e1"}))
     assert elog.read(0) == before and elog.last_offset() == last
 
     mixed = [events[0], ev("e6", ts=now - 0.5), events[3], ev("e6", ts=now - 0.25), ev("e7")]
@@ -219,6 +227,55 @@ for i in range(0, len(events), 10):          # many small appends, interleaved w
 log.close()
 print(json.dumps({{"accepted": accepted, "duplicates": duplicates}}), flush=True)
 """
+
+
+def test_an_id_resent_with_another_payload_is_a_conflict_and_stores_nothing(elog):
+    now = time.time()
+    first = live("c1", now, ts=now - 60)
+    assert elog.append([first]) == AppendResult(1, 0, frozenset({"c1"}))
+    logged = elog.read(0)
+    # a retry: the server's time differs, the payload does not
+    assert elog.append([live("c1", now + 5, ts=now - 60)]) == AppendResult(0, 1)
+    for patch in ({"item_id": "SKU-2"}, {"type": "purchase"}, {"session_id": "s2"},
+                  {"query": "hammer"}, {"position": 3}, {"user_id": "carol"}, {"user_id": None},
+                  {"query": None}, {"ts": now - 61}):
+        other = live("c1", now + 5, **{"ts": now - 60, **patch})
+        assert elog.append([other]) == AppendResult(0, 0, frozenset(), frozenset({"c1"})), patch
+    # a conflict anywhere in an append stores none of it, not even its new events
+    assert elog.append([live("c2", now), live("c1", now, ts=now - 1), first]) == AppendResult(
+        0, 1, frozenset(), frozenset({"c1"}))
+    # an id twice in one append: the same payload is a duplicate, another one a conflict
+    assert elog.append([live("c3", now), live("c3", now, position=9)]) == AppendResult(
+        0, 0, frozenset(), frozenset({"c3"}))
+    assert elog.read(0) == logged and elog.count() == 1
+    assert elog.append([live("c3", now), live("c3", now + 1)]) == AppendResult(
+        1, 1, frozenset({"c3"}))
+    # without a ts of its own, a live event's retry matches whatever the server's clock says
+    assert elog.append([live("c4", now)]) == AppendResult(1, 0, frozenset({"c4"}))
+    assert elog.append([live("c4", now + 30)]) == AppendResult(0, 1)
+    assert elog.append([live("c4", now + 30, ts=now + 10)]) == AppendResult(0, 1)
+    assert elog.append([live("c4", now + 30, item_id="SKU-3")]).conflicts == {"c4"}
+    assert [x.event.event_id for x in elog.read(0)] == ["c1", "c3", "c4"]
+
+
+def test_a_dedupe_marker_from_before_payloads_were_compared_matches_any_payload(server):
+    prefix = unique_prefix()
+    log = RedisEventLog(server.url, prefix)
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        client.set(f"{prefix}:event-id:old", "1")  # what an older version wrote
+        now = time.time()
+        assert log.append([live("old", now), live("old", now, item_id="SKU-9")]) == AppendResult(
+            0, 2)
+        assert log.count() == 0
+        assert log.append([live("new", now)]) == AppendResult(1, 0, frozenset({"new"}))
+        marker = client.get(f"{prefix}:event-id:new")
+        digest, ts = marker.split(" ")
+        assert len(digest) == 32 and ts == "-"              # a digest: no query or user in it
+        assert "drill" not in marker and "bob" not in marker
+    finally:
+        client.close()
+        log.close()
 
 
 def test_threads_and_processes_lose_nothing_and_store_each_id_once(elog, backend):

@@ -193,6 +193,10 @@ def test_a_release_that_fails_to_load_never_replaces_the_live_one(demo_copy, enc
     assert rec.reload() is False
     assert rec.counters["reload_failures"] == 1
     assert rec.release_id == live and rec.recommend("yoga mat", k=3)
+    # the same broken pointer is not checksummed again on every poll, only once it moves
+    assert rec.reload() is False and rec.counters["reload_failures"] == 1
+    (releases / "CURRENT").write_text(json.dumps({"release_id": broken.name, "generation": 10}))
+    assert rec.reload() is False and rec.counters["reload_failures"] == 2
     with pytest.raises(ReleaseError, match="checksum mismatch on index.ann"):
         Recommender.load(demo_copy, settings=make_settings(demo_copy), encoder=encoder,
                          watch=False)

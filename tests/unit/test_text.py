@@ -49,3 +49,44 @@ def test_clean_text_strips_html_and_control_characters_but_keeps_case():
 def test_item_text_puts_title_first_and_skips_missing_parts():
     assert item_text("Drill", "DeWalt", None, "") == "Drill. Brand: DeWalt"
     assert item_text("Drill", None, "Tools", "Cordless.") == "Drill. Category: Tools. Cordless."
+
+
+# Emoji sequences: the zero-width joiner (U+200D) and the tag characters are format
+# characters, refused elsewhere, but inside an emoji they are what the shopper's phone sent.
+FAMILY = "\U0001F469\u200d\U0001F469\u200d\U0001F467"         # woman ZWJ woman ZWJ girl
+RAINBOW_FLAG = "\U0001F3F3\ufe0f\u200d\U0001F308"             # white flag VS16 ZWJ rainbow
+KEYCAP_ONE = "1\ufe0f\u20e3"
+THUMBS_UP_MEDIUM = "\U0001F44D\U0001F3FD"                      # skin tone modifier
+TECHNOLOGIST = "\U0001F9D1\U0001F3FD\u200d\U0001F4BB"          # modifier, then ZWJ
+HEAD_SHAKING = "\U0001F642\u200d\u2194\ufe0f"                  # Unicode 15.1
+SCOTLAND = "\U0001F3F4\U000E0067\U000E0062\U000E0073\U000E0063\U000E0074\U000E007F"
+TEXT_STYLE = "\u2708\ufe0e"                                    # VS15: text presentation
+
+
+@pytest.mark.parametrize("query", [
+    f"{FAMILY} gift", f"{RAINBOW_FLAG} flag", KEYCAP_ONE, f"{THUMBS_UP_MEDIUM} mug",
+    f"{TECHNOLOGIST} desk", HEAD_SHAKING, f"{SCOTLAND} scarf", f"{TEXT_STYLE} poster",
+    f"Mug {FAMILY}{RAINBOW_FLAG}",
+])
+def test_emoji_sequences_are_queries_kept_as_typed(query):
+    text = normalise_query(query)
+    assert text == query.casefold()          # nothing dropped: the joiners and tags included
+    assert normalise_query(text) == text     # idempotent
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("a\u200db", "U+200D at position 1"),                       # joins no emoji
+    ("\U0001F469\u200d gift", "U+200D at position 1"),         # joins an emoji to a space
+    ("\u200d\U0001F469", "U+200D at position 0"),
+    # U+2122 (TM) is an emoji that NFKC turns into "tm": a joiner after it would join letters
+    ("\u2122\u200d\U0001F469", "U+200D at position 1"),
+    ("x\U000E0067\U000E007F", "U+E0067 at position 1"),         # tags after no flag
+    ("\U0001F3F4\U000E0067\U000E0062", "U+E0067 at position 1"),  # no cancel tag
+    ("drill\u202egnp.exe", "U+202E at position 5"),             # bidi override
+    ("a\u2066b", "U+2066"), ("a\u200fb", "U+200F"),             # bidi isolate, RLM
+    ("a\x85b", "U+0085"), ("a\x1bb", "U+001B"),                 # C1 and C0 controls
+    (f"{FAMILY}\u200b", "U+200B"),                              # zero-width space
+])
+def test_format_characters_outside_emoji_are_still_refused(bad, message):
+    with pytest.raises(QueryError, match=re.escape(message)):
+        normalise_query(bad)
