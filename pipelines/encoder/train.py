@@ -198,7 +198,9 @@ def champion_encoder_path(home: Path) -> Path | None:
     pointer = encoders_dir(home) / POINTER
     if not pointer.is_file():
         return None
-    name = json.loads(pointer.read_text())["encoder"]
+    from serving.release import check_pointer_name
+
+    name = check_pointer_name(json.loads(pointer.read_text())["encoder"], pointer, "encoder")
     path = encoders_dir(home) / name
     if not path.is_dir():
         from serving.errors import EncoderError

@@ -75,6 +75,17 @@ def test_a_ranker_pointer_outside_its_folder_is_refused_naming_the_file(tmp_path
     assert str(path) in str(err.value)
 
 
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_an_encoder_pointer_outside_its_folder_is_refused_naming_the_file(tmp_path, name):
+    from pipelines.encoder.train import champion_encoder_path
+
+    pointer = tmp_path / "encoders" / "CHAMPION"
+    pointer.parent.mkdir()
+    pointer.write_text(json.dumps({"encoder": name}))
+    with pytest.raises(ReleaseError, match="CHAMPION"):
+        champion_encoder_path(tmp_path)
+
+
 def test_a_plain_ranker_pointer_is_followed(tmp_path):
     path = rankers_dir(tmp_path) / LATEST
     path.parent.mkdir(parents=True)
