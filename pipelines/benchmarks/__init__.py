@@ -15,7 +15,8 @@ from typing import Any
 
 from serving.errors import MeasurementError
 
-NAMES = ("nearline", "serving", "ann", "embed", "refresh", "growth", "http", "fuzz")
+NAMES = ("nearline", "serving", "ann", "embed", "refresh", "growth", "http", "fuzz",
+         "reliability")
 
 
 def load(name: str) -> ModuleType:

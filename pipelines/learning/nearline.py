@@ -19,16 +19,20 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipelines.learning.replay import Example, FeedbackReplay, FeedbackTally
+from pipelines.lockfile import try_lock, unlock
 from serving.backends import open_event_log
 from serving.checkpoint import load_latest, publish_checkpoint, read_latest
 from serving.encoder import Encoder
+from serving.errors import UpdaterLockedError
 from serving.eventlog import EventLog, LoggedEvent
 from serving.failpoints import failpoint
+from serving.layout import rankers_dir
 from serving.query import parse_steps
 from serving.ranker import Ranker
 from serving.recommender import release_encoder
@@ -264,10 +268,44 @@ class NearlineUpdater:
                 "counters": dict(self.stats.counters), "ledger": self.stats.ledger}
 
 
+class UpdaterLock:
+    """One nearline updater per home: an exclusive ``flock`` on ``rankers/.updater.lock``,
+    with the holder's pid written in it. Two updaters on one log would each apply every event
+    (twice in all) and publish over each other; the second one is refused instead. The kernel
+    drops the lock when its process dies, however it dies, so a SIGKILLed updater never
+    leaves a stale lock behind."""
+
+    def __init__(self, home: Path) -> None:
+        self.path = rankers_dir(home) / ".updater.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> UpdaterLock:
+        fd, holder = try_lock(self.path)
+        if fd is None:
+            raise UpdaterLockedError(
+                f"another nearline updater ({holder}) holds {self.path}: one updater per "
+                "home; stop it first")
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            unlock(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> UpdaterLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 def run_nearline(settings: Settings, once: bool,
                  max_seconds: float | None = None) -> dict[str, Any]:
-    updater = NearlineUpdater(settings)
-    if once:
-        return updater.run_once()
-    updater.run_forever(max_seconds=max_seconds)
-    return updater.summary()
+    """The ``instantrec nearline`` command: the updater of this home, holding its lock."""
+    with UpdaterLock(settings.home):
+        updater = NearlineUpdater(settings)
+        if once:
+            return updater.run_once()
+        updater.run_forever(max_seconds=max_seconds)
+        return updater.summary()
