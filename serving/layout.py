@@ -8,6 +8,7 @@ A home (``INSTANTREC_HOME``, default ``./artefacts``) holds::
     rankers/                ranker checkpoints and the ``LATEST`` pointer
     encoders/               fine-tuned encoders and the ``CHAMPION`` pointer
     events/events.db        the embedded durable event log (SQLite)
+    events/forgotten        keyed hashes of the sessions of forgotten users, one a line
     secrets/user_id_key     the user-id hashing key, when none is configured
     cache/embeddings.duckdb the offline evaluation's and benchmarks' embedding cache
     cache/bundles/          offline evaluation's bundles of judged catalogues
@@ -49,6 +50,11 @@ def encoders_dir(home: Path) -> Path:
 
 def events_path(home: Path) -> Path:
     return home / "events" / "events.db"
+
+
+def forgotten_path(home: Path) -> Path:
+    """Keyed hashes of the sessions ``forget`` cleared, for other processes to clear too."""
+    return home / "events" / "forgotten"
 
 
 def user_key_path(home: Path) -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -35,7 +36,7 @@ from serving.events import (
     parse_event,
     same_payload,
 )
-from serving.layout import encoders_dir, rankers_dir
+from serving.layout import encoders_dir, forgotten_path, rankers_dir
 from serving.manifest import Manifest
 from serving.privacy import scrub
 from serving.query import DEFAULT_STEPS, Step, Vocabulary, parse_steps
@@ -170,6 +171,9 @@ class Recommender:
         self._reload_lock = threading.Lock()
         # the pointer whose release failed to load, and when: not verified again every poll
         self._refused: tuple[Pointer | None, float] = (None, 0.0)
+        # how far this process has read the forgotten-sessions file (older lines name
+        # sessions of processes that ran before it)
+        self._forgotten_at = _size(forgotten_path(self._home)) if self._home is not None else 0
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self.counters: Counter[str] = Counter()
@@ -467,8 +471,46 @@ class Recommender:
             self._user_key = self._settings.user_key()
         deleted, sessions = self._log().forget(pseudonymise(user_id, self._user_key))
         cleared = sum(self._sessions.delete(sid) for sid in sessions)
+        if sessions and self._home is not None:
+            # every other serving process of this home clears them at its next poll
+            path = forgotten_path(self._home)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as fh:
+                fh.writelines(f"{pseudonymise(sid, self._user_key)}\n" for sid in sorted(sessions))
+                fh.flush()
+                os.fsync(fh.fileno())
         self.counters["users_forgotten"] += 1
         return {"events_deleted": deleted, "sessions": len(sessions), "sessions_cleared": cleared}
+
+    def _clear_forgotten(self) -> int:
+        """Clear the in-process sessions that another process's ``forget`` named since the
+        last poll (a shared Redis store was cleared by that call); returns how many."""
+        ids = getattr(self._sessions, "ids", None)
+        if self._home is None or ids is None:
+            return 0
+        path = forgotten_path(self._home)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return 0
+        if size <= self._forgotten_at:
+            return 0
+        with path.open("rb") as fh:
+            fh.seek(self._forgotten_at)
+            data = fh.read(size - self._forgotten_at)
+        data = data[: data.rfind(b"\n") + 1]  # a line still being written waits for next time
+        self._forgotten_at += len(data)
+        hashes = set(data.decode(errors="replace").split())
+        if not hashes:
+            return 0
+        from serving.events import pseudonymise
+
+        if self._user_key is None:
+            self._user_key = self._settings.user_key()
+        cleared = sum(self._sessions.delete(sid) for sid in ids()
+                      if pseudonymise(sid, self._user_key) in hashes)
+        self.counters["forgotten_sessions_cleared"] += cleared
+        return cleared
 
     @property
     def event_log(self) -> EventLog:
@@ -644,6 +686,10 @@ class Recommender:
 
     def _watch(self) -> None:
         while not self._stop.wait(self._settings.reload_interval_s):
+            try:
+                self._clear_forgotten()
+            except Exception as exc:  # noqa: BLE001 - must never stop the reload watcher
+                log.error("cannot clear forgotten sessions: %s", exc)
             self.reload()
 
     def close(self) -> None:
@@ -671,6 +717,13 @@ def _repeated_with_another_payload(events: list[Event]) -> int | None:
         if earlier is not ev and not same_payload(earlier, ev):
             return i
     return None
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def encoder_path_for(bundle: Bundle, settings: Settings) -> Path | None:

@@ -164,6 +164,11 @@ class MemorySessionStore:
         with self._lock:
             return self._data.pop(session_id, None) is not None
 
+    def ids(self) -> list[str]:
+        """The ids of the sessions held now (a snapshot)."""
+        with self._lock:
+            return list(self._data)
+
     def __len__(self) -> int:
         return len(self._data)
 

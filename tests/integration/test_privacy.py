@@ -154,3 +154,33 @@ def test_personal_data_in_queries_leaves_no_trace(demo_home, tmp_path, caplog, c
     learned = {key for key, _ in ref_ranker[1].query_item}
     assert learned & {query_key(q) for q in stored}
     assert not learned & {query_key(normalise_query(q)) for q, _ in queries}
+
+
+def test_forget_clears_the_sessions_another_process_holds_at_its_next_poll(demo_copy, encoder):
+    from serving.layout import forgotten_path
+    from serving.recommender import Recommender
+
+    settings = make_settings(demo_copy)
+    here = Recommender.load(settings=settings, encoder=encoder, watch=False)
+    there = Recommender.load(settings=settings, encoder=encoder)  # polls every 0.1 s
+    try:
+        item = here.recommend("yoga mat", k=1)[0].item_id
+        for rec in (here, there):  # each replica saw the user's click in its own memory
+            rec.record({"session_id": "leaving", "user_id": "u-leaving", "item_id": item,
+                        "type": "click", "position": 1, "query": "yoga mat"})
+            rec.record({"session_id": "staying", "user_id": "u-staying", "item_id": item,
+                        "type": "click", "position": 1, "query": "yoga mat"})
+        assert there.session_summary("leaving")["interactions"]
+        assert here.forget("u-leaving")["sessions"] == 1
+        deadline = time.monotonic() + 10
+        while there.session_summary("leaving")["interactions"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert there.session_summary("leaving")["interactions"] == []
+        assert there.session_summary("staying")["interactions"]
+        assert there.counters["forgotten_sessions_cleared"] == 1
+        # the file holds keyed hashes, never the session id or the user id
+        text = forgotten_path(demo_copy).read_text()
+        assert "leaving" not in text and "u-leaving" not in text and len(text.split()) == 1
+    finally:
+        here.close()
+        there.close()
