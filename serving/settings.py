@@ -71,6 +71,28 @@ class Settings(BaseSettings):
     checkpoint_every_s: float = Field(0.5, gt=0.0)
     abuse_max_clicks: int = Field(10, ge=1, description="Positive events per window per session/user.")
     abuse_window_s: float = Field(10.0, gt=0.0)
+    bot_filter: bool = Field(
+        True, description="Drop bot and fake-click traffic before learning "
+        "(pipelines/learning/abuse.py): positives on items never shown, purchases without a "
+        "click, clicks at positions never shown, made-up result pages, replayed and clockwork "
+        "sessions. False keeps only the rate limit (a shop that logs no impressions).")
+    bot_window_s: float = Field(
+        900.0, gt=0.0, description="How far back the bot filter looks (event time), and how "
+        "long a session or user it caught stays dropped; the nearline updater's warm-up "
+        "replay after a restart grows by twice this.")
+    bot_page_min_passed: int = Field(
+        1, ge=0, description="A click on an item of a new session's page is dropped unless "
+        "this many of the query's other recent new sessions were shown it and chose another "
+        "item (or nearly all were shown it): else the client made the page up.")
+    bot_depth_min_share: float = Field(
+        0.01, ge=0.0, le=1.0, description="A click at a position fewer than this share of "
+        "recent sessions were shown at all is dropped (deeper than the shop's pages go).")
+    bot_regular_events: int = Field(
+        8, ge=3, description="Positives of one session, user or (query, item) whose "
+        "intervals are checked for clockwork regularity.")
+    bot_regular_cv: float = Field(
+        0.05, ge=0.0, description="Below this coefficient of variation of those intervals the "
+        "positives are a script's.")
     http_host: str = Field("127.0.0.1", description="Address `instantrec serve` binds (loopback "
                            "by default; 0.0.0.0 exposes it to the network).")
     http_port: int = Field(8000, ge=0, le=65535, description="Port of `instantrec serve`.")

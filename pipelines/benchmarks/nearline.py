@@ -1,13 +1,14 @@
 """Updater throughput and cross-process freshness (``instantrec bench nearline``).
 
-Freshness is measured across processes, as a shop would see it: process A records a purchase
-and notes when ``record()`` returned; the nearline updater (its own process) applies it and
-publishes a checkpoint; process B, a serving process with hot reload on, notes when its
-``recommend()`` first reflects the purchase. What a purchase moves online is the (query, item)
-memory (``signals["query_item_bias"]``; the adapter, item biases and channel weights stay at
-their starting point, see :mod:`serving.ranker`), and through it the item's final score and
-rank, so B watches that signal and reports the score and rank it saw before and after. A probe
-that B never sees within the deadline is a failure of the benchmark, not a figure.
+Freshness is measured across processes, as a shop would see it: process A records a shopper's
+page, click and purchase (what the bot filter lets through) and notes when it began to; the
+nearline updater (its own process) applies it and publishes a checkpoint; process B, a serving
+process with hot reload on, notes when its ``recommend()`` first reflects the purchase. What a
+purchase moves online is the (query, item) memory (``signals["query_item_bias"]``; the adapter,
+item biases and channel weights stay at their starting point, see :mod:`serving.ranker`), and
+through it the item's final score and rank, so B watches that signal and reports the score and
+rank it saw before and after. A probe that B never sees within the deadline is a failure of the
+benchmark, not a figure.
 
 The benchmark runs on a private copy of the home it is pointed at: its live release, and its
 live ranker checkpoint (with its relevance model and memory) when there is one, re-based on the
@@ -246,16 +247,24 @@ def bench_nearline(settings: Settings, n_lists: int = 2000, probes: int = 20,
             _wait_caught_up(home, SqliteEventLog(env_settings.events_path).last_offset())
             for i in range(probes):
                 q = QUERIES[i % len(QUERIES)]
-                item = rec.recommend(q, k=10)[i % 3].item_id
+                page = [r.item_id for r in rec.recommend(q, k=10)]
+                item = page[i % 3]
                 reader.stdin.write(json.dumps({"query": q, ITEM_ID: item}) + "\n")
                 reader.stdin.flush()
                 armed = _read_json(reader, "arming a probe")
                 if not armed["armed"]:
                     raise MeasurementError(f"probe {i} ({item} for {q!r}) cannot be watched: "
                                            f"{armed['why']}")
-                rec.record({"session_id": f"fresh-{i}", "query": q, ITEM_ID: item,
-                            "type": "purchase"})
+                # as a shopper does it (the bot filter drops a purchase of nothing shown or
+                # clicked): the page shown, a click on the item, its purchase
+                session = f"fresh-{i}"
                 t0 = time.time()
+                rec.record_batch([
+                    *({"session_id": session, "query": q, ITEM_ID: shown, "type": "impression",
+                       "position": p} for p, shown in enumerate(page, start=1)),
+                    {"session_id": session, "query": q, ITEM_ID: item, "type": "click",
+                     "position": page.index(item) + 1},
+                    {"session_id": session, "query": q, ITEM_ID: item, "type": "purchase"}])
                 seen = _read_json(reader, "watching a probe")
                 rows.append({"query": q, ITEM_ID: item, "before": seen["before"],
                              "after": seen["after"],

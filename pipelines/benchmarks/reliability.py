@@ -82,9 +82,14 @@ def _probe(name: str, home: Path, work: Path, args: Any) -> dict[str, Any]:
         return reload.run_hot_reload(home, work, args.reload_s, args.steady_s, args.threads,
                                      args.seed)
     if name == "bots":
-        from pipelines.reliability import bots
+        from pipelines.reliability import bots, figures
 
-        return bots.run_bots(home, seed=args.seed)
+        out = bots.run_bots(home, seed=args.seed)
+        # survived: events classified right (bot dropped, shopper kept); lost: shoppers' dropped
+        return figures(tried=out["bot_events"] + out["human_events"],
+                       survived=out["bot_dropped"] + out["human_events"] - out["human_dropped"],
+                       lost=out["human_dropped"], **{k: v for k, v in out.items()
+                                                       if k != "tried"}, bot_sessions=out["tried"])
     from pipelines.reliability import inputs
 
     return inputs.run_bad_input()

@@ -1,27 +1,29 @@
 """Feedback events -> labelled examples, as the ranker learns from them.
 
 :class:`FeedbackReplay` reads logged events in order and derives the labelled examples the
-online ranker steps on, with no model of its own: duplicate event ids, unknown items and
-abusive traffic (more positive events per window than a person makes, per session and per
-user) are dropped and counted; a click, cart or purchase is a positive (weighted 1, 2, 3) with
-the query and the session's interest as they were; items shown *above* a click that the
-shopper skipped are negatives; items below it were perhaps never examined and teach nothing.
-Clicks alone would teach position bias.
+online ranker steps on, with no model of its own: duplicate event ids, unknown items, abusive
+traffic (more positive events per window than a person makes, per session and per user) and
+bot traffic (:mod:`pipelines.learning.abuse`: clicks on items never shown, purchases without a
+click, made-up pages, replays, clockwork) are dropped and counted by reason; a click, cart or
+purchase is a positive (weighted 1, 2, 3) with the query and the session's interest as they
+were; items shown *above* a click that the shopper skipped are negatives; items below it were
+perhaps never examined and teach nothing. Clicks alone would teach position bias.
 
-Everything it keeps (session interest, recent impressions, abuse windows, recent event ids) is
-a function of the events of the last few minutes, keyed by event time, so replaying that
-window rebuilds it exactly. The nearline updater steps on its examples as they come; the
-batch retrain collects them all (:func:`replay_examples`).
+Everything it keeps (session interest, recent impressions, abuse windows, the bot filter's
+tables, recent event ids) is a function of the events of the last few minutes, keyed by event
+time, so replaying that window rebuilds it exactly. The nearline updater steps on its examples
+as they come; the batch retrain collects them all (:func:`replay_examples`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from pipelines.learning.abuse import HOLD, BotFilter, BotRules, lookback_s
 from serving.encoder import Encoder
 from serving.eventlog import EventLog, LoggedEvent
 from serving.events import POSITIVE_TYPES, Event
@@ -70,6 +72,16 @@ class Example:
     query: str | None = None  # the normalised query, for the relevance model's score
 
 
+@dataclass(frozen=True)
+class _Held:
+    """A positive event the bot filter holds, with the examples it will teach if released."""
+
+    type: str
+    query: str | None
+    item_id: str
+    examples: list[Example]
+
+
 def _at(rel: np.ndarray | None, row: int) -> float:
     return float(rel[row]) if rel is not None else 0.0
 
@@ -108,22 +120,41 @@ class FeedbackReplay:
     def __init__(self, bundle: Bundle, encoder: Encoder, settings: Settings) -> None:
         self.bundle, self.encoder, self.settings = bundle, encoder, settings
         self.session_cfg = SessionConfig(ttl_s=settings.session_ttl_s)
+        rules = BotRules.from_settings(settings)
+        # what is kept depends on which events were dropped, and a bot decision on the events
+        # of its own look-back: the window replayed after a restart covers both
         self.window_s = (max(settings.session_ttl_s, IMPRESSION_TTL_S, settings.abuse_window_s)
-                         + SLACK_S)
+                         + lookback_s(rules) + SLACK_S)
         self.row_of = {i: r for r, i in enumerate(bundle.items.item_ids.tolist())}
         self._lexical = LexicalCache()
         self.sessions: OrderedDict[str, SessionState] = OrderedDict()
         self.shown: OrderedDict[tuple[str, str], list[_Shown]] = OrderedDict()
         self.rate: dict[str, deque[float]] = {}
+        self.bots = BotFilter(rules)
+        self.last_drop: str | None = None   # why the last event processed was dropped
+        self.held: OrderedDict[str, _Held] = OrderedDict()   # event id -> held event
+        # the held events the last event processed settled: (event id, None or drop reason)
+        self.last_settled: list[tuple[str, str | None]] = []
         self.seen: OrderedDict[str, float] = OrderedDict()
         self.recent: deque[tuple[int, float]] = deque()   # (offset, ts) inside the window
         self.max_ts = 0.0
 
     def use_bundle(self, bundle: Bundle) -> None:
         """Derive examples for another release from now on (item rows and vectors), keeping
-        the window's state (sessions and impressions name items by id)."""
+        the window's state (sessions and impressions name items by id); the examples of held
+        events move to the new release's rows (those of items it no longer lists go)."""
+        old_ids = self.bundle.items.item_ids
         self.bundle = bundle
         self.row_of = {i: r for r, i in enumerate(bundle.items.item_ids.tolist())}
+        for event_id, held in self.held.items():
+            moved = []
+            for ex in held.examples:
+                row = self.row_of.get(str(old_ids[ex.row]))
+                if row is not None:
+                    lex = self._lexical.relative(bundle, ex.query) if ex.query else None
+                    moved.append(replace(ex, row=row, lex=_at(lex, row), x=np.asarray(
+                        bundle.vectors[row], np.float64)))
+            self.held[event_id] = replace(held, examples=moved)
 
     def warm_from(self, offset: int) -> int:
         """Where a replay must start to rebuild this state at ``offset``: just before the
@@ -172,18 +203,47 @@ class FeedbackReplay:
         """Take the next logged event: update the window and return its examples (none
         unless ``derive``), and whether it counts as applied (an impression, or a positive
         event that was not dropped). ``counters`` and ``tally``, if given, count what was
-        seen; ``derive=False`` only rebuilds state (a warm-up replay)."""
-        ev = logged.event
+        seen; ``derive=False`` only rebuilds state (a warm-up replay).
+
+        A positive event the bot filter holds (a click on an item no one else was shown yet,
+        on what may be a new ranking) counts as applied (and as ``bot_held``) but teaches
+        only once an event settles it: its examples then come with that event's, and it is
+        counted then by its type, or by the reason it was dropped."""
         counters = counters if counters is not None else Counter()
+        examples, applied = self._process(logged, counters, tally, derive)
+        if not applied and self.last_drop is not None:
+            counters[self.last_drop] += 1
+        self.last_settled = self.bots.settle(logged.event)
+        for event_id, reason in self.last_settled:
+            held = self.held.pop(event_id)
+            if reason is not None:
+                counters[reason] += 1
+                continue
+            counters[held.type] += 1
+            if tally is not None and held.query is not None:
+                tally.positive(held.query, held.item_id, EVENT_WEIGHTS[held.type])
+            if derive:
+                examples.extend(held.examples)
+                for example in held.examples:
+                    counters["positives" if example.label else "negatives"] += 1
+        return examples, applied
+
+    def _process(self, logged: LoggedEvent, counters: Counter[str], tally: FeedbackTally | None,
+                 derive: bool) -> tuple[list[Example], bool]:
+        ev = logged.event
         examples: list[Example] = []
+        self.last_drop = None
         if not self._remember(logged):
-            counters["duplicates_dropped"] += 1
+            self.last_drop = "duplicates_dropped"
             return examples, False
         row = self.row_of.get(ev.item_id)
         if row is None:
-            counters["unknown_item"] += 1
+            self.last_drop = "unknown_item"
             return examples, False
         if ev.type == "impression":
+            if (reason := self.bots.impression(ev)) is not None:
+                self.last_drop = reason
+                return examples, False
             counters["impressions"] += 1
             if ev.query is not None and ev.position is not None:
                 key = (ev.session_id, ev.query)
@@ -199,11 +259,21 @@ class FeedbackReplay:
         if ev.type not in POSITIVE_TYPES:
             return examples, False
         if self._abusive(ev):
-            counters["abuse_dropped"] += 1
+            self.last_drop = "abuse_dropped"
             return examples, False
-        counters[ev.type] += 1
-        if tally is not None and ev.query is not None:
-            tally.positive(ev.query, ev.item_id, EVENT_WEIGHTS[ev.type])
+        verdict = self.bots.positive(ev)
+        if verdict is not None and verdict != HOLD:
+            self.last_drop = verdict
+            return examples, False
+        held = verdict == HOLD
+        # a held event's examples are derived now, as they would be, and kept until it settles
+        derive = derive or held
+        if held:
+            counters["bot_held"] += 1
+        else:
+            counters[ev.type] += 1
+            if tally is not None and ev.query is not None:
+                tally.positive(ev.query, ev.item_id, EVENT_WEIGHTS[ev.type])
         session = self.sessions.get(ev.session_id)
         interest = interest_vector(session, self.bundle.vectors, self.row_of, ev.ts,
                                    self.session_cfg)
@@ -224,7 +294,7 @@ class FeedbackReplay:
                 examples.append(Example(logged.offset, q, np.asarray(vectors[row], np.float64),
                                         s_unit, row, 1.0, EVENT_WEIGHTS[ev.type],
                                         _at(lex, row), qkey, ev.query))
-                counters["positives"] += 1
+                counters["positives"] += not held
             if ev.type == "click" and ev.query is not None and ev.position is not None:
                 for shown in self.shown.get((ev.session_id, ev.query), []):
                     if shown.item_id == ev.item_id:
@@ -237,7 +307,7 @@ class FeedbackReplay:
                             examples.append(Example(
                                 logged.offset, q, np.asarray(vectors[neg], np.float64), s_unit,
                                 neg, 0.0, 1.0, _at(lex, neg), qkey, ev.query))
-                            counters["negatives"] += 1
+                            counters["negatives"] += not held
         else:
             counters["no_context"] += 1
         state = session or SessionState()
@@ -246,15 +316,19 @@ class FeedbackReplay:
         self.sessions.move_to_end(ev.session_id)
         while len(self.sessions) > MAX_KEYS:
             self.sessions.popitem(last=False)
+        if held:
+            self.held[ev.event_id] = _Held(ev.type, ev.query, ev.item_id, examples)
+            return [], True
         return examples, True
 
 
 def replay_examples(log: EventLog, bundle: Bundle, encoder: Encoder, settings: Settings,
                     after: int = 0) -> tuple[list[Example], int, Counter[str], FeedbackTally]:
     """Every labelled example in ``log`` after offset ``after``, derived for ``bundle`` as the
-    nearline updater derives them. Returns the examples in log order, the last offset read,
-    the counters (impressions, positives, negatives, drops by reason) and the tally of what
-    was shown and chosen."""
+    nearline updater derives them. Returns the examples in the order the updater steps on
+    them (log order, but a held event's come with the event that settles it), the last offset
+    read, the counters (impressions, positives, negatives, drops by reason) and the tally of
+    what was shown and chosen."""
     replay = FeedbackReplay(bundle, encoder, settings)
     examples: list[Example] = []
     counters: Counter[str] = Counter()

@@ -59,8 +59,11 @@ def test_freshness_on_a_home_whose_checkpoint_predates_the_live_release(demo_cop
     settings = make_settings(demo_copy)
     rec = Recommender.load(demo_copy, settings=settings, encoder=encoder, watch=False)
     top = rec.recommend("yoga mat", k=3)
-    rec.record({"session_id": "s1", "query": "yoga mat", "item_id": top[2].item_id,
-                "type": "click", "position": 3})
+    rec.record_batch([
+        *({"session_id": "s1", "query": "yoga mat", "item_id": r.item_id, "type": "impression",
+           "position": p} for p, r in enumerate(top, start=1)),
+        {"session_id": "s1", "query": "yoga mat", "item_id": top[2].item_id, "type": "click",
+         "position": 3}])
     NearlineUpdater(settings, encoder=encoder).run_once()
     old = read_latest(demo_copy)
 
