@@ -23,8 +23,8 @@ def campaign(demo_home, tmp_path_factory):
     only = ",".join((*FORKING, "hot_reload", "bad_input"))
     proc = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "bench", "reliability", "--json",
-         "--only", only, "--updater-kills", "8", "--append-kills", "12", "--publish-rounds",
-         "1", "--publishes", "60", "--readers", "4", "--reload-s", "8", "--steady-s", "3",
+         "--only", only, "--updater-kills", "4", "--append-kills", "8", "--publish-rounds",
+         "1", "--publishes", "40", "--readers", "4", "--reload-s", "6", "--steady-s", "2",
          "--threads", "4"],
         env={**os.environ, "INSTANTREC_HOME": str(home)}, capture_output=True, text=True,
         timeout=900)
