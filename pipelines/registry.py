@@ -1,7 +1,8 @@
 """MLflow: log a release's evaluation run and register it as a pyfunc model version.
 
-The alias ``champion`` moves only when the release passed its gate, so
-``mlflow.pyfunc.load_model("models:/instantrec@champion")`` always serves a release that did.
+The alias ``champion`` moves only when the release passed its gate and is the live one, so
+``mlflow.pyfunc.load_model("models:/instantrec@champion")`` always serves a release that did,
+and the one shops are served. Registering and moving aliases hold :func:`registry_lock`.
 
 Every pyfunc the pipelines register (the release here, the ranker in ``retrain``, the encoder
 in ``finetune``) goes through :func:`log_pyfunc`: it is logged as models from code
@@ -16,7 +17,8 @@ from __future__ import annotations
 import ast
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, packages_distributions, requires
 from importlib.metadata import version as pkg_version
@@ -25,6 +27,7 @@ from typing import Any, Literal
 
 import mlflow
 import pandas as pd
+from filelock import FileLock, Timeout
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.types import ColSpec, Schema
@@ -33,7 +36,11 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 import serving
+from serving import layout
+from serving.errors import ReleaseError
+from serving.failpoints import failpoint
 from serving.manifest import Manifest, read_manifest
+from serving.release import read_pointer
 from serving.schema import ITEM_ID
 from serving.settings import Settings
 
@@ -120,8 +127,9 @@ def configure_mlflow(settings: Settings, experiment_name: str = EXPERIMENT) -> s
 
 @dataclass(frozen=True)
 class Registered:
-    """A model version: the one just registered, or (``reused``) the one an earlier attempt
-    with the same key tags registered."""
+    """A model version: the one just registered (or finished: created by an earlier attempt
+    that died before tagging it), or (``reused``) the one an earlier attempt with the same key
+    tags registered completely."""
 
     version: int
     run_id: str
@@ -137,6 +145,33 @@ def find_version(client: mlflow.MlflowClient, name: str, tags: dict[str, str]) -
     return found[0] if found else None
 
 
+REGISTRY_LOCK = "registry.lock"   # under <home>/mlflow: one registering process at a time
+LOCK_TIMEOUT_S = 1800.0
+_locks: dict[str, FileLock] = {}
+
+
+@contextmanager
+def registry_lock(settings: Settings) -> Iterator[None]:
+    """Hold the home's registry lock (``<home>/mlflow/registry.lock``, a blocking ``flock``;
+    re-entrant within a process). Registering a version (look up, log, tag) and moving an
+    alias happen under it: two processes registering the same key at once would each find
+    nothing and register it twice, and alias moves are last-writer-wins. It serialises the
+    processes that share the home's file system, not hosts with homes of their own that
+    share one tracking server. The kernel drops it when its holder dies."""
+    path = layout.mlflow_dir(settings.home) / REGISTRY_LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = _locks.setdefault(str(path), FileLock(str(path), timeout=LOCK_TIMEOUT_S))
+    try:
+        lock.acquire()
+    except Timeout as exc:
+        raise ReleaseError(f"the model registry lock {path} was held for more than "
+                           f"{LOCK_TIMEOUT_S:.0f} s by another process") from exc
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def register_version(settings: Settings, kind: Literal["release", "ranker", "encoder"],
                      name: str, key_tags: dict[str, str], run_name: str,
                      log_run: Callable[[], ModelInfo],
@@ -145,31 +180,68 @@ def register_version(settings: Settings, kind: Literal["release", "ranker", "enc
     """Register one version of ``name`` in ``kind``'s experiment, at most once per ``key_tags``.
 
     The version already registered with ``key_tags`` is reused (a retried task); otherwise a
-    run named ``run_name`` is started, ``log_run()`` logs into it (params, metrics, artefacts
-    and the pyfunc, via :func:`log_pyfunc`, returning its ``ModelInfo``), and the new version
-    is tagged with ``key_tags`` and ``version_tags`` and given ``description(version)``.
+    run named ``run_name`` and tagged with ``key_tags`` is started, ``log_run()`` logs into it
+    (params, metrics, artefacts and the pyfunc, via :func:`log_pyfunc`, returning its
+    ``ModelInfo``), and the new version is tagged with ``key_tags`` and ``version_tags`` and
+    given ``description(version)``.
+
+    Safe to retry after a kill at any instant, and to run in several processes at once (under
+    :func:`registry_lock`): a version whose attempt died before tagging it is found by its
+    run's tags and finished (tagged, described, its run marked finished); a run that died
+    before registering anything is marked killed.
     """
-    experiment_id = configure_mlflow(settings, EXPERIMENTS[kind])
-    client = mlflow.MlflowClient()
-    existing = find_version(client, name, key_tags)
-    if existing is not None:
-        log.info("reusing %s v%s registered for %s", name, existing.version, key_tags)
-        return Registered(int(existing.version), str(existing.run_id), True)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
-        info = log_run()
-        run_id = run.info.run_id
-    version = int(info.registered_model_version)
-    for key, value in {**key_tags, **(version_tags or {})}.items():
-        client.set_model_version_tag(name, str(version), key, value)
-    if description is not None:
-        client.update_model_version(name, str(version), description=description(version))
-    return Registered(version, run_id, False)
+    with registry_lock(settings):
+        experiment_id = configure_mlflow(settings, EXPERIMENTS[kind])
+        client = mlflow.MlflowClient()
+        existing = find_version(client, name, key_tags)
+        if existing is not None:
+            log.info("reusing %s v%s registered for %s", name, existing.version, key_tags)
+            return Registered(int(existing.version), str(existing.run_id), True)
+        untagged = _untagged_version(client, experiment_id, name, key_tags)
+        if untagged is not None:
+            version, run_id = untagged
+            log.info("finishing %s v%d, registered for %s by an attempt that died before "
+                     "tagging it", name, version, key_tags)
+        else:
+            with mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                                  tags=key_tags) as run:
+                info = log_run()
+                run_id = run.info.run_id
+                failpoint("registry.registered")
+            version = int(info.registered_model_version)
+        for key, value in {**key_tags, **(version_tags or {})}.items():
+            client.set_model_version_tag(name, str(version), key, value)
+        if description is not None:
+            client.update_model_version(name, str(version), description=description(version))
+        return Registered(version, run_id, False)
+
+
+def _untagged_version(client: mlflow.MlflowClient, experiment_id: str, name: str,
+                      key_tags: dict[str, str]) -> tuple[int, str] | None:
+    """The version of ``name`` logged by a run tagged ``key_tags`` whose attempt died before
+    tagging the version (that run is marked finished), or None; runs of ``key_tags`` still
+    marked running without a version are marked killed (under the registry lock, no live
+    process is logging them)."""
+    where = " and ".join(f"tags.{k} = '{v}'" for k, v in key_tags.items())
+    runs = client.search_runs([experiment_id], filter_string=where)
+    found = None
+    for run in runs:
+        versions = client.search_model_versions(
+            filter_string=f"name = '{name}' and run_id = '{run.info.run_id}'")
+        if versions and found is None:
+            found = (int(versions[0].version), run.info.run_id)
+            if run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, "FINISHED")
+        elif not versions and run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "KILLED")
+    return found
 
 
 def promote_version(settings: Settings, name: str, version: int, alias: str = CHAMPION) -> None:
-    """Move ``alias`` (``champion``) of ``name`` to ``version``."""
-    use_store(settings)
-    mlflow.MlflowClient().set_registered_model_alias(name, alias, str(version))
+    """Move ``alias`` (``champion``) of ``name`` to ``version`` (under :func:`registry_lock`)."""
+    with registry_lock(settings):
+        use_store(settings)
+        mlflow.MlflowClient().set_registered_model_alias(name, alias, str(version))
 
 
 # -- the pyfunc's environment -----------------------------------------------------------------
@@ -316,7 +388,12 @@ def register_release(release_dir: Path, settings: Settings) -> RegisterResult:
     the release's figures as run metrics and version tags, and descriptions.
 
     Idempotent per release: a release already registered is not registered again, but the
-    alias still follows the gate.
+    alias still follows the gate. ``champion`` moves to a release that passed its gate only
+    while it is the live one (the pointer of the releases directory it sits in names it, or
+    that directory has no pointer): a run that registers its release after an overlapping
+    run published a newer one must not move the alias back (alias moves are last-writer-wins;
+    ``pipelines.steps.run_register`` holds the publish lock, so no publish moves the pointer
+    between this check and the alias).
     """
     manifest = read_manifest(release_dir)
     name = settings.model_name
@@ -347,9 +424,15 @@ def register_release(release_dir: Path, settings: Settings) -> RegisterResult:
     if not registered.reused:
         mlflow.MlflowClient().update_registered_model(
             name, description=MODEL_DESCRIPTION.format(name=name))
-    champion = bool(gate.get("passed"))
+    pointer = read_pointer(release_dir.parent)
+    live = pointer is None or pointer.release_id == manifest.release_id
+    champion = bool(gate.get("passed")) and live
     if champion:
         promote_version(settings, name, registered.version)
+    elif gate.get("passed"):
+        log.warning("release %s passed its gate but is no longer live (%s is): %s stays where "
+                    "it is", manifest.release_id, pointer.release_id if pointer else None,
+                    CHAMPION)
     log.info("release %s registered as %s v%d%s", manifest.release_id, name,
              registered.version, " (champion)" if champion else "")
     return RegisterResult(manifest.release_id, registered.run_id, name, registered.version,

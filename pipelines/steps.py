@@ -7,10 +7,13 @@ JSON-able dict: exactly what an Airflow XCom should carry (paths, ids, counts).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
 from serving.encoder import Encoder
+from serving.failpoints import failpoint
 from serving.settings import Settings
 
 if TYPE_CHECKING:
@@ -79,6 +82,7 @@ def run_ingest(settings: Settings, catalogue: str | Path | None = None,
         staged_path,
     )
 
+    failpoint("step.ingest.begin")
     source = Path(catalogue) if catalogue else DEMO_CATALOGUE
     live = settings.warehouse_path
     with build_lock(live):
@@ -90,6 +94,7 @@ def run_ingest(settings: Settings, catalogue: str | Path | None = None,
             if target != live:
                 discard_warehouse(live, target, "failed")
             raise
+    failpoint("step.ingest.end")
     return {**report.to_dict(), "warehouse": str(target)}
 
 
@@ -117,9 +122,11 @@ def run_embed(settings: Settings, shard: int = 0, shards: int = 1,
     warehouse only, so shards run side by side without the build lock."""
     from pipelines.catalogue.embed import embed_items
 
+    failpoint("step.embed.begin")
     report = embed_items(run_warehouse(settings, warehouse),
                          settings.work_dir, encoder or configured_encoder_loader(settings),
                          shard, shards, settings.embed_batch_size, progress=progress)
+    failpoint("step.embed.end")
     return report.to_dict()
 
 
@@ -131,12 +138,15 @@ def run_index(settings: Settings, encoder: Encoder | None = None,
     from pipelines.catalogue.index import build_index
     from pipelines.catalogue.warehouse import build_lock
 
+    failpoint("step.index.begin")
     target = run_warehouse(settings, warehouse)
     encoder = encoder or configured_encoder(settings)
     with build_lock(settings.warehouse_path):
         stored = store_vectors(target, settings.work_dir, encoder.version)
+        failpoint("index.stored")
         bundle = build_index(target, settings.releases_dir, encoder, settings.index_seed,
                              settings.index_recall_target)
+    failpoint("step.index.end")
     return IndexOut(bundle_dir=str(bundle), vectors_stored=stored)
 
 
@@ -147,13 +157,47 @@ def run_evaluate(settings: Settings, bundle_dir: str | Path, golden: str | Path 
     catalogue, so without golden queries given or configured the demo's own gate it."""
     from pipelines.catalogue.gate import DEMO_GOLDEN, evaluate_release
 
+    failpoint("step.evaluate.begin")
     golden = golden or settings.golden_queries or (DEMO_GOLDEN if demo else None)
     judgments = judgments or settings.judgments
     result = evaluate_release(Path(bundle_dir), settings, encoder,
                               Path(golden) if golden else None,
                               Path(judgments) if judgments else None)
+    failpoint("step.evaluate.end")
     return EvaluateOut(bundle_dir=str(bundle_dir), metrics=result["metrics"],
                           gate=result["gate"])
+
+
+PUBLISH_LOCK = ".publish.lock"   # under releases/: one publish or register at a time
+PUBLISH_LOCK_TIMEOUT_S = 1800.0
+
+
+@contextmanager
+def publish_lock(settings: Settings) -> Iterator[None]:
+    """Hold the home's publish lock (``releases/.publish.lock``, a blocking ``flock``), which
+    :func:`run_publish` and :func:`run_register` hold throughout: of two overlapping runs, the
+    second waits for the first and then finds its work done (the same release), or moves the
+    pointer and then the ``champion`` alias after it (a newer one). Without it, a second
+    publish of one staged bundle could find it half moved (and fail, or take the warehouse
+    lock from the first), and a release registered after a newer one went live could move
+    ``champion`` between the pointer check and the alias. The kernel drops it when its holder
+    dies. Not re-entrant: never nest it."""
+    from filelock import FileLock, Timeout
+
+    from serving.errors import ReleaseError
+
+    path = settings.releases_dir / PUBLISH_LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path), timeout=PUBLISH_LOCK_TIMEOUT_S)
+    try:
+        lock.acquire()
+    except Timeout as exc:
+        raise ReleaseError(f"the publish lock {path} was held for more than "
+                           f"{PUBLISH_LOCK_TIMEOUT_S:.0f} s by another run") from exc
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def run_publish(settings: Settings, bundle_dir: str | Path,
@@ -161,28 +205,38 @@ def run_publish(settings: Settings, bundle_dir: str | Path,
     """Publish the evaluated bundle; with ``warehouse`` (the run's copy, see
     :func:`run_ingest`), then replace the home's warehouse with it if the release passed its
     gate, or discard it (keeping its record of bad input) if not: the result's ``warehouse``
-    says ``committed`` or ``rolled back``."""
+    says ``committed`` or ``rolled back``. Holds :func:`publish_lock`."""
     from pipelines.catalogue.publish import publish_release
     from pipelines.catalogue.warehouse import build_lock, commit_warehouse, discard_warehouse
 
-    out = publish_release(Path(bundle_dir), settings.releases_dir).to_dict()
-    live = settings.warehouse_path
-    if warehouse is not None and Path(warehouse) != live:
-        with build_lock(live):
-            if out["gate_passed"]:
-                commit_warehouse(live, Path(warehouse))
-                out["warehouse"] = "committed"
-            else:
-                discard_warehouse(live, Path(warehouse),
-                                  f"rolled back: release {out['release_id']} failed its gate")
-                out["warehouse"] = "rolled back"
+    failpoint("step.publish.begin")
+    with publish_lock(settings):
+        out = publish_release(Path(bundle_dir), settings.releases_dir).to_dict()
+        live = settings.warehouse_path
+        if warehouse is not None and Path(warehouse) != live:
+            with build_lock(live):
+                if out["gate_passed"]:
+                    commit_warehouse(live, Path(warehouse))
+                    out["warehouse"] = "committed"
+                else:
+                    discard_warehouse(live, Path(warehouse),
+                                      f"rolled back: release {out['release_id']} failed its gate")
+                    out["warehouse"] = "rolled back"
+    failpoint("step.publish.end")
     return out
 
 
 def run_register(settings: Settings, release_dir: str | Path) -> dict[str, Any]:
+    """Register a published release in MLflow (once per release); ``champion`` follows it if
+    it passed its gate and is live. Holds :func:`publish_lock`, so that no publish moves the
+    pointer while the alias is decided."""
     from pipelines.registry import register_release
 
-    return register_release(Path(release_dir), settings).to_dict()
+    failpoint("step.register.begin")
+    with publish_lock(settings):
+        out = register_release(Path(release_dir), settings).to_dict()
+    failpoint("step.register.end")
+    return out
 
 
 def run_build(settings: Settings, catalogue: str | Path | None = None,
@@ -227,7 +281,10 @@ def run_retrain(settings: Settings, holdout: float = 0.2, epochs: int = 5,
     it beats the live one on the most recent ``holdout`` share of events."""
     from pipelines.learning.retrain import retrain_ranker
 
-    return retrain_ranker(settings, holdout=holdout, epochs=epochs, encoder=encoder)
+    failpoint("step.retrain.begin")
+    out = retrain_ranker(settings, holdout=holdout, epochs=epochs, encoder=encoder)
+    failpoint("step.retrain.end")
+    return out
 
 
 def report_retrain(settings: Settings, result: dict[str, Any]) -> RetrainOut:
@@ -238,6 +295,7 @@ def report_retrain(settings: Settings, result: dict[str, Any]) -> RetrainOut:
     from serving.checkpoint import read_latest
     from serving.errors import ReleaseError
 
+    failpoint("step.report.begin")
     if not result["promoted"]:
         if "reason" in result:
             log.info("ranker not retrained: %s", result["reason"])
@@ -245,8 +303,10 @@ def report_retrain(settings: Settings, result: dict[str, Any]) -> RetrainOut:
             log.info("kept the champion: held-out log-loss candidate %.4f vs champion %.4f "
                      "(version %s registered, not promoted)", result["candidate"]["log_loss"],
                      result["champion"]["log_loss"], result["version"])
+        failpoint("step.report.end")
         return RetrainOut(promoted=False, version=result.get("version"))
     latest = read_latest(settings.home)
+    failpoint("report.checked")
     if latest is None or latest.seq < result["checkpoint_seq"]:
         raise ReleaseError(
             f"ranker version {result['version']} was promoted as checkpoint "
@@ -255,6 +315,7 @@ def report_retrain(settings: Settings, result: dict[str, Any]) -> RetrainOut:
     log.info("promoted ranker version %s: held-out log-loss %.4f (champion %.4f), checkpoint %d "
              "at offset %d", result["version"], result["candidate"]["log_loss"],
              result["champion"]["log_loss"], result["checkpoint_seq"], result["offset"])
+    failpoint("step.report.end")
     return RetrainOut(promoted=True, version=result["version"], offset=result["offset"])
 
 

@@ -18,7 +18,17 @@ Points (each is just before or just after one filesystem step):
   ``checkpoint.written`` (a checkpoint file complete, the pointer not yet moved),
   ``checkpoint.published`` (the pointer has moved, older files not yet cleaned up);
 - ``nearline.applied``: the updater has applied an event, before any checkpoint;
-- ``eventlog.inserted``: an event inserted inside an append's transaction, not committed.
+- ``eventlog.inserted``: an event inserted inside an append's transaction, not committed;
+- ``step.<step>.begin`` / ``step.<step>.end`` for ``ingest``, ``embed``, ``index``,
+  ``evaluate``, ``publish``, ``register``, ``retrain``, ``report``: a function of
+  ``pipelines.steps`` (what a DAG task calls) entered, and about to return after its last
+  write;
+- ``ingest.upserted``: a snapshot's items upserted inside the ingest transaction, not
+  committed;
+- ``embed.written``: a shard's vectors in its temporary file, not renamed into place;
+- ``index.stored``: the shard files stored in the warehouse (and removed), no bundle built;
+- ``registry.registered``: a model version created in MLflow, its tags not set yet;
+- ``report.checked``: a retrain's report has read the live ranker pointer (it writes nothing).
 """
 
 from __future__ import annotations

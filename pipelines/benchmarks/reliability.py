@@ -18,7 +18,7 @@ from serving.errors import MeasurementError
 from serving.settings import Settings
 
 PROBES = ("appends", "publish_crashes", "io_errors", "concurrent_publishes", "disk_full",
-          "updater", "hot_reload", "bots", "bad_input")
+          "updater", "dag_kills", "hot_reload", "bots", "bad_input")
 
 
 def add_arguments(p: Any) -> None:
@@ -78,6 +78,10 @@ def _probe(name: str, home: Path, work: Path, args: Any) -> dict[str, Any]:
         return publish.run_real_disk_full(work)
     if name == "updater":
         return updater.run_updater_kills(home, work, args.updater_kills, args.seed)
+    if name == "dag_kills":
+        from pipelines.reliability.dags import run_dag_kills
+
+        return run_dag_kills(home, work)
     if name == "hot_reload":
         return reload.run_hot_reload(home, work, args.reload_s, args.steady_s, args.threads,
                                      args.seed)

@@ -21,6 +21,7 @@ import polars as pl
 
 from pipelines.catalogue.warehouse import connect, query_frame
 from serving.encoder import Encoder
+from serving.failpoints import failpoint
 from serving.schema import CONTENT_HASH, ITEM_ID
 from serving.text import item_text
 
@@ -167,8 +168,11 @@ def embed_items(warehouse: Path, work_dir: Path, encoder: Encoder | EncoderLoade
     out_dir.mkdir(parents=True, exist_ok=True)
     frame = todo.select(ITEM_ID, CONTENT_HASH).with_columns(
         pl.Series("vector", vectors, dtype=pl.Array(pl.Float32, encoder.dim)))
+    for stale in out_dir.glob(f".{out_path.name}.tmp-*"):  # of an attempt killed mid-write
+        stale.unlink()
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     frame.write_parquet(tmp)
+    failpoint("embed.written")
     os.replace(tmp, out_path)
     seconds = (datetime.now(UTC) - start).total_seconds()
     log.info("%s: %d items in %.1f s", label, todo.height, seconds)

@@ -20,6 +20,7 @@ import polars as pl
 
 from pipelines.catalogue.warehouse import connect
 from serving.errors import CatalogueError
+from serving.failpoints import failpoint
 from serving.schema import CONTENT_HASH, ID_ALIASES, ITEM_ID
 from serving.text import clean_text
 
@@ -254,6 +255,7 @@ def ingest_catalogue(source: Path, warehouse: Path, max_reject_share: float = 0.
                     price = excluded.price, in_stock = excluded.in_stock,
                     content_hash = excluded.content_hash, active = true,
                     updated_at = excluded.updated_at""")
+        failpoint("ingest.upserted")
         con.execute("INSERT INTO ingest_runs VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [run_id, str(source), n, 0 if failed else accepted.height, rejected.height,
                      "failed" if failed else "ok", now])

@@ -63,6 +63,10 @@ def publish_release(bundle_dir: Path, releases_dir: Path) -> PublishResult:
         evaluation = json.loads(eval_path.read_text())
         manifest = manifest.model_copy(update={"evaluation": evaluation,
                                                "gate": evaluation["gate"]})
+        # a writer killed mid-write (evaluate's or an earlier publish's write_json_atomic)
+        # leaves its temporary file: it is no part of the release, which is immutable from here
+        for stale in bundle_dir.rglob(".*.tmp-*"):
+            stale.unlink()
         write_manifest(bundle_dir, manifest)  # last write into the bundle
         failpoint("publish.manifest")
         make_read_only(bundle_dir)  # immutable from here on (see serving.release)
