@@ -18,7 +18,7 @@ from serving.errors import MeasurementError
 from serving.settings import Settings
 
 PROBES = ("appends", "publish_crashes", "io_errors", "concurrent_publishes", "disk_full",
-          "updater", "dag_kills", "hot_reload", "bots", "bad_input")
+          "updater", "dag_kills", "hot_reload", "swap_memory", "bots", "bad_input")
 
 
 def add_arguments(p: Any) -> None:
@@ -33,6 +33,7 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--reload-s", type=float, default=300.0)
     p.add_argument("--steady-s", type=float, default=30.0)
     p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--swaps", type=int, default=600, help="release swaps of swap_memory")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -85,6 +86,8 @@ def _probe(name: str, home: Path, work: Path, args: Any) -> dict[str, Any]:
     if name == "hot_reload":
         return reload.run_hot_reload(home, work, args.reload_s, args.steady_s, args.threads,
                                      args.seed)
+    if name == "swap_memory":
+        return reload.run_swap_memory(home, work, args.swaps)
     if name == "bots":
         from pipelines.reliability import bots, figures
 

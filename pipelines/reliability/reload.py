@@ -155,10 +155,22 @@ def run_hot_reload(source: Path, work: Path, seconds: float = 300.0, steady_s: f
         if rec.counters["reload_failures"] and not corrupt_seen:
             corrupt_seen = True
             served_during_corrupt.add(rec.release_id)
+    publisher.wait()
+    # the last publish may land just before the publisher ends: let the watcher see it
+    from serving.release import read_pointer
+
+    final = read_pointer(releases_dir(home))
+    settle = time.monotonic() + 10
+    while time.monotonic() < settle and rec.release_id != final.release_id:
+        if rec.counters["reload_failures"]:
+            if not corrupt_seen:
+                corrupt_seen = True
+                served_during_corrupt.add(rec.release_id)
+            break
+        time.sleep(0.1)
     stop.set()
     for t in pool:
         t.join(timeout=30)
-    publisher.wait()
     published = json.loads((home / "publisher.json").read_text())
     rec.close()
     steady, loaded = np.array(lat["steady"]) * 1000, np.array(lat["reload"]) * 1000
@@ -181,6 +193,43 @@ def run_hot_reload(source: Path, work: Path, seconds: float = 300.0, steady_s: f
         rss_max_mb=round(max(rss), 1), base_release=base, failures=failures[:5])
     shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def run_swap_memory(source: Path, work: Path, swaps: int = 600,
+                    every: int = 50) -> dict[str, Any]:
+    """Memory over many release swaps alone: ``swaps`` releases published and swapped into one
+    recommender (a request after each), its resident memory after every ``every`` swaps.
+    Flat means the second half of the run adds nothing: old releases are freed."""
+    import gc
+
+    from pipelines.catalogue.publish import publish_release
+    from serving.layout import releases_dir
+    from serving.recommender import Recommender
+    from serving.settings import Settings
+
+    every = max(1, min(every, swaps // 2))  # at least two samples
+    shutil.rmtree(work, ignore_errors=True)
+    home = work / "home"
+    shutil.copytree(releases_dir(source), releases_dir(home))
+    rec = Recommender.load(settings=Settings(home=home), watch=False)
+    base = rec.release_id
+    rec.recommend("yoga mat", k=10)
+    rss: list[float] = []
+    failed = 0
+    for n in range(1, swaps + 1):
+        publish_release(stage_copy(releases_dir(home), base, f"{PREFIX}{n:06d}"),
+                        releases_dir(home))
+        failed += not rec.reload()
+        rec.recommend("yoga mat", k=10)
+        if n % every == 0:
+            gc.collect()
+            rss.append(round(_rss_mb(), 1))
+    rec.close()
+    shutil.rmtree(work, ignore_errors=True)
+    half = rss[len(rss) // 2 - 1]
+    return figures(tried=swaps, survived=swaps - failed, crashed=failed,
+                   rss_mb_every=dict(zip(range(every, swaps + 1, every), rss, strict=True)),
+                   rss_growth_second_half_mb=round(rss[-1] - half, 1))
 
 
 def main() -> None:

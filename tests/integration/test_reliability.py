@@ -20,11 +20,11 @@ def campaign(demo_home, tmp_path_factory):
 
     home = tmp_path_factory.mktemp("reliability") / "home"
     shutil.copytree(demo_home, home)
-    only = ",".join((*FORKING, "hot_reload", "bad_input"))
+    only = ",".join((*FORKING, "hot_reload", "swap_memory", "bad_input"))
     proc = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "bench", "reliability", "--json",
          "--only", only, "--updater-kills", "4", "--append-kills", "8", "--publish-rounds",
-         "1", "--publishes", "40", "--readers", "4", "--reload-s", "6", "--steady-s", "2",
+         "1", "--publishes", "40", "--readers", "4", "--reload-s", "6", "--steady-s", "2", "--swaps", "20",
          "--threads", "4"],
         env={**os.environ, "INSTANTREC_HOME": str(home)}, capture_output=True, text=True,
         timeout=900)
@@ -75,3 +75,9 @@ def test_every_kind_of_bad_input_is_refused_with_a_reason(campaign):
     figures = campaign["bad_input"]
     assert figures["kinds_refused"] >= 30
     assert figures["accepted"] == [] and figures["crashes"] == []
+
+
+def test_many_release_swaps_all_load(campaign):
+    figures = campaign["swap_memory"]
+    assert figures["survived"] == figures["tried"] == 20 and figures["crashed"] == 0
+    assert list(figures["rss_mb_every"]) == ["10", "20"]  # JSON keys
