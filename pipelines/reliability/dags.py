@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.reliability import figures
+from serving.manifest import sha256_file
 
 if TYPE_CHECKING:
     from serving.settings import Settings
@@ -199,14 +200,6 @@ def stage_live_copy(settings: Settings, release_id: str) -> Path:
 MASKED = ("created_at",)  # the manifest's wall-clock build time: the one field a rebuild changes
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def release_digests(release_dir: Path) -> dict[str, str]:
     """sha256 of every file of a release, by relative path; the manifest's with
     :data:`MASKED` fields removed (``manifest.json~masked``) besides its raw bytes'."""
@@ -216,7 +209,7 @@ def release_digests(release_dir: Path) -> dict[str, str]:
     for path in sorted(release_dir.rglob("*")):
         if path.is_file():
             rel = str(path.relative_to(release_dir))
-            out[rel] = _sha256(path)
+            out[rel] = sha256_file(path)
             if rel == MANIFEST_NAME:
                 manifest = json.loads(path.read_text())
                 for key in MASKED:
