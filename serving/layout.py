@@ -8,7 +8,7 @@ A home (``INSTANTREC_HOME``, default ``./artefacts``) holds::
     rankers/                ranker checkpoints and the ``LATEST`` pointer
     encoders/               fine-tuned encoders and the ``CHAMPION`` pointer
     events/events.db        the embedded durable event log (SQLite)
-    events/forgotten        keyed hashes of the sessions of forgotten users, one a line
+    events/forgotten        keyed hashes of forgotten users and their sessions, one a line
     secrets/user_id_key     the user-id hashing key, when none is configured
     cache/embeddings.duckdb the offline evaluation's and benchmarks' embedding cache
     cache/bundles/          offline evaluation's bundles of judged catalogues
@@ -53,7 +53,8 @@ def events_path(home: Path) -> Path:
 
 
 def forgotten_path(home: Path) -> Path:
-    """Keyed hashes of the sessions ``forget`` cleared, for other processes to clear too."""
+    """Keyed hashes of the users and sessions ``forget`` removed, for other processes (serving
+    replicas, the nearline updater) to clear too; see :mod:`serving.forgotten`."""
     return home / "events" / "forgotten"
 
 

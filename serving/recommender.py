@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import threading
 import time
 from collections import Counter
@@ -36,7 +35,8 @@ from serving.events import (
     parse_event,
     same_payload,
 )
-from serving.layout import encoders_dir, forgotten_path, rankers_dir
+from serving.forgotten import ForgottenFeed, append_forgotten
+from serving.layout import encoders_dir, rankers_dir
 from serving.manifest import Manifest
 from serving.privacy import scrub
 from serving.query import DEFAULT_STEPS, Step, Vocabulary, parse_steps
@@ -171,9 +171,8 @@ class Recommender:
         self._reload_lock = threading.Lock()
         # the pointer whose release failed to load, and when: not verified again every poll
         self._refused: tuple[Pointer | None, float] = (None, 0.0)
-        # how far this process has read the forgotten-sessions file (older lines name
-        # sessions of processes that ran before it)
-        self._forgotten_at = _size(forgotten_path(self._home)) if self._home is not None else 0
+        # what other processes' ``forget`` named since this one started
+        self._forgotten = ForgottenFeed(self._home) if self._home is not None else None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self.counters: Counter[str] = Counter()
@@ -469,16 +468,13 @@ class Recommender:
         check_id(user_id, "user_id")
         if self._user_key is None:
             self._user_key = self._settings.user_key()
-        deleted, sessions = self._log().forget(pseudonymise(user_id, self._user_key))
+        user = pseudonymise(user_id, self._user_key)
+        deleted, sessions = self._log().forget(user)
         cleared = sum(self._sessions.delete(sid) for sid in sessions)
-        if sessions and self._home is not None:
-            # every other serving process of this home clears them at its next poll
-            path = forgotten_path(self._home)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a") as fh:
-                fh.writelines(f"{pseudonymise(sid, self._user_key)}\n" for sid in sorted(sessions))
-                fh.flush()
-                os.fsync(fh.fileno())
+        if self._home is not None:
+            # every other serving process of this home, and the nearline updater, clear them
+            # at their next poll
+            append_forgotten(self._home, self._user_key, sessions, user)
         self.counters["users_forgotten"] += 1
         return {"events_deleted": deleted, "sessions": len(sessions), "sessions_cleared": cleared}
 
@@ -486,29 +482,14 @@ class Recommender:
         """Clear the in-process sessions that another process's ``forget`` named since the
         last poll (a shared Redis store was cleared by that call); returns how many."""
         ids = getattr(self._sessions, "ids", None)
-        if self._home is None or ids is None:
+        if self._forgotten is None or ids is None or not self._forgotten.pending():
             return 0
-        path = forgotten_path(self._home)
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            return 0
-        if size <= self._forgotten_at:
-            return 0
-        with path.open("rb") as fh:
-            fh.seek(self._forgotten_at)
-            data = fh.read(size - self._forgotten_at)
-        data = data[: data.rfind(b"\n") + 1]  # a line still being written waits for next time
-        self._forgotten_at += len(data)
-        hashes = set(data.decode(errors="replace").split())
-        if not hashes:
-            return 0
-        from serving.events import pseudonymise
-
         if self._user_key is None:
             self._user_key = self._settings.user_key()
-        cleared = sum(self._sessions.delete(sid) for sid in ids()
-                      if pseudonymise(sid, self._user_key) in hashes)
+        gone = self._forgotten.read(self._user_key)
+        if not gone.sessions:
+            return 0
+        cleared = sum(self._sessions.delete(sid) for sid in ids() if gone.session(sid))
         self.counters["forgotten_sessions_cleared"] += cleared
         return cleared
 
@@ -717,13 +698,6 @@ def _repeated_with_another_payload(events: list[Event]) -> int | None:
         if earlier is not ev and not same_payload(earlier, ev):
             return i
     return None
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
 
 
 def encoder_path_for(bundle: Bundle, settings: Settings) -> Path | None:

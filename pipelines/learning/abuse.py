@@ -62,6 +62,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from serving.events import Event
+from serving.forgotten import Forgotten
 from serving.settings import Settings
 
 REASONS = ("bot_flagged", "bot_no_impression", "bot_no_click", "bot_position", "bot_depth",
@@ -183,6 +184,30 @@ class BotFilter:
         query (any query if it names none), within the window."""
         shown = self.shown.get((ev.session_id, ev.query), {}).get(ev.item_id, [])
         return [(p, t) for p, t in shown if t >= ev.ts - self.rules.window_s]
+
+    def forget(self, gone: Forgotten) -> set[str]:
+        """Drop everything held of forgotten sessions and users; returns the ids of the held
+        clicks that went with them (never to teach)."""
+        for table in (self.shown, self.sent):
+            for key in [k for k in table if gone.session(k[0])]:
+                del table[key]
+        for table in (self.chosen, self.qualified, self.flags, self.intervals):
+            for key in [k for k in table if gone.key_of(k)]:
+                del table[key]
+        for pages in self.pages.values():
+            for sid in [s for s in pages if gone.session(s)]:
+                del pages[sid]
+        for sid in [s for s in self.depths if gone.session(s)]:
+            del self.depths[sid]
+        dropped: set[str] = set()
+        for key in list(self.holds):
+            held = self.holds[key]
+            dropped |= {h.event_id for h in held if gone.session(h.session_id)}
+            held[:] = [h for h in held if not gone.session(h.session_id)]
+            if not held:
+                del self.holds[key]
+        self.holding = {k: v for k, v in self.holding.items() if not gone.session(k[0])}
+        return dropped
 
     # -- events -----------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from serving.encoder import Encoder
 from serving.errors import UpdaterLockedError
 from serving.eventlog import EventLog, LoggedEvent
 from serving.failpoints import failpoint
+from serving.forgotten import ForgottenFeed
 from serving.layout import rankers_dir
 from serving.query import parse_steps
 from serving.ranker import Ranker
@@ -75,6 +76,8 @@ class NearlineUpdater:
         self.sink: list[Example] | None = [] if collect else None
         self.tally: FeedbackTally | None = FeedbackTally() if collect else None
         self._published_seq = 0
+        # before the warm-up replay: a forget while it reads is applied at the first poll
+        self.forgotten = ForgottenFeed(self.home)
         if restore:
             self.ranker = self._restore()
         else:
@@ -216,8 +219,25 @@ class NearlineUpdater:
         self._since_publish = 0
         self._last_publish = time.monotonic()
 
+    def forget_pending(self) -> int:
+        """Drop from the replay window what ``forget`` named since the last poll (its events
+        are already gone from the log); returns how many entries went."""
+        if not self.forgotten.pending():
+            return 0
+        gone = self.forgotten.read(self.settings.user_key())
+        if not gone:
+            return 0
+        dropped = self.replay.forget(gone)
+        self.stats.counters["forget_requests"] += len(gone.users)
+        self.stats.counters["forgotten_state_dropped"] += dropped
+        log.info("forgot %d users: %d entries of the replay window dropped",
+                 len(gone.users), dropped)
+        return dropped
+
     def poll(self, limit: int = 2000) -> int:
-        """Process the next batch of events; returns how many were read."""
+        """Process the next batch of events (after applying any ``forget``); returns how many
+        were read."""
+        self.forget_pending()
         batch = self.log.read(self.offset, limit)
         for logged in batch:
             self._process(logged, learn=True)

@@ -27,6 +27,7 @@ from pipelines.learning.abuse import HOLD, BotFilter, BotRules, lookback_s
 from serving.encoder import Encoder
 from serving.eventlog import EventLog, LoggedEvent
 from serving.events import POSITIVE_TYPES, Event
+from serving.forgotten import Forgotten
 from serving.ranker import query_key
 from serving.release import Bundle
 from serving.retrieval import LexicalCache
@@ -160,6 +161,29 @@ class FeedbackReplay:
         """Where a replay must start to rebuild this state at ``offset``: just before the
         oldest event still inside the window."""
         return self.recent[0][0] - 1 if self.recent else offset
+
+    def forget(self, gone: Forgotten) -> int:
+        """Drop what the window holds of forgotten sessions and users (``forget`` deleted
+        their events from the log, so a warm-up replay would not rebuild it either): their
+        session state, shown pages, rate windows, bot-filter state and held clicks. Returns
+        how many entries went."""
+        before = self._size()
+        for sid in [s for s in self.sessions if gone.session(s)]:
+            del self.sessions[sid]
+        for key in [k for k in self.shown if gone.session(k[0])]:
+            del self.shown[key]
+        for key in [k for k in self.rate if gone.key_of(k)]:
+            del self.rate[key]
+        for event_id in self.bots.forget(gone):
+            self.held.pop(event_id, None)
+        return before - self._size()
+
+    def _size(self) -> int:
+        bots = self.bots
+        return (len(self.sessions) + len(self.shown) + len(self.rate) + len(self.held)
+                + len(bots.shown) + len(bots.sent) + len(bots.chosen) + len(bots.qualified)
+                + len(bots.flags) + len(bots.intervals) + len(bots.depths) + len(bots.holding)
+                + sum(len(p) for p in bots.pages.values()))
 
     def _abusive(self, ev: Event) -> bool:
         """More positive events per window than a person makes, per session and per user."""

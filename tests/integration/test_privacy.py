@@ -180,7 +180,51 @@ def test_forget_clears_the_sessions_another_process_holds_at_its_next_poll(demo_
         assert there.counters["forgotten_sessions_cleared"] == 1
         # the file holds keyed hashes, never the session id or the user id
         text = forgotten_path(demo_copy).read_text()
-        assert "leaving" not in text and "u-leaving" not in text and len(text.split()) == 1
+        assert "leaving" not in text and "u-leaving" not in text
+        assert [line.split()[0] for line in text.splitlines()] == ["s", "u"]
     finally:
         here.close()
         there.close()
+
+
+def test_forget_empties_the_updaters_replay_window_within_one_cycle(demo_copy, encoder):
+    """The updater keeps a replay window in memory (sessions, shown pages, rate and bot-filter
+    state): a forgotten user's part of it goes at the updater's next poll, the others' stays."""
+    from serving.recommender import Recommender
+
+    settings = make_settings(demo_copy)
+    rec = Recommender.load(settings=settings, encoder=encoder, watch=False)
+    updater = NearlineUpdater(settings, encoder)
+    try:
+        shown = rec.recommend("yoga mat", k=3)
+        for sid, user in (("leaving", "u-leaving"), ("staying", "u-staying")):
+            rec.record_many([{"session_id": sid, "user_id": user, "item_id": r.item_id,
+                              "type": "impression", "position": p, "query": "yoga mat"}
+                             for p, r in enumerate(shown, start=1)])
+            rec.record({"session_id": sid, "user_id": user, "item_id": shown[1].item_id,
+                        "type": "click", "position": 2, "query": "yoga mat"})
+        updater.poll()
+        pseudonym = pseudonymise("u-leaving", settings.user_key())
+
+        def traces(who: str) -> list[str]:
+            replay, bots = updater.replay, updater.replay.bots
+            keys = [*replay.sessions, *replay.shown, *replay.rate, *bots.shown, *bots.sent,
+                    *bots.chosen, *bots.qualified, *bots.flags, *bots.intervals, *bots.depths,
+                    *(s for pages in bots.pages.values() for s in pages)]
+            return [str(k) for k in keys if who in str(k)]
+
+        assert traces("leaving") and traces(pseudonym) and traces("staying")
+        assert rec.forget("u-leaving")["events_deleted"] == 4
+        updater.poll()   # one cycle
+        assert traces("leaving") == [] and traces(pseudonym) == []
+        assert traces("staying")
+        assert updater.stats.counters["forget_requests"] == 1
+        assert updater.stats.counters["forgotten_state_dropped"] > 0
+        # a restarted updater rebuilds the same window from the log, which no longer has them
+        updater.publish()
+        again = NearlineUpdater(settings, encoder)
+        assert {str(k) for k in again.replay.sessions} == {"staying"}
+        again.close()
+    finally:
+        updater.close()
+        rec.close()

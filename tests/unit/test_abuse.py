@@ -399,3 +399,28 @@ def test_every_positive_type_of_a_bot_is_dropped(etype):
     f = BotFilter(BotRules())
     assert judge(f, ev(etype, "bot", "x", 1.0, position=4)) in {"bot_no_impression",
                                                                 "bot_no_click"}
+
+
+def test_forget_drops_every_trace_of_a_session_and_user_and_their_held_clicks():
+    from serving.forgotten import Forgotten, session_hash, user_hash
+
+    key = b"k" * 32
+    f = BotFilter(BotRules())
+    _sessions_shown(f, PAGE_MIN_SESSIONS, PAGE_A)
+    page(f, "gone", NEW_RANKING, 100.0, user="u_gone")
+    click = ev("click", "gone", "n1", 104.0, position=2, user="u_gone")
+    assert _settled(f, click) == (HOLD, [])
+    page(f, "kept", PAGE_A, 150.0, user="u_kept")
+    assert _settled(f, ev("click", "kept", "a3", 154.0, position=3, user="u_kept")) == (None, [])
+    gone = Forgotten(key, {session_hash("gone", key)}, {user_hash("u_gone", key)})
+    assert f.forget(gone) == {click.event_id}
+    tables = [f.shown, f.sent, f.depths, f.holding, *f.pages.values()]
+    assert not any(k == "gone" or (isinstance(k, tuple) and "gone" in k)
+                   for t in tables for k in t)
+    assert not any("gone" in str(k) for t in (f.chosen, f.qualified, f.flags, f.intervals)
+                   for k in t)
+    assert f.holds == {} and f.holding == {}
+    # the other session's state is whole
+    assert any("kept" in str(k) for k in f.intervals) and ("kept", "tent") in f.shown
+    assert "s:kept" in f.chosen and "u:u_kept" in f.chosen
+    assert f.forget(gone) == set()   # idempotent
