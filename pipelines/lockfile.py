@@ -11,8 +11,14 @@ import fcntl
 import os
 import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from serving.errors import ReleaseError
 
 
 def try_lock(path: Path) -> tuple[int | None, str]:
@@ -39,3 +45,24 @@ def unlock(fd: int) -> None:
     """Release a lock taken by :func:`try_lock`, clearing the holder's line first."""
     os.ftruncate(fd, 0)
     os.close(fd)  # closing the descriptor drops the flock
+
+
+_held: dict[str, FileLock] = {}
+
+
+@contextmanager
+def waiting_lock(path: Path, timeout_s: float, what: str) -> Iterator[None]:
+    """Hold a blocking ``flock`` at ``path``, waiting up to ``timeout_s`` (re-entrant within a
+    process: one lock object per path). Past the wait, a :class:`ReleaseError` saying that
+    ``what`` (e.g. "the publish lock") was held that long by another process."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = _held.setdefault(str(path), FileLock(str(path), timeout=timeout_s))
+    try:
+        lock.acquire(timeout=timeout_s)
+    except Timeout as exc:
+        raise ReleaseError(f"{what} {path} was held for more than {timeout_s:.0f} s by another "
+                           "process") from exc
+    try:
+        yield
+    finally:
+        lock.release()

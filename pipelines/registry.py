@@ -27,7 +27,6 @@ from typing import Any, Literal
 
 import mlflow
 import pandas as pd
-from filelock import FileLock, Timeout
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.types import ColSpec, Schema
@@ -36,8 +35,8 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 import serving
+from pipelines.lockfile import waiting_lock
 from serving import layout
-from serving.errors import ReleaseError
 from serving.failpoints import failpoint
 from serving.manifest import Manifest, read_manifest
 from serving.release import read_pointer
@@ -147,7 +146,6 @@ def find_version(client: mlflow.MlflowClient, name: str, tags: dict[str, str]) -
 
 REGISTRY_LOCK = "registry.lock"   # under <home>/mlflow: one registering process at a time
 LOCK_TIMEOUT_S = 1800.0
-_locks: dict[str, FileLock] = {}
 
 
 @contextmanager
@@ -158,18 +156,9 @@ def registry_lock(settings: Settings) -> Iterator[None]:
     nothing and register it twice, and alias moves are last-writer-wins. It serialises the
     processes that share the home's file system, not hosts with homes of their own that
     share one tracking server. The kernel drops it when its holder dies."""
-    path = layout.mlflow_dir(settings.home) / REGISTRY_LOCK
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = _locks.setdefault(str(path), FileLock(str(path), timeout=LOCK_TIMEOUT_S))
-    try:
-        lock.acquire()
-    except Timeout as exc:
-        raise ReleaseError(f"the model registry lock {path} was held for more than "
-                           f"{LOCK_TIMEOUT_S:.0f} s by another process") from exc
-    try:
+    with waiting_lock(layout.mlflow_dir(settings.home) / REGISTRY_LOCK, LOCK_TIMEOUT_S,
+                      "the model registry lock"):
         yield
-    finally:
-        lock.release()
 
 
 def register_version(settings: Settings, kind: Literal["release", "ranker", "encoder"],

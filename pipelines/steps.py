@@ -181,23 +181,12 @@ def publish_lock(settings: Settings) -> Iterator[None]:
     publish of one staged bundle could find it half moved (and fail, or take the warehouse
     lock from the first), and a release registered after a newer one went live could move
     ``champion`` between the pointer check and the alias. The kernel drops it when its holder
-    dies. Not re-entrant: never nest it."""
-    from filelock import FileLock, Timeout
+    dies."""
+    from pipelines.lockfile import waiting_lock
 
-    from serving.errors import ReleaseError
-
-    path = settings.releases_dir / PUBLISH_LOCK
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path), timeout=PUBLISH_LOCK_TIMEOUT_S)
-    try:
-        lock.acquire()
-    except Timeout as exc:
-        raise ReleaseError(f"the publish lock {path} was held for more than "
-                           f"{PUBLISH_LOCK_TIMEOUT_S:.0f} s by another run") from exc
-    try:
+    with waiting_lock(settings.releases_dir / PUBLISH_LOCK, PUBLISH_LOCK_TIMEOUT_S,
+                      "the publish lock"):
         yield
-    finally:
-        lock.release()
 
 
 def run_publish(settings: Settings, bundle_dir: str | Path,
@@ -312,9 +301,14 @@ def report_retrain(settings: Settings, result: dict[str, Any]) -> RetrainOut:
             f"ranker version {result['version']} was promoted as checkpoint "
             f"{result['checkpoint_seq']}, but the live pointer is at "
             f"{latest.seq if latest else 'nothing'}: the ranker pointer went backwards")
-    log.info("promoted ranker version %s: held-out log-loss %.4f (champion %.4f), checkpoint %d "
-             "at offset %d", result["version"], result["candidate"]["log_loss"],
-             result["champion"]["log_loss"], result["checkpoint_seq"], result["offset"])
+    if result.get("already_live"):
+        log.info("ranker version %s is live (checkpoint %d): %s", result["version"],
+                 result["checkpoint_seq"], result["reason"])
+    else:
+        log.info("promoted ranker version %s: held-out log-loss %.4f (champion %.4f), "
+                 "checkpoint %d at offset %d", result["version"],
+                 result["candidate"]["log_loss"], result["champion"]["log_loss"],
+                 result["checkpoint_seq"], result["offset"])
     failpoint("step.report.end")
     return RetrainOut(promoted=True, version=result["version"], offset=result["offset"])
 

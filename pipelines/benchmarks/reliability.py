@@ -18,7 +18,7 @@ from serving.errors import MeasurementError
 from serving.settings import Settings
 
 PROBES = ("appends", "publish_crashes", "io_errors", "concurrent_publishes", "disk_full",
-          "updater", "dag_kills", "hot_reload", "swap_memory", "bots", "bad_input")
+          "updater", "dag_kills", "hot_reload", "swap_memory", "flood", "bots", "bad_input")
 
 
 def add_arguments(p: Any) -> None:
@@ -34,6 +34,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--steady-s", type=float, default=30.0)
     p.add_argument("--threads", type=int, default=8)
     p.add_argument("--swaps", type=int, default=600, help="release swaps of swap_memory")
+    p.add_argument("--flood-s", type=float, default=120.0,
+                   help="seconds of flood (after a third as long of shoppers alone)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -88,6 +90,11 @@ def _probe(name: str, home: Path, work: Path, args: Any) -> dict[str, Any]:
                                      args.seed)
     if name == "swap_memory":
         return reload.run_swap_memory(home, work, args.swaps)
+    if name == "flood":
+        from pipelines.reliability.flood import run_flood
+
+        return run_flood(home, work, seconds=args.flood_s, baseline_s=args.flood_s / 3,
+                         seed=args.seed)
     if name == "bots":
         from pipelines.reliability import bots, figures
 

@@ -571,7 +571,8 @@ def _promote(settings: Settings, updater: NearlineUpdater, final: Ranker, champi
 
 def _live_retrain(settings: Settings, release_id: str, offset: int) -> dict[str, Any] | None:
     """If the live checkpoint is a retrain at exactly this offset, nothing new has arrived
-    since: finish its promotion (a retry after a failure) and say so; else None."""
+    since: finish its promotion (a retry after a failure) and report it as promoted and
+    ``already_live``; else None."""
     latest = load_latest(settings.home)
     if latest is None:
         return None
@@ -582,5 +583,8 @@ def _live_retrain(settings: Settings, release_id: str, offset: int) -> dict[str,
     version = ranker.meta.retrain_version
     name = ranker_model_name(settings)
     promote_version(settings, name, version)
-    return {"promoted": False, "model_name": name, "version": version, "checkpoint_seq": ref.seq,
-            "reason": f"no new feedback since the retrain registered as version {version}"}
+    # promoted: this retrain's outcome is live (an earlier try, or run, promoted it)
+    return {"promoted": True, "already_live": True, "model_name": name, "version": version,
+            "checkpoint_seq": ref.seq,
+            "reason": f"no new feedback since the retrain registered as version {version}, "
+                      "which is live"}

@@ -254,6 +254,21 @@ class _Shopper:
                  position: int) -> dict[str, Any]:
         return self.event(session, query, item_id, "purchase", position, (5.0, 15.0))
 
+    def browse(self, session: tuple[str, str, list[float]], query: str, items: Sequence[str],
+               model: ClickModel, gains: dict[str, float],
+               rng: random.Random) -> list[dict[str, Any]]:
+        """A page of ``items`` shown for ``query`` and what the click model does on it
+        (``gains``: the judged gain of each item): impressions, clicks, carts, purchases."""
+        events = self.impressions(session, query, items)
+        for fb in model.sample([gains.get(i, 0.0) for i in items], rng):
+            item = items[fb.rank - 1]
+            events.append(self.click(session, query, item, fb.rank))
+            if fb.add_to_cart:
+                events.append(self.cart(session, query, item, fb.rank))
+            if fb.purchase:
+                events.append(self.purchase(session, query, item, fb.rank))
+        return events
+
 
 def _measure(rec: Any, texts: dict[int, str], qids: Sequence[int],
              judgments: Judgments) -> dict[str, float]:
@@ -472,14 +487,7 @@ def _shop(rec: Any, shopper: _Shopper, model: ClickModel, text: str, gains: dict
     ``rec``; returns the events' types counted."""
     session = shopper.new_session()
     items = [r.item_id for r in rec.recommend(text, k=SHOWN, session_id=session[0])]
-    events = shopper.impressions(session, text, items)
-    for fb in model.sample([gains.get(i, 0.0) for i in items], rng):
-        item = items[fb.rank - 1]
-        events.append(shopper.click(session, text, item, fb.rank))
-        if fb.add_to_cart:
-            events.append(shopper.cart(session, text, item, fb.rank))
-        if fb.purchase:
-            events.append(shopper.purchase(session, text, item, fb.rank))
+    events = shopper.browse(session, text, items, model, gains, rng)
     rec.record_many(shopper.end_now(events))
     return Counter(e["type"] for e in events)
 

@@ -136,14 +136,7 @@ def _humans(traffic: _Traffic, rec: Any, start: float, first: int, count: int,
         shopper = _Shopper(run=f"h{traffic.seed}", rng=rng, n_sessions=n)
         session = shopper.new_session(start + rng.uniform(0.0, ROUND_S))
         text = texts[qid]
-        events = shopper.impressions(session, text, items)
-        for fb in model.sample([gains[qid].get(i, 0.0) for i in items], rng):
-            item = items[fb.rank - 1]
-            events.append(shopper.click(session, text, item, fb.rank))
-            if fb.add_to_cart:
-                events.append(shopper.cart(session, text, item, fb.rank))
-            if fb.purchase:
-                events.append(shopper.purchase(session, text, item, fb.rank))
+        events = shopper.browse(session, text, items, model, gains[qid], rng)
         for raw in events:
             raw["event_id"] = f"h{traffic.seed}-{n}-{raw['event_id'].rsplit('-', 1)[1]}"
             traffic.add(raw, "human", rng)

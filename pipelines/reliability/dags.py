@@ -732,9 +732,8 @@ def run_scenario(twin: Twin, task: str, point: str, work: Path,
     notes = []
     if "report" in xcoms and "report" in codes and \
             xcoms["report"].get("promoted") != twin.xcoms["report"].get("promoted"):
-        # a retrain retried after the killed try's checkpoint went live finds it live ("no
-        # new feedback since the retrain registered as version N"): the end state is the
-        # twin's, but the run reports promoted=false
+        # a retry reports what the run achieved, as the uninterrupted twin does (a retrain
+        # retried after the killed try's checkpoint went live reports it already_live)
         notes.append(f"report says promoted={xcoms['report'].get('promoted')}, uninterrupted "
                      f"{twin.xcoms['report'].get('promoted')}")
     killed = codes[task][0] == KILLED

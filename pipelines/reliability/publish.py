@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,19 +119,27 @@ def run_publish_crashes(source: Path, work: Path, rounds: int = 1) -> dict[str, 
     tried = survived = crashed = not_reached = 0
     broken: list[str] = []
     n = 0
+
+    def kill_then_retry(run: Callable[[], Any], step: str,
+                        check: Callable[[], bool]) -> tuple[bool, int | None]:
+        """Kill ``run`` at ``step`` in a child, check the pointer, retry it whole: whether
+        the check held after the kill, and the retry's exit code."""
+        nonlocal tried, crashed, not_reached
+        tried += 1
+        code = wait_exit(fork_call(run, step), 60)
+        if code == EXIT_OK:
+            not_reached += 1
+        elif code != -9:
+            crashed += 1
+        return check(), wait_exit(fork_call(run), 60)
+
     for _ in range(rounds):
         for step in RELEASE_STEPS:
             n += 1
-            tried += 1
             staged = stage_copy(home / "releases", base, f"probe{n:06d}")
             before = _generation(home)
-            code = wait_exit(fork_call(lambda s=staged: _publish(home, s), step), 60)
-            if code == EXIT_OK:
-                not_reached += 1
-            elif code != -9:
-                crashed += 1
-            after_kill = _release_ok(home)
-            retry = wait_exit(fork_call(lambda s=staged: _publish(home, s)), 60)
+            after_kill, retry = kill_then_retry(lambda s=staged: _publish(home, s), step,
+                                                lambda: _release_ok(home))
             pointer = read_pointer(home / "releases")
             ok = (after_kill and retry == EXIT_OK and pointer.release_id == f"probe{n:06d}"
                   and pointer.generation == before + 1 and _release_ok(home))
@@ -139,15 +148,9 @@ def run_publish_crashes(source: Path, work: Path, rounds: int = 1) -> dict[str, 
                 broken.append(f"release {step}")
         for step in CHECKPOINT_STEPS:
             n += 1
-            tried += 1
             before = _seq(home)
-            code = wait_exit(fork_call(lambda o=n: _publish_checkpoint(home, o), step), 60)
-            if code == EXIT_OK:
-                not_reached += 1
-            elif code != -9:
-                crashed += 1
-            after_kill = _checkpoint_ok(home)
-            retry = wait_exit(fork_call(lambda o=n: _publish_checkpoint(home, o)), 60)
+            after_kill, retry = kill_then_retry(lambda o=n: _publish_checkpoint(home, o), step,
+                                                lambda: _checkpoint_ok(home))
             # a kill after the pointer moved leaves it one ahead: the retry is one more
             ok = after_kill and retry == EXIT_OK and _seq(home) in (before + 1, before + 2) \
                 and _checkpoint_ok(home)

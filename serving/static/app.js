@@ -10,6 +10,7 @@ const state = {
   previous: new Map(),  // item id -> rank in the previous page of the same query
   clicked: null,
   sent: 0,
+  searches: 0,          // searches started; a response to an older one is stale
 };
 sessionStorage.setItem("instantrec-session", state.session);
 
@@ -61,14 +62,19 @@ async function search(query, { keepPrevious = false } = {}) {
   if (f) body.filters = f;
   if (!keepPrevious || query !== state.query) state.previous = new Map();
   state.query = query || null;
+  const mine = ++state.searches;
   let data;
   try {
     data = await api("/recommend", body);
   } catch (err) {
+    if (mine !== state.searches) return;
     $("status").textContent = err.message;
     $("results").replaceChildren();
     return;
   }
+  // two quick changes (a filter, then another) race: only the latest search is shown, and
+  // only what was shown is recorded as impressions
+  if (mine !== state.searches) return;
   render(data);
   await recordImpressions(data.results);
   await refreshSession();

@@ -146,7 +146,8 @@ def test_retrain_dag_promotes_a_better_ranker_that_nearline_and_serving_continue
     # Nothing new: a second retrain (here through the CLI) changes nothing.
     assert main(["--home", str(demo_copy), "retrain"]) == 0
     again = json.loads(capsys.readouterr().out)
-    assert again["promoted"] is False and again["version"] == int(champion.version)
+    assert again["promoted"] is True and again["already_live"] is True
+    assert again["version"] == int(champion.version)
     assert again["reason"].startswith("no new feedback")
     assert len(client.search_model_versions("name = 'instantrec-ranker'")) == 1
     assert read_latest(demo_copy).seq == 1

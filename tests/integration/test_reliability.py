@@ -20,12 +20,12 @@ def campaign(demo_home, tmp_path_factory):
 
     home = tmp_path_factory.mktemp("reliability") / "home"
     shutil.copytree(demo_home, home)
-    only = ",".join((*FORKING, "hot_reload", "swap_memory", "bad_input"))
+    only = ",".join((*FORKING, "hot_reload", "swap_memory", "flood", "bad_input"))
     proc = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "bench", "reliability", "--json",
          "--only", only, "--updater-kills", "4", "--append-kills", "8", "--publish-rounds",
          "1", "--publishes", "40", "--readers", "4", "--reload-s", "6", "--steady-s", "2", "--swaps", "20",
-         "--threads", "4"],
+         "--threads", "4", "--flood-s", "6"],
         env={**os.environ, "INSTANTREC_HOME": str(home)}, capture_output=True, text=True,
         timeout=900)
     assert proc.returncode == 0, "\n".join(
@@ -81,3 +81,14 @@ def test_many_release_swaps_all_load(campaign):
     figures = campaign["swap_memory"]
     assert figures["survived"] == figures["tried"] == 20 and figures["crashed"] == 0
     assert list(figures["rss_mb_every"]) == ["10", "20"]  # JSON keys
+
+
+def test_a_flood_is_held_to_its_limits_and_starves_no_shopper(campaign):
+    figures = campaign["flood"]
+    assert figures["crashed"] == 0 and figures["errors"] == [], figures
+    for kind in ("flood_recommend", "flood_events"):
+        flood = figures[kind]
+        assert flood["sent"] > flood["ceiling"], flood   # a flood, past what the limit lets by
+        assert flood["held"] and flood["refused_429"] == flood["sent"] - flood["served"], flood
+    assert figures["tried"] > 0 and figures["survived"] == figures["tried"], figures
+    assert figures["shopper_refused_429"] == 0
