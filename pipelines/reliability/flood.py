@@ -13,6 +13,7 @@ twice that), so that what this machine can send is a flood of 100x and more.
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import shutil
 import threading
@@ -48,6 +49,8 @@ def run_flood(source: Path, work: Path, seconds: float = 60.0, baseline_s: float
     import httpx
 
     from pipelines.service import ServiceProcess
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line for each request
     from serving.layout import releases_dir
 
     shutil.rmtree(work, ignore_errors=True)

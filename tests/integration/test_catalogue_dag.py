@@ -116,24 +116,34 @@ def test_dag_run_publishes_registers_and_serves(dag_env):
     assert len(client.search_model_versions("name = 'instantrec'")) == 1
 
 
-def test_gate_failure_fails_the_run_and_announces_nothing(dag_env, tmp_path):
+def test_gate_failure_fails_the_run_announces_nothing_and_keeps_the_warehouse(dag_env, tmp_path):
     from serving.release import read_pointer
-    from tests.conftest import read_demo_rows, write_rows
+    from tests.integration.test_build_hardening import (
+        changed_catalogue,
+        failing_golden,
+        last_run_status,
+        no_copies_left,
+        warehouse_state,
+    )
 
     root, env = dag_env
-    before = read_pointer(root / "home" / "releases")
-    rows = read_demo_rows()
-    rows[0] = {**rows[0], "title": rows[0]["title"] + " (2026 edition)"}
-    catalogue = write_rows(tmp_path / "catalogue.csv", rows)
-    golden = tmp_path / "golden.json"
-    # an item of the catalogue that no espresso machine query finds: over-ear ANC headphones
-    golden.write_text(json.dumps([{"query": "espresso machine", "expected": ["SKU-10165"]}]))
+    home = root / "home"
+    if not (home / "warehouse.duckdb").exists():  # run alone, not after the test above
+        assert run_dag(env)["state"] == "success"
+    before = read_pointer(home / "releases")
+    assert no_copies_left(home)
+    warehouse = warehouse_state(home / "warehouse.duckdb")
 
-    failed = run_dag(env, {"shards": 1, "catalogue": str(catalogue), "golden": str(golden)})
+    failed = run_dag(env, {"shards": 2, "catalogue": str(changed_catalogue(tmp_path)),
+                           "golden": str(failing_golden(tmp_path))})
     assert failed["state"] == "failed", (failed["tasks"], failed["output"][-4000:])
     assert failed["tasks"]["publish"] == "success" and failed["tasks"]["announce"] == "failed", (
         failed["tasks"], failed["output"][-6000:])
-    assert read_pointer(root / "home" / "releases") == before
+    assert read_pointer(home / "releases") == before
+    # the run worked on a copy of the warehouse, rolled back when the gate failed
+    assert warehouse_state(home / "warehouse.duckdb") == warehouse
+    assert last_run_status(home / "warehouse.duckdb").startswith("rolled back: release ")
+    assert no_copies_left(home)
     assert all(e["run_id"] != failed["run_id"] for e in failed["release_events"])
     # the failure callback's one line: what failed, where, which try, and why
     line = next(ln for ln in failed["output"].splitlines() if "TASK FAILED" in ln)

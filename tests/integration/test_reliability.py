@@ -23,7 +23,7 @@ def campaign(demo_home, tmp_path_factory):
     only = ",".join((*FORKING, "hot_reload", "swap_memory", "flood", "bad_input"))
     proc = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "bench", "reliability", "--json",
-         "--only", only, "--updater-kills", "4", "--append-kills", "8", "--publish-rounds",
+         "--only", only, "--updater-kills", "6", "--append-kills", "8", "--publish-rounds",
          "1", "--publishes", "40", "--readers", "4", "--reload-s", "6", "--steady-s", "2", "--swaps", "20",
          "--threads", "4", "--flood-s", "6"],
         env={**os.environ, "INSTANTREC_HOME": str(home)}, capture_output=True, text=True,
