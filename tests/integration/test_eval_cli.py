@@ -1,15 +1,17 @@
-"""`instantrec eval` on small slices of both real judged data sets, through the real CLI."""
+"""`instantrec eval` on small slices of both real judged data sets, through the real CLI
+(`pipelines.cli.main`, in the test's process)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import polars as pl
 import pytest
 
+from pipelines.cli import main
 from pipelines.offline.judged import load_judgments
 
 
@@ -25,14 +27,20 @@ def slice_dataset(shared_data, name, id_col, n_queries, tmp_path, n_distractors=
     return tmp_path / "products.parquet", tmp_path / "judgments.parquet"
 
 
+def cli(*args) -> tuple[int, str, str]:
+    """``instantrec *args`` in this process (the encoder and torch already imported: a fresh
+    interpreter would spend most of a small eval importing them): exit code, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
 def run_eval(tmp_path, products, judgments, protocol, *extra):
-    out = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "--home", str(tmp_path / "home"), "eval",
-         "--products", str(products), "--judgments", str(judgments), "--protocol", protocol,
-         "--json", *extra],
-        capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout)
+    code, out, err = cli("--home", tmp_path / "home", "eval", "--products", products,
+                         "--judgments", judgments, "--protocol", protocol, "--json", *extra)
+    assert code == 0, err[-3000:]
+    return json.loads(out)
 
 
 @pytest.mark.parametrize("name, id_col", [("crowdflower", "product_id"),
@@ -119,10 +127,9 @@ def test_relevance_threshold_follows_the_label_scale(shared_data):
 
 
 def run_cli_error(*args):
-    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "eval", *map(str, args)],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2
-    return out.stderr
+    code, _, err = cli("eval", *args)
+    assert code == 2
+    return err
 
 
 def test_eval_names_bad_input(tmp_path):
