@@ -7,6 +7,7 @@ JSON-able dict: exactly what an Airflow XCom should carry (paths, ids, counts).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -113,6 +114,16 @@ def run_warehouse(settings: Settings, warehouse: str | Path | None) -> Path:
     return path
 
 
+def yield_cpu(settings: Settings) -> int:
+    """Lower this process's CPU priority to ``settings.embed_nice`` (a batch embedding beside
+    serving should not take a core from a request); never raises it back. Returns the
+    niceness now."""
+    current = os.nice(0)
+    if settings.embed_nice > current:
+        current = os.nice(settings.embed_nice - current)
+    return current
+
+
 def run_embed(settings: Settings, shard: int = 0, shards: int = 1,
               progress: bool = False, encoder: Encoder | None = None,
               warehouse: str | Path | None = None) -> dict[str, Any]:
@@ -123,6 +134,7 @@ def run_embed(settings: Settings, shard: int = 0, shards: int = 1,
     from pipelines.catalogue.embed import embed_items
 
     failpoint("step.embed.begin")
+    yield_cpu(settings)
     report = embed_items(run_warehouse(settings, warehouse),
                          settings.work_dir, encoder or configured_encoder_loader(settings),
                          shard, shards, settings.embed_batch_size, progress=progress)

@@ -616,9 +616,11 @@ def _batch_child() -> None:
     import polars as pl
     import torch
 
+    from pipelines.steps import yield_cpu
     from serving.encoder import Encoder
 
     catalogue, status, threads = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    yield_cpu(Settings())  # as the catalogue's embed step does
     torch.set_num_threads(threads)
     titles = pl.read_parquet(catalogue, columns=["title"])["title"].cast(pl.Utf8).to_list()
     encoder = Encoder(precision=Settings().embed_precision)

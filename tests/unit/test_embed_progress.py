@@ -26,3 +26,17 @@ def test_progress_holds_lines_within_the_interval_but_not_the_last(caplog):
         progress.update(100)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and lines[0].startswith("embed shard 0/1: 300/300 items (100%)")
+
+
+def test_an_embedding_process_yields_the_cpu_and_never_takes_priority_back():
+    # in a child: niceness cannot be lowered again, and the test process must keep its own
+    import subprocess
+    import sys
+
+    code = ("import os; from pipelines.steps import yield_cpu; from serving.settings import "
+            "Settings; print(os.nice(0), yield_cpu(Settings(embed_nice=7)), "
+            "yield_cpu(Settings(embed_nice=3)), yield_cpu(Settings(embed_nice=0)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    start = int(out[0])
+    assert [int(n) for n in out[1:]] == [max(7, start)] * 3
