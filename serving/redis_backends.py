@@ -6,7 +6,9 @@ updater can share one Redis instead of one machine's files and memory.
 
 Keys (``prefix`` defaults to ``instantrec``)::
 
-    {prefix}:events               stream of feedback events, one entry per accepted event
+    {prefix}:events               stream of feedback events, one entry per accepted event; it
+                                  also holds the nearline updater's consumer group
+                                  (``{prefix}:nearline`` unless configured otherwise)
     {prefix}:event-id:{event_id}  dedupe marker of an event id, its payload's fingerprint
                                   (expires after ``dedupe_ttl_s``)
     {prefix}:session:{session_id} JSON session state (expires ``ttl_s`` after its last write)
@@ -17,7 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import socket
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -91,6 +96,18 @@ for i = 2, #KEYS do
   end
 end
 return {accepted, duplicates, flags}
+"""
+
+# KEYS[1] = stream; ARGV = group, last id, batch. Acknowledges up to ``batch`` pending entries
+# of the group at or before the last id, in one round trip (the ids never travel to the
+# client); returns how many. One batch per call, so a long pending list never holds the
+# server for long.
+_ACK_LUA = """
+local rows = redis.call('XPENDING', KEYS[1], ARGV[1], '-', ARGV[2], tonumber(ARGV[3]))
+if #rows == 0 then return 0 end
+local ids = {}
+for i, row in ipairs(rows) do ids[i] = row[1] end
+return redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
 """
 
 
@@ -209,6 +226,11 @@ class RedisEventLog:
 
     The stream is never trimmed here: retention (``XTRIM ... MINID``) is an operator's decision,
     made after every consumer has checkpointed past the trimmed offsets.
+
+    Readers that keep their own position (serving, the batch retrain) use ``read(after)``. The
+    nearline updater reads through a consumer group instead (:meth:`consumer_group`), so Redis
+    tracks what was delivered to it and not yet acknowledged (``XPENDING``): an operator sees
+    its lag, and a dead updater's unfinished entries are handed to its successor.
     """
 
     def __init__(self, url: str, prefix: str = "instantrec",
@@ -293,8 +315,173 @@ class RedisEventLog:
             _call(self.url, "XDEL", lambda c=chunk: self._r.xdel(self.stream, *c))
         return len(ids), sessions
 
+    def consumer_group(self, name: str | None = None,
+                       consumer: str | None = None) -> RedisConsumerGroup:
+        """A handle on the consumer group ``name`` of this stream (``{prefix}:nearline`` by
+        default), reading as ``consumer`` (by default this host and process, so a restarted
+        reader is a new consumer that takes over its predecessor's pending entries). It
+        shares this log's connection; nothing is created in Redis until
+        :meth:`RedisConsumerGroup.create`."""
+        return RedisConsumerGroup(self, name or f"{self.prefix}:nearline",
+                                  consumer or f"{socket.gethostname()}-{os.getpid()}")
+
     def close(self) -> None:
         self._r.close()
+
+
+def _stream_id(offset: int) -> str:
+    """The stream id an offset names, ``0-0`` (before every entry) for 0 or less."""
+    return decode_offset(max(0, int(offset)))
+
+
+@dataclass(frozen=True)
+class GroupState:
+    """Where a consumer group stands (``XINFO GROUPS``)."""
+
+    name: str
+    last_delivered: int     # offset of the last entry handed to any consumer (0: none yet)
+    pending: int            # entries delivered and not yet acknowledged
+    consumers: int
+
+
+class RedisConsumerGroup:
+    """The consumer group through which one reader (the nearline updater) consumes the log.
+
+    Redis remembers the last entry it handed to the group and, per entry, whom it was
+    delivered to until it is acknowledged (the pending entries list, ``XPENDING``). The reader
+    acknowledges an entry only once a checkpoint covering it is durable, so what is pending is
+    exactly what a crash could lose: a successor claims it (:meth:`claim`) and reads it again
+    (:meth:`read_pending`) before new entries (:meth:`read_new`). Which entries were *applied*
+    is not Redis's to say: the reader's checkpoint records its offset, and the reader skips a
+    re-delivered entry at or before it (see :class:`pipelines.learning.nearline.NearlineUpdater`).
+
+    One reader per group: :meth:`claim` takes every pending entry of the group, whoever holds
+    it, and removes the consumers it leaves empty (dead predecessors). Two readers that must
+    each see every event (e.g. the updaters of two homes on one Redis) need two groups
+    (``INSTANTREC_REDIS_GROUP``).
+    """
+
+    def __init__(self, log: RedisEventLog, name: str, consumer: str) -> None:
+        if not name or not consumer:
+            raise ValueError(f"a consumer group needs a name and a consumer, got {name!r} "
+                             f"and {consumer!r}")
+        self.log = log
+        self.name = name
+        self.consumer = consumer
+        self.url = log.url
+        self.stream = log.stream
+        self._r = log._r
+        self._ack = self._r.register_script(_ACK_LUA)
+
+    def _logged(self, entries: list[tuple[str, dict[str, str]]]) -> list[LoggedEvent]:
+        return [LoggedEvent(encode_offset(sid), _event_from(fields)) for sid, fields in entries]
+
+    def create(self, start: int = 0) -> bool:
+        """Create the group (and the stream, if there is none yet: ``MKSTREAM``) so that every
+        entry after offset ``start`` is still to be delivered. Returns False, changing
+        nothing, when the group exists already (``BUSYGROUP``): it keeps its position."""
+
+        def run() -> bool:
+            try:
+                return bool(self._r.xgroup_create(self.stream, self.name, id=_stream_id(start),
+                                                  mkstream=True))
+            except rexc.ResponseError as exc:
+                if str(exc).startswith("BUSYGROUP"):
+                    return False
+                raise
+
+        return _call(self.url, f"XGROUP CREATE {self.name}", run)
+
+    def state(self) -> GroupState:
+        """The group's position, pending count and consumers; raises InstantrecError when the
+        group does not exist."""
+        groups = _call(self.url, "XINFO GROUPS", lambda: self._r.xinfo_groups(self.stream))
+        for g in groups:
+            if g["name"] == self.name:
+                return GroupState(self.name, encode_offset(g["last-delivered-id"]),
+                                  int(g["pending"]), int(g["consumers"]))
+        raise InstantrecError(f"consumer group {self.name} of stream {self.stream} at "
+                              f"{_redact(self.url)} does not exist (create it first)")
+
+    def move(self, to: int) -> None:
+        """Set the group's position to offset ``to`` (``XGROUP SETID``): every entry after it is
+        delivered again by :meth:`read_new`, a pending one passing to the consumer that reads
+        it. Pending entries stay pending until acknowledged."""
+        _call(self.url, f"XGROUP SETID {self.name}",
+              lambda: self._r.xgroup_setid(self.stream, self.name, _stream_id(to)))
+
+    def claim(self, batch: int = 1000) -> int:
+        """Take over every pending entry of the group for this consumer (``XAUTOCLAIM`` with
+        no minimum idle time), then remove the other consumers, left with none: one reader
+        per group, so they are predecessors that died before acknowledging. Entries deleted
+        from the stream since delivery (``forget``) leave the pending list here on Redis 7
+        (on 6.2, :meth:`read_pending` acknowledges them). Returns how many entries were taken
+        over."""
+        claimed = 0
+        start = "0-0"
+        while True:
+            reply = _call(self.url, "XAUTOCLAIM", lambda s=start: self._r.xautoclaim(
+                self.stream, self.name, self.consumer, 0, start_id=s, count=batch))
+            start, entries = reply[0], reply[1]
+            claimed += len(entries)
+            if start == "0-0":
+                break
+        consumers = _call(self.url, "XINFO CONSUMERS",
+                          lambda: self._r.xinfo_consumers(self.stream, self.name))
+        for c in consumers:
+            if c["name"] != self.consumer and int(c["pending"]) == 0:
+                _call(self.url, "XGROUP DELCONSUMER",
+                      lambda n=c["name"]: self._r.xgroup_delconsumer(self.stream, self.name, n))
+        return claimed
+
+    def read_new(self, limit: int = 1000) -> list[LoggedEvent]:
+        """Up to ``limit`` entries never delivered to the group before, in stream order
+        (``XREADGROUP ... >``); they stay pending until :meth:`ack`. Does not wait."""
+        if limit <= 0:
+            return []
+        reply = _call(self.url, "XREADGROUP", lambda: self._r.xreadgroup(
+            self.name, self.consumer, {self.stream: ">"}, count=limit))
+        return self._logged(reply[0][1]) if reply else []
+
+    def read_pending(self, after: int = 0, limit: int = 1000) -> list[LoggedEvent]:
+        """Up to ``limit`` of this consumer's pending entries after offset ``after``, in stream
+        order (``XREADGROUP`` from an id); an empty list once there are no more. An entry
+        deleted from the stream since its delivery (``forget``) cannot be read, so it is
+        acknowledged here and left out."""
+        if limit <= 0:
+            return []
+        while True:
+            reply = _call(self.url, "XREADGROUP pending", lambda a=after: self._r.xreadgroup(
+                self.name, self.consumer, {self.stream: _stream_id(a)}, count=limit))
+            entries = reply[0][1] if reply else []
+            gone = [sid for sid, fields in entries if not fields]
+            if gone:
+                _call(self.url, "XACK", lambda g=gone: self._r.xack(self.stream, self.name, *g))
+            kept = [(sid, fields) for sid, fields in entries if fields]
+            if kept or not entries:
+                return self._logged(kept)
+            after = encode_offset(entries[-1][0])
+
+    def ack(self, up_to: int, batch: int = 1000) -> int:
+        """Acknowledge every pending entry of the group (whichever consumer holds it) with an
+        offset at or before ``up_to``; returns how many."""
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
+        if up_to <= 0:
+            return 0
+        args = [self.name, _stream_id(up_to), int(batch)]
+        acked = 0
+        while True:
+            n = int(_call(self.url, "XACK", lambda: self._ack(keys=[self.stream], args=args)))
+            acked += n
+            if n < batch:
+                return acked
+
+    def pending(self) -> int:
+        """How many entries were delivered to the group and not yet acknowledged
+        (``XPENDING``): the reader's work since its last checkpoint, or a dead reader's."""
+        summary = _call(self.url, "XPENDING", lambda: self._r.xpending(self.stream, self.name))
+        return int(summary["pending"])
 
 
 class RedisSessionStore:

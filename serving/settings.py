@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     sessions_backend: Literal["memory", "redis"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "instantrec"
+    redis_group: str | None = Field(
+        None, description="Consumer group through which the nearline updater reads a Redis "
+        "event log (one updater per group; the updaters of two homes on one Redis need two); "
+        "None = '<redis_prefix>:nearline'.")
     session_max: int = Field(100_000, ge=1, description="Sessions kept in memory (LRU).")
     session_ttl_s: float = Field(1800.0, gt=0.0)
     checkpoint_every_events: int = Field(500, ge=1)

@@ -16,7 +16,7 @@ from typing import Any
 from serving.errors import MeasurementError
 
 NAMES = ("nearline", "serving", "ann", "embed", "refresh", "growth", "http", "fuzz",
-         "reliability")
+         "reliability", "redis_group")
 
 
 def load(name: str) -> ModuleType:

@@ -10,6 +10,14 @@ reading of each result list: clicked items positive, skipped items above a click
 Everything the updater keeps besides the parameters is that replay's window: the events of
 the last few minutes, keyed by event time. After a restart it replays that window without
 learning, so it resumes in exactly the state it had.
+
+On a Redis event log the updater consumes through a consumer group
+(:class:`serving.redis_backends.RedisConsumerGroup`) and acknowledges entries only once a
+checkpoint covering them is published, so Redis shows what it has not yet made durable
+(``pending_acks``) and hands a dead updater's entries to the next one. The checkpoint's offset
+stays the source of truth: a re-delivered entry at or before it is acknowledged, never applied
+again, and entries the group cannot re-deliver (acknowledged under a checkpoint the updater no
+longer stands on) are delivered again by moving the group back to the offset.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,6 +48,9 @@ from serving.recommender import release_encoder
 from serving.release import Bundle, current_bundle_dir, load_bundle, read_pointer
 from serving.retrieval import QueryRelevance
 from serving.settings import Settings
+
+if TYPE_CHECKING:
+    from serving.redis_backends import RedisConsumerGroup
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +97,13 @@ class NearlineUpdater:
                                          len(self.bundle.items))
         self._since_publish = 0
         self._last_publish = time.monotonic()
+        self.group = self._consumer_group(collect)
+        self.redelivered_skipped = 0   # re-delivered entries at or before the offset, not applied
+        self._checkpointed = self.offset  # offset of the last checkpoint published or restored
+        self._recovering = False
+        self._pending_after = 0
+        if self.group is not None:
+            self._join_group()
 
     # -- state ----------------------------------------------------------------------------
 
@@ -178,7 +196,79 @@ class NearlineUpdater:
         self.offset = 0
         self.ranker = self._restore()
         self._since_publish = 0
+        if self.group is not None:
+            self._join_group()
         return True
+
+    # -- the consumer group (a Redis log) ---------------------------------------------------
+
+    def _consumer_group(self, collect: bool) -> RedisConsumerGroup | None:
+        """The group to consume a Redis log through; None (read by offset) on SQLite, and for
+        a collecting updater (the batch retrain), which must take no entry from the live one."""
+        if collect or self.settings.events_backend != "redis":
+            return None
+        from serving.redis_backends import RedisEventLog
+
+        if not isinstance(self.log, RedisEventLog):
+            return None
+        return self.log.consumer_group(self.settings.redis_group)
+
+    def _join_group(self) -> None:
+        """Join the group at the offset just restored: create it there if it is new, take over
+        the entries a dead predecessor left pending, and have :meth:`poll` read those first."""
+        assert self.group is not None
+        created = self.group.create(self.offset)
+        claimed = self.group.claim()
+        self._checkpointed = self.offset
+        self._recovering, self._pending_after = True, 0
+        log.info("consuming %s through group %s as %s (%s; %d pending entries taken over)",
+                 self.group.stream, self.group.name, self.group.consumer,
+                 "created" if created else "joined", claimed)
+
+    def _read_group(self, limit: int) -> tuple[list[LoggedEvent], int]:
+        """The next entries to apply through the group, and how many entries were read.
+
+        First this consumer's pending entries (delivered before a crash, in stream order):
+        one is applied only if it is the very next entry of the stream after the offset, so
+        nothing is applied out of order or over a gap. The first that is not (the group has
+        acknowledged entries past the offset: a checkpoint restored from elsewhere, or an
+        older one published by the batch retrain) ends that phase, as does the end of the
+        pending list; the group is then moved to the offset, so :meth:`read_new` delivers
+        everything after it, in order, the other pending entries included.
+        """
+        assert self.group is not None
+        if self._recovering:
+            delivered = self.group.read_pending(self._pending_after, limit)
+            if delivered:
+                self._pending_after = delivered[-1].offset
+                fresh = self._past_offset(delivered)
+                if not fresh:
+                    return [], len(delivered)
+                following = self.log.read(self.offset, len(fresh))
+                if [e.offset for e in following] == [e.offset for e in fresh]:
+                    return fresh, len(delivered)
+                log.info("pending entries of group %s do not continue offset %d (next pending "
+                         "%d, next in the stream %s): reading again from the offset",
+                         self.group.name, self.offset, fresh[0].offset,
+                         following[0].offset if following else "none")
+            self._recovering = False
+            if self.group.state().last_delivered != self.offset:
+                self.group.move(self.offset)
+        delivered = self.group.read_new(limit)
+        return self._past_offset(delivered), len(delivered)
+
+    def _past_offset(self, delivered: list[LoggedEvent]) -> list[LoggedEvent]:
+        """``delivered`` without the entries at or before the offset: those were applied
+        before (the checkpoint says so) and are acknowledged instead (now if a published
+        checkpoint covers them, else with the next one, which is due)."""
+        fresh = [e for e in delivered if e.offset > self.offset]
+        stale = len(delivered) - len(fresh)
+        if stale:
+            assert self.group is not None
+            self.redelivered_skipped += stale
+            if delivered[0].offset <= self._checkpointed:
+                self.group.ack(self._checkpointed)
+        return fresh
 
     # -- events -> examples -> steps ------------------------------------------------------
 
@@ -218,6 +308,10 @@ class NearlineUpdater:
         self._published_seq = ref.seq
         self._since_publish = 0
         self._last_publish = time.monotonic()
+        self._checkpointed = self.offset
+        if self.group is not None:
+            # only now: an entry acknowledged before its checkpoint is durable could be lost
+            self.group.ack(self.offset)
 
     def forget_pending(self) -> int:
         """Drop from the replay window what ``forget`` named since the last poll (its events
@@ -236,9 +330,13 @@ class NearlineUpdater:
 
     def poll(self, limit: int = 2000) -> int:
         """Process the next batch of events (after applying any ``forget``); returns how many
-        were read."""
+        were read (through a consumer group, re-delivered entries skipped included)."""
         self.forget_pending()
-        batch = self.log.read(self.offset, limit)
+        if self.group is None:
+            batch = self.log.read(self.offset, limit)
+            read = len(batch)
+        else:
+            batch, read = self._read_group(limit)
         for logged in batch:
             self._process(logged, learn=True)
             self.offset = logged.offset
@@ -247,7 +345,7 @@ class NearlineUpdater:
             # a collecting updater (sink set, for batch training) never publishes
             if self.sink is None and self._since_publish >= self.settings.checkpoint_every_events:
                 self.publish()
-        return len(batch)
+        return read
 
     def run_once(self) -> dict[str, Any]:
         """Process everything pending, publish a checkpoint, return a summary."""
@@ -282,10 +380,17 @@ class NearlineUpdater:
             self.publish()
 
     def summary(self, read: int = 0, seconds: float = 0.0) -> dict[str, Any]:
-        return {"release_id": self.bundle.release_id, "offset": self.offset, "read": read,
-                "applied_total": self.stats.applied, "seconds": round(seconds, 3),
-                "events_per_s": round(read / seconds, 1) if seconds > 0 else None,
-                "counters": dict(self.stats.counters), "ledger": self.stats.ledger}
+        """What the updater has done; through a consumer group, also the entries delivered
+        and not yet acknowledged (``pending_acks``: applied since the last checkpoint, or
+        left by a dead updater) and the re-delivered ones it skipped."""
+        out = {"release_id": self.bundle.release_id, "offset": self.offset, "read": read,
+               "applied_total": self.stats.applied, "seconds": round(seconds, 3),
+               "events_per_s": round(read / seconds, 1) if seconds > 0 else None,
+               "counters": dict(self.stats.counters), "ledger": self.stats.ledger}
+        if self.group is not None:
+            out.update({"group": self.group.name, "pending_acks": self.group.pending(),
+                        "redelivered_skipped": self.redelivered_skipped})
+        return out
 
 
 class UpdaterLock:
