@@ -94,9 +94,11 @@ def catalogue_refresh():
           doc_md="Embed this shard's new and changed items into a shard file (progress in the "
                  "log); with nothing pending it returns at once without loading the encoder.")
     def embed(shard: int, shards: int, warehouse: str) -> dict:
-        from pipelines.steps import run_embed
+        from pipelines.steps import run_embed, yield_cpu
 
-        return run_embed(_settings(), shard, shards, warehouse=warehouse)
+        settings = _settings()
+        yield_cpu(settings)  # this task's process is a batch job: requests beside it go first
+        return run_embed(settings, shard, shards, warehouse=warehouse)
 
     @task(execution_timeout=timedelta(hours=1))
     def index(embedded: list[dict], ingested: dict) -> dict:

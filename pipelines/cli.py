@@ -35,9 +35,11 @@ def cmd_ingest(args: argparse.Namespace) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
-    from pipelines.steps import run_embed
+    from pipelines.steps import run_embed, yield_cpu
 
-    _emit(run_embed(_settings(args), args.shard, args.shards, progress=True))
+    settings = _settings(args)
+    yield_cpu(settings)
+    _emit(run_embed(settings, args.shard, args.shards, progress=True))
 
 
 def cmd_index(args: argparse.Namespace) -> None:
@@ -72,12 +74,14 @@ def _not_a_directory(path: Path | None, what: str) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> None:
-    from pipelines.steps import run_build
+    from pipelines.steps import run_build, yield_cpu
 
     _not_a_directory(args.catalogue, "catalogue")
     _not_a_directory(args.golden, "golden queries file")
-    _emit(run_build(_settings(args), args.catalogue, args.golden,
-                    register=not args.no_register, progress=True))
+    settings = _settings(args)
+    yield_cpu(settings)  # a build is a batch job: requests served beside it go first
+    _emit(run_build(settings, args.catalogue, args.golden, register=not args.no_register,
+                    progress=True))
 
 
 def cmd_recommend(args: argparse.Namespace) -> None:

@@ -116,7 +116,9 @@ def run_warehouse(settings: Settings, warehouse: str | Path | None) -> Path:
 
 def yield_cpu(settings: Settings) -> int:
     """Lower this process's CPU priority to ``settings.embed_nice`` (a batch embedding beside
-    serving should not take a core from a request); never raises it back. Returns the
+    serving should not take a core from a request); never raises it back. Called by the
+    processes that are batch jobs as a whole (the DAG's embed task, ``instantrec build`` and
+    ``embed``), never inside a process that serves or measures serving. Returns the
     niceness now."""
     current = os.nice(0)
     if settings.embed_nice > current:
@@ -134,7 +136,6 @@ def run_embed(settings: Settings, shard: int = 0, shards: int = 1,
     from pipelines.catalogue.embed import embed_items
 
     failpoint("step.embed.begin")
-    yield_cpu(settings)
     report = embed_items(run_warehouse(settings, warehouse),
                          settings.work_dir, encoder or configured_encoder_loader(settings),
                          shard, shards, settings.embed_batch_size, progress=progress)

@@ -33,9 +33,9 @@ class Settings(BaseSettings):
     item_max_tokens: int = Field(128, ge=8, le=512, description="Token budget of an item's text.")
     embed_batch_size: int = Field(64, ge=1, le=4096)
     embed_nice: int = Field(
-        10, ge=0, le=19, description="Niceness a catalogue-embedding process takes on (`nice`): "
-        "on a box it shares with serving, the batch job yields the CPU when a request needs it "
-        "(0: unchanged).")
+        10, ge=0, le=19, description="Niceness the batch processes that embed the catalogue "
+        "take on (`nice`: the DAG's embed task, `instantrec build` and `embed`): on a box they "
+        "share with serving, they yield the CPU when a request needs it (0: unchanged).")
     embed_precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Catalogue embedding arithmetic: bf16 (matrix products in bfloat16, "
         "~1.6-1.9x faster where the CPU has native bf16; vectors within cosine 0.9999 of fp32), "
