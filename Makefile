@@ -14,7 +14,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install system-deps demo test test-unit test-integration lint clean \
+.PHONY: test-scaled install system-deps demo test test-unit test-integration lint clean \
 	airflow-start airflow-stop airflow-status
 
 install: $(STAMP)
@@ -27,13 +27,16 @@ $(STAMP): pyproject.toml constraints.txt
 		|| (grep -v "^WARNING: Location" $(VENV)/install.log | tail -40; exit 1)
 	@touch $(STAMP)
 
-# Debian packages the tests run for real: redis-server (the Redis backends, on loopback) and
-# chromium (the storefront test drives it through Playwright; no browser download).
+# Debian packages the tests run for real: redis-server (the Redis backends, on loopback),
+# chromium (the storefront test drives it through Playwright; no browser download) and
+# postgresql (the server binaries infra/scaled/loopback.sh runs a private cluster with; Debian's
+# package also creates a cluster of its own, which the script does not use).
 
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" -ne 0 ]; then \
 			echo "missing Debian packages:$$missing; this is not root: install them (e.g." \
@@ -75,7 +78,12 @@ airflow-status:
 PYTEST_PARALLEL := -n 2 --dist loadfile
 
 test: install system-deps
-	$(BIN)/pytest -q $(PYTEST_PARALLEL)
+	$(BIN)/pytest -q $(PYTEST_PARALLEL) -m "not scaled"
+
+# The scaled-out set-up on loopback (infra/scaled/loopback.sh: Postgres, Redis, MLflow server,
+# Airflow with two Celery workers): CI's second job, about 2.5 minutes.
+test-scaled: install system-deps
+	$(BIN)/pytest -q -s -m scaled tests/integration/test_scaled_airflow.py
 
 test-unit: install
 	$(BIN)/pytest -q tests/unit

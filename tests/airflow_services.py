@@ -191,3 +191,101 @@ def airflow_services(root: Path) -> Iterator[AirflowServices]:
     finally:
         left = services.stop()
         assert not left, f"Airflow processes still alive after stop: {left}"
+
+
+SCALED_SCRIPT = REPO / "infra" / "scaled" / "loopback.sh"
+
+
+class ScaledAirflowServices(AirflowServices):
+    """The scaled-out set-up of ``infra/scaled/loopback.sh`` under ``root``: a private Postgres
+    cluster, Redis, the MLflow server and Airflow with the CeleryExecutor (api-server, scheduler,
+    dag-processor, ``workers`` Celery workers), every socket on 127.0.0.1.
+
+    ``root`` must be reachable by the ``postgres`` user when the tests run as root (the script
+    runs Postgres as that user): every directory above ``root/loopback/run`` searchable by others.
+    ``extra_env`` reaches every component (e.g. ``AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE``).
+    """
+
+    def __init__(self, root: Path, workers: int = 2, extra_env: dict[str, str] | None = None,
+                 ) -> None:
+        self.root = Path(root)
+        self.loopback_dir = self.root / "loopback"
+        self.airflow_home = self.loopback_dir / "airflow"
+        self.run_dir = self.loopback_dir / "run"
+        self.mlflow_artifacts = self.loopback_dir / "mlflow-artifacts"
+        self.instantrec_home = self.root / "home"
+        self.workers = workers
+        ports: set[int] = set()
+        while len(ports) < 4:
+            ports.add(free_port())
+        self.port, self.postgres_port, self.redis_port, self.mlflow_port = sorted(ports)
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.mlflow_url = f"http://127.0.0.1:{self.mlflow_port}"
+        # Nothing of the caller's Airflow, instantrec or MLflow settings: the script sets them.
+        inherited = {k: v for k, v in os.environ.items()
+                     if not k.startswith(("AIRFLOW", "INSTANTREC_", "MLFLOW_", "CELERY"))}
+        self.env = {
+            **inherited,
+            "INSTANTREC_LOOPBACK_DIR": str(self.loopback_dir),
+            "INSTANTREC_HOME": str(self.instantrec_home),
+            "VENV_BIN": str(Path(sys.executable).parent),
+            "AIRFLOW_PORT": str(self.port),
+            "POSTGRES_PORT": str(self.postgres_port),
+            "REDIS_PORT": str(self.redis_port),
+            "MLFLOW_PORT": str(self.mlflow_port),
+            "CELERY_WORKERS": str(workers),
+            **(extra_env or {}),
+        }
+        self._token = None
+        self.start_seconds: float | None = None
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return ("postgres", "redis", "mlflow", "api-server", "scheduler", "dag-processor",
+                *(f"worker-{i}" for i in range(1, self.workers + 1)))
+
+    def _script(self, command: str, timeout: float) -> str:
+        out = subprocess.run(["bash", str(SCALED_SCRIPT), command], env=self.env,
+                             capture_output=True, text=True, timeout=timeout)
+        if out.returncode != 0:
+            raise RuntimeError(f"loopback.sh {command} exited {out.returncode}:\n{out.stdout}\n"
+                               f"{out.stderr}\n{self.output_tail()}")
+        return out.stdout
+
+    def start(self) -> None:
+        began = time.monotonic()
+        self._script("start", timeout=420)
+        self.start_seconds = time.monotonic() - began
+
+    def pids(self) -> dict[str, int]:
+        pids = {}
+        for name in self.components:
+            path = self.run_dir / f"{name}.pid"
+            if path.is_file():
+                pids[name] = int(path.read_text().strip())
+        return pids
+
+    def worker_hostnames(self) -> set[str]:
+        """What each worker reports as a task instance's ``hostname`` (its --celery-hostname)."""
+        return {f"worker-{i}@{os.uname().nodename}" for i in range(1, self.workers + 1)}
+
+    def output_tail(self, chars: int = 3000) -> str:
+        parts = []
+        for name in self.components:
+            path = self.run_dir / f"{name}.log"
+            if path.is_file():
+                parts.append(f"--- {name} ---\n{path.read_text(errors='replace')[-chars:]}")
+        return "\n".join(parts)
+
+
+@contextmanager
+def scaled_airflow_services(root: Path, workers: int = 2, extra_env: dict[str, str] | None = None,
+                            ) -> Iterator[ScaledAirflowServices]:
+    """Started :class:`ScaledAirflowServices` under ``root``, stopped by PID on exit."""
+    services = ScaledAirflowServices(root, workers, extra_env)
+    try:
+        services.start()
+        yield services
+    finally:
+        left = services.stop()
+        assert not left, f"processes still alive after stop: {left}"
