@@ -14,6 +14,10 @@ DEMO_CATALOGUE = REPO / "pipelines" / "demo" / "catalogue.csv"
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite's two workers run at one priority: an in-process DAG run's embed task would
+# otherwise nice a whole test worker for the rest of its tests. (The niceness itself is
+# tested in a child process, tests/unit/test_embed_progress.py.)
+os.environ.setdefault("INSTANTREC_EMBED_NICE", "0")
 
 
 @pytest.fixture(scope="session")
