@@ -207,8 +207,11 @@ def run_publish(settings: Settings, bundle_dir: str | Path,
     """Publish the evaluated bundle; with ``warehouse`` (the run's copy, see
     :func:`run_ingest`), then replace the home's warehouse with it if the release passed its
     gate, or discard it (keeping its record of bad input) if not: the result's ``warehouse``
-    says ``committed`` or ``rolled back``. Holds :func:`publish_lock`."""
-    from pipelines.catalogue.publish import publish_release
+    says ``committed`` or ``rolled back``. With ``settings.release_store``, a release that is
+    live here is then pushed to that store (files, manifest, then its pointer; a retry pushes
+    what a killed attempt did not): the result's ``store`` says what the push did. Holds
+    :func:`publish_lock`."""
+    from pipelines.catalogue.publish import publish_release, push_release
     from pipelines.catalogue.warehouse import build_lock, commit_warehouse, discard_warehouse
 
     failpoint("step.publish.begin")
@@ -224,6 +227,11 @@ def run_publish(settings: Settings, bundle_dir: str | Path,
                     discard_warehouse(live, Path(warehouse),
                                       f"rolled back: release {out['release_id']} failed its gate")
                     out["warehouse"] = "rolled back"
+        if settings.release_store and out["live"]:
+            from serving.objectstore import open_store
+
+            out["store"] = push_release(open_store(settings.release_store),
+                                        settings.releases_dir, out["release_id"]).to_dict()
     failpoint("step.publish.end")
     return out
 

@@ -1,9 +1,10 @@
 """instantrec serving: ``from serving import Recommender``.
 
-Loads the latest release and ranker checkpoints and answers requests. Never imports Airflow,
-MLflow or ``pipelines``. The names below are imported on first use, so that light modules
-(``serving.layout``, ``serving.errors``) can be imported, e.g. by DAG files at parse time,
-without loading the recommender and its libraries.
+Loads the latest release and ranker checkpoints and answers requests. Never imports Airflow
+or ``pipelines``; MLflow only when a replica follows the registry's ``champion``
+(``release_source=mlflow``, :mod:`serving.release_sync`). The names below are imported on
+first use, so that light modules (``serving.layout``, ``serving.errors``) can be imported,
+e.g. by DAG files at parse time, without loading the recommender and its libraries.
 """
 
 from __future__ import annotations

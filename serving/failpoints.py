@@ -14,6 +14,9 @@ Points (each is just before or just after one filesystem step):
 - ``publish.manifest``, ``publish.moved``, ``publish.dir_synced``, ``publish.pointer``: a
   release publish: the final manifest written, the bundle renamed into ``releases/``, that
   directory fsynced, the pointer moved;
+- ``store.files``, ``store.manifest``: a push of a release to the release store
+  (:func:`pipelines.catalogue.publish.push_release`): its bundle files uploaded, then its
+  manifest, the store's pointer not yet written;
 - ``checkpoint.saved`` (the ranker's file written and fsynced, not yet renamed),
   ``checkpoint.written`` (a checkpoint file complete, the pointer not yet moved),
   ``checkpoint.published`` (the pointer has moved, older files not yet cleaned up);

@@ -49,6 +49,7 @@ from serving.release import (
     load_bundle,
     read_pointer,
 )
+from serving.release_sync import ReleaseSync, open_release_sync
 from serving.relevance import MatchFeatures
 from serving.retrieval import (
     NO_TIMER,
@@ -81,6 +82,8 @@ MAX_K = 1000
 # a release that failed to load (corrupt, incomplete) is tried again after this long, or as
 # soon as the pointer moves: not checksummed again on every poll
 RETRY_REFUSED_S = 30.0
+# how long load() waits for another process of the home downloading the same release
+SYNC_WAIT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,8 @@ class Recommender:
     """
 
     def __init__(self, state: _State, settings: Settings, releases_dir: Path | None,
-                 event_log: EventLog | None = None, sessions: SessionStore | None = None) -> None:
+                 event_log: EventLog | None = None, sessions: SessionStore | None = None,
+                 release_sync: ReleaseSync | None = None) -> None:
         from serving.backends import open_session_store
 
         self._state = state
@@ -169,6 +173,7 @@ class Recommender:
         self._candidates: LRUCache[tuple[int, ...]] = LRUCache(1024)
         self._relevance: LRUCache[np.ndarray] = LRUCache(1024)
         self._reload_lock = threading.Lock()
+        self._sync = release_sync  # None: the home's own releases are served
         # the pointer whose release failed to load, and when: not verified again every poll
         self._refused: tuple[Pointer | None, float] = (None, 0.0)
         # what other processes' ``forget`` named since this one started
@@ -186,20 +191,42 @@ class Recommender:
              encoder: Encoder | None = None, watch: bool = True) -> Recommender:
         """Load the live release under ``home`` (default: settings.home).
 
-        With ``watch``, a background thread follows the release pointer every
-        ``settings.reload_interval_s`` seconds and swaps in new releases.
+        With ``settings.release_source`` ``store`` or ``mlflow``, the release that source
+        names is first synced into the home's releases (see :mod:`serving.release_sync`); a
+        sync that fails leaves the release already there serving (counted in
+        ``sync_failures``), and raises when there is none.
+
+        With ``watch``, a background thread follows the release pointer (and the source)
+        every ``settings.reload_interval_s`` seconds and swaps in new releases.
         """
         settings = settings or Settings()
         if home is not None:
             settings = settings.model_copy(update={"home": Path(home)})
         settings.check_scaled_out()
         releases_dir = settings.releases_dir
+        sync = open_release_sync(settings)
+        sync_failed = False
+        if sync is not None:
+            try:
+                sync.sync(wait_s=SYNC_WAIT_S)
+            except Exception as exc:  # noqa: BLE001 - with a release here, serve it
+                if read_pointer(releases_dir) is None:
+                    raise
+                sync_failed = True
+                log.error("serving the release already here: cannot sync from %s: %s",
+                          sync.source.describe(), exc)
         pointer = read_pointer(releases_dir)
+        if pointer is None and sync is not None:
+            raise ReleaseError(f"no release has been published to {sync.source.describe()} "
+                               f"(INSTANTREC_RELEASE_SOURCE={settings.release_source}), nor "
+                               f"under {releases_dir}")
         bundle = load_bundle(current_bundle_dir(releases_dir))
         state = _make_state(bundle, release_encoder(bundle, settings, encoder),
                             pointer.generation if pointer else 0, settings.home,
                             parse_steps(settings.query_steps))
-        rec = cls(state, settings, releases_dir)
+        rec = cls(state, settings, releases_dir, release_sync=sync)
+        if sync_failed:
+            rec.counters["sync_failures"] += 1
         if watch:
             rec._watcher = threading.Thread(target=rec._watch, name="instantrec-reload",
                                             daemon=True)
@@ -583,13 +610,16 @@ class Recommender:
     # -- hot reload ---------------------------------------------------------------------
 
     def reload(self) -> bool:
-        """Follow the pointer now; returns True if a new release was swapped in.
+        """Sync from the release source (if any), then follow the pointer now; returns True
+        if a new release was swapped in.
 
-        A release that fails to load is logged and counted, and the current one keeps serving.
+        A release that fails to load, or to sync, is logged and counted, and the current one
+        keeps serving.
         """
         if self._releases_dir is None:
             return False
         with self._reload_lock:
+            self._sync_source()
             current = self._state
             self._check_files(current.bundle)
             try:
@@ -612,6 +642,19 @@ class Recommender:
                           current.bundle.release_id, exc)
                 return False
             return self._reload_ranker()
+
+    def _sync_source(self) -> None:
+        """Bring the release the source names into the local releases (one small read of the
+        source when nothing changed); a failure is logged and counted (``sync_failures``)."""
+        if self._sync is None:
+            return
+        try:
+            if self._sync.sync() is not None:
+                self.counters["syncs"] += 1
+        except Exception as exc:  # noqa: BLE001 - an unreachable or bad source must never stop serving
+            self.counters["sync_failures"] += 1
+            log.error("keeping release %s: cannot sync from %s: %s", self._state.bundle.release_id,
+                      self._sync.source.describe(), exc)
 
     @property
     def changed_files(self) -> list[str]:

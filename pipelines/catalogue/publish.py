@@ -7,6 +7,10 @@ pointer move. Pointer updates are serialised by a file lock and only ever move f
 A published release's files are made read-only (``a-w``) before it is moved into place: they
 are immutable, and serving memory-maps some of them (see :mod:`serving.release`). Root
 ignores mode bits, which is why serving also watches the files for changes.
+
+With a release store configured (``release_store``), the live release is then pushed to it by
+:func:`push_release` under the same contract: bundle files, then the manifest, then the
+store's pointer, forward only (see :mod:`serving.release_sync`, which replicas sync with).
 """
 
 from __future__ import annotations
@@ -23,8 +27,21 @@ from filelock import FileLock
 from pipelines.catalogue.gate import EVALUATION_FILE
 from serving.errors import ReleaseError, StorageError
 from serving.failpoints import failpoint
-from serving.manifest import fsync_dir, read_manifest, write_manifest
-from serving.release import Pointer, read_pointer, write_pointer
+from serving.manifest import MANIFEST_NAME, fsync_dir, read_manifest, write_manifest
+from serving.objectstore import TMP_MARK, ObjectStore
+from serving.release import (
+    POINTER_NAME,
+    Pointer,
+    check_pointer_name,
+    read_pointer,
+    write_pointer,
+)
+from serving.release_sync import (
+    make_read_only,
+    read_store_pointer,
+    release_key,
+    write_store_pointer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +121,64 @@ def publish_release(bundle_dir: Path, releases_dir: Path) -> PublishResult:
     return PublishResult(manifest.release_id, str(final), True, generation, True, True)
 
 
-def make_read_only(bundle_dir: Path) -> None:
-    """Clear every write bit (``a-w``) of the files under ``bundle_dir``; directories keep
-    theirs, so a release that is no longer wanted can still be deleted whole."""
-    for path in bundle_dir.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            os.chmod(path, path.stat().st_mode & ~0o222)
+@dataclass(frozen=True)
+class PushResult:
+    """``pushed``: files this call put into the store (0: nothing to do); ``pointer_moved``:
+    the store's pointer names the release now because of this call; ``generation``: the
+    store pointer's generation after the call (None: the store has no pointer)."""
+
+    release_id: str
+    store: str
+    pushed: int
+    pointer_moved: bool
+    generation: int | None
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def push_release(store: ObjectStore, releases_dir: Path, release_id: str) -> PushResult:
+    """Push the live published release ``release_id`` of ``releases_dir`` to ``store``: every
+    file of its bundle (checksums verified first), then its ``manifest.json``, and only then
+    the store's pointer ``releases/CURRENT`` with the local pointer's generation.
+
+    Forward only and idempotent: nothing is pushed when the store's pointer already names the
+    release (a retried task), when its generation is not lower than the local one (another
+    publisher went further), or when the release is no longer the live one here (a newer one
+    went live since; its own publish pushes it). A push killed half way leaves the store's
+    pointer on the previous release, whose files it never touches; pushing again completes it.
+    Pushers are serialised by the home's publish lock (``pipelines.steps.publish_lock``), not
+    across homes: two homes pushing to one store race on the pointer.
+    """
+    check_pointer_name(release_id, releases_dir / POINTER_NAME)
+    local = read_pointer(releases_dir)
+    remote = read_store_pointer(store)
+    remote_gen = remote.generation if remote is not None else None
+    if remote is not None and remote.release_id == release_id:
+        log.info("release %s is already live in %s (generation %d)", release_id, store.url,
+                 remote.generation)
+        return PushResult(release_id, store.url, 0, False, remote_gen)
+    if local is None or local.release_id != release_id:
+        log.warning("release %s is not live in %s (%s is): not pushed to %s", release_id,
+                    releases_dir, local.release_id if local else None, store.url)
+        return PushResult(release_id, store.url, 0, False, remote_gen)
+    if remote is not None and remote.generation >= local.generation:
+        log.warning("%s names release %s at generation %d, not lower than this home's %d for "
+                    "%s: the pointer moves forward only; not pushed", store.url,
+                    remote.release_id, remote.generation, local.generation, release_id)
+        return PushResult(release_id, store.url, 0, False, remote_gen)
+    bundle = releases_dir / release_id
+    manifest = read_manifest(bundle, verify_files=True)  # never spread a corrupt release
+    if manifest.release_id != release_id:
+        raise ReleaseError(f"release {bundle} has the manifest of {manifest.release_id}")
+    files = sorted(path for path in bundle.rglob("*") if path.is_file()
+                   and path.name != MANIFEST_NAME and TMP_MARK not in path.name)
+    for path in files:
+        store.put_file(release_key(release_id, path.relative_to(bundle).as_posix()), path)
+    failpoint("store.files")
+    store.put_file(release_key(release_id, MANIFEST_NAME), bundle / MANIFEST_NAME)
+    failpoint("store.manifest")
+    write_store_pointer(store, Pointer(release_id, local.generation))
+    log.info("release %s pushed to %s (%d files, generation %d)", release_id, store.url,
+             len(files) + 1, local.generation)
+    return PushResult(release_id, store.url, len(files) + 1, True, local.generation)

@@ -1,0 +1,281 @@
+"""Replicas with homes of their own, serving what a publisher pushed to a release store or
+registered in MLflow: real demo releases, the real encoder, the real publish step.
+
+The S3 tests run the same contract through :class:`serving.objectstore.S3Store` against
+moto's S3-API server (``moto_server``, a subprocess on 127.0.0.1 stopped by its PID): an
+emulator standing in for an S3-compatible service. What they test is this code's S3 client
+path (boto3 requests, keys under a prefix, listing, missing objects), not a real service's
+consistency or durability.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pipelines.reliability import stage_copy
+from pipelines.service import die_with_parent, free_port
+from pipelines.steps import run_publish
+from serving import failpoints
+from serving.objectstore import LocalStore, ObjectStore, open_store
+from serving.recommender import Recommender
+from serving.release import read_pointer
+from serving.release_sync import read_store_pointer, release_key
+from serving.settings import Settings
+from tests.conftest import make_settings
+
+pytestmark = pytest.mark.integration
+
+QUERY = "espresso machine"
+
+
+def publisher_settings(home: Path, store_url: str) -> Settings:
+    return make_settings(home, release_store=store_url)
+
+
+def publish_copy(settings: Settings, new_id: str) -> dict:
+    """Publish a copy of the live release under ``new_id`` through the publish step (which
+    pushes it to the settings' store)."""
+    releases = settings.releases_dir
+    live = read_pointer(releases)
+    assert live is not None
+    return run_publish(settings, stage_copy(releases, live.release_id, new_id))
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def replica(home: Path, encoder, watch: bool = False, **extra) -> Recommender:
+    """A Recommender on ``home`` (empty: nothing but what it syncs) following ``extra``'s
+    release source."""
+    return Recommender.load(home, settings=make_settings(home, **extra), encoder=encoder,
+                            watch=watch)
+
+
+def assert_installed(home: Path, release_id: str) -> None:
+    """The release is whole and read-only in the replica's home, no download left over."""
+    bundle = home / "releases" / release_id
+    assert (bundle / "manifest.json").is_file() and (bundle / "vectors.npy").is_file()
+    assert all(not p.stat().st_mode & 0o222 for p in bundle.rglob("*") if p.is_file())
+    assert not [p for p in (home / "releases" / ".staging").iterdir() if p.is_dir()]
+
+
+def corrupt_one_byte(store: ObjectStore, key: str, tmp_path: Path) -> None:
+    """Change one byte of object ``key`` in place in the store (as bit rot or a bad copy
+    would)."""
+    local = tmp_path / "corrupt.bin"
+    store.get_file(key, local)
+    data = bytearray(local.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    local.write_bytes(bytes(data))
+    store.put_file(key, local)
+
+
+def check_publish_and_follow(demo_copy: Path, replica_home: Path, store_url: str, encoder,
+                             tmp_path: Path) -> None:
+    """The contract on any store: the published release pushed, an empty replica serves it,
+    a second release reaches the running replica through its watcher, a retried push does
+    nothing, and a corrupted object is refused while the replica serves on."""
+    pub = publisher_settings(demo_copy, store_url)
+    first = read_pointer(pub.releases_dir)
+    assert first is not None
+    # the release already live here (a retried publish task) is pushed, not published again
+    out = run_publish(pub, pub.releases_dir / first.release_id)
+    assert out["went_live"] is False
+    assert out["store"]["pointer_moved"] is True and out["store"]["pushed"] > 3
+    store = open_store(store_url)
+    assert read_store_pointer(store).release_id == first.release_id
+
+    rec = replica(replica_home, encoder, watch=True, release_source="store",
+                  release_store=store_url)
+    try:
+        assert rec.release_id == first.release_id
+        assert rec.recommend(QUERY, k=3)
+        assert_installed(replica_home, first.release_id)
+
+        second = publish_copy(pub, "storecopy0000002")
+        assert second["went_live"] and second["store"]["pointer_moved"]
+        assert wait_for(lambda: rec.release_id == "storecopy0000002")
+        assert rec.counters["syncs"] == 1 and rec.counters["sync_failures"] == 0
+        assert read_pointer(replica_home / "releases").generation == 2
+        assert_installed(replica_home, "storecopy0000002")
+        assert rec.recommend(QUERY, k=3)
+        # a retried publish of the same release pushes nothing
+        again = run_publish(pub, pub.releases_dir / "storecopy0000002")
+        assert again["store"]["pushed"] == 0 and not again["store"]["pointer_moved"]
+    finally:
+        rec.close()
+
+    # a corrupted object: refused, counted, and the live release serves on
+    rec = replica(replica_home, encoder, release_source="store", release_store=store_url)
+    try:
+        publish_copy(pub, "storecopy0000003")
+        corrupt_one_byte(store, release_key("storecopy0000003", "vectors.npy"), tmp_path)
+        assert rec.reload() is False
+        assert rec.counters["sync_failures"] == 1
+        assert rec.release_id == "storecopy0000002" and rec.recommend(QUERY, k=3)
+        assert not (replica_home / "releases" / "storecopy0000003").exists()
+        assert read_pointer(replica_home / "releases").release_id == "storecopy0000002"
+        assert not [p for p in (replica_home / "releases" / ".staging").iterdir() if p.is_dir()]
+    finally:
+        rec.close()
+    # a replica starting while the store names that release serves the one it has
+    rec = replica(replica_home, encoder, release_source="store", release_store=store_url)
+    try:
+        assert rec.release_id == "storecopy0000002" and rec.counters["sync_failures"] == 1
+    finally:
+        rec.close()
+
+
+# -- a store on the local file system -----------------------------------------------------------
+
+
+def test_a_replica_with_an_empty_home_serves_and_follows_the_store(demo_copy, encoder,
+                                                                    tmp_path):
+    check_publish_and_follow(demo_copy, tmp_path / "replica", (tmp_path / "store").as_uri(),
+                             encoder, tmp_path)
+
+
+@pytest.mark.parametrize("point", ["store.files", "store.manifest"])
+def test_a_push_that_dies_before_the_pointer_leaves_replicas_on_the_old_release(
+        demo_copy, encoder, tmp_path, monkeypatch, point):
+    store_dir = tmp_path / "store"
+    pub = publisher_settings(demo_copy, str(store_dir))
+    first = read_pointer(pub.releases_dir)
+    run_publish(pub, pub.releases_dir / first.release_id)
+    rec = replica(tmp_path / "replica", encoder, release_source="store",
+                  release_store=str(store_dir))
+    try:
+        monkeypatch.setenv(failpoints.ENV, f"{point}:1:eio")
+        failpoints.reset()
+        with pytest.raises(OSError, match=f"injected at {point}"):
+            publish_copy(pub, "storecopy0000002")
+        monkeypatch.delenv(failpoints.ENV)
+        failpoints.reset()
+        # live here, its files (or all but the manifest) in the store, the store's pointer not
+        assert read_pointer(pub.releases_dir).release_id == "storecopy0000002"
+        assert LocalStore(store_dir).list_keys(release_key("storecopy0000002"))
+        assert read_store_pointer(LocalStore(store_dir)).release_id == first.release_id
+        assert rec.reload() is False
+        assert rec.release_id == first.release_id and rec.counters["sync_failures"] == 0
+
+        # the retried task finishes the push; the replica follows
+        out = run_publish(pub, pub.releases_dir / "storecopy0000002")
+        assert out["store"]["pointer_moved"] is True
+        assert rec.reload() is True and rec.release_id == "storecopy0000002"
+    finally:
+        rec.close()
+
+
+def test_a_replica_with_nothing_published_anywhere_says_so(tmp_path, encoder):
+    from serving.errors import ReleaseError
+
+    with pytest.raises(ReleaseError, match="no release has been published to store"):
+        replica(tmp_path / "replica", encoder, release_source="store",
+                release_store=str(tmp_path / "store"))
+
+
+# -- an S3-API emulator -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory) -> Iterator[str]:
+    """moto's S3-API server on 127.0.0.1:<free port>, stopped by its PID."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    server = Path(sys.executable).with_name("moto_server")
+    with log_path.open("ab") as out:
+        proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=die_with_parent)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, f"moto_server exited: {log_path.read_text()[-2000:]}"
+            try:
+                urllib.request.urlopen(url, timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "moto_server did not answer within 30 s"
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, monkeypatch) -> str:
+    """A fresh bucket; boto3 finds the endpoint and credentials in the standard variables."""
+    import boto3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    bucket = f"releases-{time.monotonic_ns()}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return bucket
+
+
+def test_the_store_contract_through_the_s3_client(demo_copy, encoder, tmp_path, s3_bucket):
+    check_publish_and_follow(demo_copy, tmp_path / "replica", f"s3://{s3_bucket}/shop/prod",
+                             encoder, tmp_path)
+    import boto3
+
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(
+        Bucket=s3_bucket)["Contents"]]
+    assert "shop/prod/releases/CURRENT" in keys
+    assert all(k.startswith("shop/prod/releases/") for k in keys)
+
+
+# -- the MLflow registry ------------------------------------------------------------------------
+
+
+def test_a_replica_serves_the_champion_and_follows_the_alias(demo_copy, encoder, tmp_path):
+    from pipelines.registry import promote_version
+    from pipelines.steps import run_register
+
+    pub = make_settings(demo_copy)
+    first = read_pointer(pub.releases_dir)
+    one = run_register(pub, pub.releases_dir / first.release_id)
+    assert one["champion"] is True
+
+    home = tmp_path / "replica"
+    rec = replica(home, encoder, release_source="mlflow",
+                  mlflow_tracking_uri=pub.tracking_uri)
+    try:
+        assert rec.release_id == first.release_id and rec.recommend(QUERY, k=3)
+        assert_installed(home, first.release_id)
+
+        publish_copy(pub, "mlflowcopy000002")
+        two = run_register(pub, pub.releases_dir / "mlflowcopy000002")
+        assert two["champion"] is True and two["version"] == one["version"] + 1
+        assert rec.reload() is True and rec.release_id == "mlflowcopy000002"
+        assert_installed(home, "mlflowcopy000002")
+
+        # champion moved back by hand: the release is here already, the pointer follows
+        promote_version(pub, pub.model_name, one["version"])
+        assert rec.reload() is True and rec.release_id == first.release_id
+        assert read_pointer(home / "releases").generation == 3
+        assert rec.counters["syncs"] == 2 and rec.counters["sync_failures"] == 0
+        assert rec.reload() is False  # nothing moved
+    finally:
+        rec.close()
