@@ -81,9 +81,10 @@ test: install system-deps
 	$(BIN)/pytest -q $(PYTEST_PARALLEL) -m "not scaled"
 
 # The scaled-out set-up on loopback (infra/scaled/loopback.sh: Postgres, Redis, MLflow server,
-# Airflow with two Celery workers): CI's second job, about 2.5 minutes.
+# Airflow with two Celery workers; two serving replicas and the nearline updater on one
+# Redis): CI's second job, about 4 minutes.
 test-scaled: install system-deps
-	$(BIN)/pytest -q -s -m scaled tests/integration/test_scaled_airflow.py
+	$(BIN)/pytest -q -s -m scaled tests/integration/test_scaled_airflow.py tests/integration/test_replicas.py
 
 test-unit: install
 	$(BIN)/pytest -q tests/unit

@@ -37,6 +37,16 @@ def tiny_homedepot(shared_data, tmp_path) -> Path:
     return products
 
 
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    """A real redis-server on loopback (AOF, fsync always), one per test module, stopped by
+    PID after it; tests keep apart by key prefix (``tests.redis_server.unique_prefix``)."""
+    from tests.redis_server import running_redis
+
+    with running_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def encoder():
     from serving.encoder import Encoder

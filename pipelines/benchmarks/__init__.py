@@ -16,7 +16,7 @@ from typing import Any
 from serving.errors import MeasurementError
 
 NAMES = ("nearline", "serving", "ann", "embed", "refresh", "growth", "http", "fuzz",
-         "reliability", "redis_group")
+         "reliability", "redis_group", "replicas")
 
 
 def load(name: str) -> ModuleType:

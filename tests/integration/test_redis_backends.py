@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,19 +30,9 @@ from serving.redis_backends import (
 )
 from serving.session import Interaction, SessionState
 from tests.conftest import REPO, make_settings, read_demo_rows
-from tests.redis_server import RedisServer, running_redis
+from tests.redis_server import RedisServer, redis_text, running_redis, unique_prefix
 
 KEY = b"test-key"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> RedisServer:
-    with running_redis(tmp_path_factory.mktemp("redis")) as srv:
-        yield srv
-
-
-def unique_prefix() -> str:
-    return f"t{uuid.uuid4().hex[:12]}"
 
 
 @dataclass
@@ -64,7 +53,7 @@ def backend(request, tmp_path) -> Backend:
                        "from pathlib import Path\n"
                        "from serving.eventlog import SqliteEventLog\n"
                        "log = SqliteEventLog(Path(sys.argv[1]))\n", [str(path)])
-    srv: RedisServer = request.getfixturevalue("server")
+    srv: RedisServer = request.getfixturevalue("redis_server")
     prefix = unique_prefix()
     return Backend("redis", lambda: RedisEventLog(srv.url, prefix),
                    "from serving.redis_backends import RedisEventLog\n"
@@ -258,10 +247,10 @@ def test_an_id_resent_with_another_payload_is_a_conflict_and_stores_nothing(elog
     assert [x.event.event_id for x in elog.read(0)] == ["c1", "c3", "c4"]
 
 
-def test_a_dedupe_marker_from_before_payloads_were_compared_matches_any_payload(server):
+def test_a_dedupe_marker_from_before_payloads_were_compared_matches_any_payload(redis_server):
     prefix = unique_prefix()
-    log = RedisEventLog(server.url, prefix)
-    client = redis.Redis.from_url(server.url, decode_responses=True)
+    log = RedisEventLog(redis_server.url, prefix)
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
         client.set(f"{prefix}:event-id:old", "1")  # what an older version wrote
         now = time.time()
@@ -395,8 +384,8 @@ def test_unreachable_redis_is_a_clear_error():
         RedisSessionStore(url)
 
 
-def test_session_state_round_trips(server):
-    store = RedisSessionStore(server.url, unique_prefix(), ttl_s=60)
+def test_session_state_round_trips(redis_server):
+    store = RedisSessionStore(redis_server.url, unique_prefix(), ttl_s=60)
     try:
         state = SessionState(
             interactions=(Interaction("SKU-1", 1.0, 1_700_000_000.123456),
@@ -410,7 +399,7 @@ def test_session_state_round_trips(server):
         assert store.get("s2") is None
         store.put("s2", SessionState())
         assert store.get("s2") == SessionState()
-        client = redis.Redis.from_url(server.url)
+        client = redis.Redis.from_url(redis_server.url)
         try:
             ttl_ms = client.pttl(f"{store.prefix}:session:s1")
         finally:
@@ -421,7 +410,7 @@ def test_session_state_round_trips(server):
 
 
 @pytest.mark.parametrize("backend", ["memory", "redis"])
-def test_concurrent_session_updates_lose_no_interaction(server, backend):
+def test_concurrent_session_updates_lose_no_interaction(redis_server, backend):
     """Two replicas (two connections, two threads each) record into one session at once:
     every interaction is kept (a get-then-put kept 158 of 400 here)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -431,7 +420,7 @@ def test_concurrent_session_updates_lose_no_interaction(server, backend):
     cfg = SessionConfig(max_interactions=10_000)
     prefix = unique_prefix()
     memory = MemorySessionStore()
-    stores = ([RedisSessionStore(server.url, prefix, ttl_s=60) for _ in range(2)]
+    stores = ([RedisSessionStore(redis_server.url, prefix, ttl_s=60) for _ in range(2)]
               if backend == "redis" else [memory, memory])
     per_writer, writers = 100, 4
 
@@ -452,8 +441,8 @@ def test_concurrent_session_updates_lose_no_interaction(server, backend):
                 store.close()
 
 
-def test_sessions_expire(server):
-    store = RedisSessionStore(server.url, unique_prefix(), ttl_s=1)
+def test_sessions_expire(redis_server):
+    store = RedisSessionStore(redis_server.url, unique_prefix(), ttl_s=1)
     try:
         store.put("s1", SessionState(interactions=(Interaction("SKU-1", 1.0, time.time()),)))
         assert store.get("s1") is not None
@@ -463,31 +452,10 @@ def test_sessions_expire(server):
         store.close()
 
 
-def _all_redis_text(url: str) -> list[str]:
-    """Every key name and every value in the database, as text."""
-    client = redis.Redis.from_url(url, decode_responses=True)
-    out: list[str] = []
-    try:
-        for key in client.scan_iter(count=1000):
-            out.append(key)
-            kind = client.type(key)
-            if kind == "string":
-                out.append(client.get(key) or "")
-            elif kind == "stream":
-                for sid, fields in client.xrange(key):
-                    out.append(sid)
-                    out += [f"{k}={v}" for k, v in fields.items()]
-            else:
-                out.append(f"<unexpected {kind}>")
-    finally:
-        client.close()
-    return out
-
-
-def test_two_replicas_share_sessions_and_the_log(server, demo_home, encoder):
+def test_two_replicas_share_sessions_and_the_log(redis_server, demo_home, encoder):
     prefix = unique_prefix()
     settings = make_settings(demo_home, sessions_backend="redis", events_backend="redis",
-                             redis_url=server.url, redis_prefix=prefix,
+                             redis_url=redis_server.url, redis_prefix=prefix,
                              user_id_key="replica-test-key")
     a = Recommender.load(demo_home, settings=settings, encoder=encoder, watch=False)
     b = Recommender.load(demo_home, settings=settings, encoder=encoder, watch=False)
@@ -501,7 +469,7 @@ def test_two_replicas_share_sessions_and_the_log(server, demo_home, encoder):
             b.recommend(None, session_id="other")
 
         # both replicas (and the updater) read one log
-        log = RedisEventLog(server.url, prefix)
+        log = RedisEventLog(redis_server.url, prefix)
         try:
             logged = log.read(0)
         finally:
@@ -512,7 +480,7 @@ def test_two_replicas_share_sessions_and_the_log(server, demo_home, encoder):
         b.record(stored)
         assert b.counters["events_duplicate"] == 1 and a.counters["events_recorded"] == 1
 
-        text = _all_redis_text(server.url)
+        text = redis_text(redis_server.url)
         assert any(prefix in t for t in text) and any(stored.user in t for t in text)
         assert not [t for t in text if "alice" in t.lower()]
     finally:
@@ -520,19 +488,19 @@ def test_two_replicas_share_sessions_and_the_log(server, demo_home, encoder):
         b.close()
 
 
-def test_a_scaled_out_replica_refuses_to_start_without_the_shared_user_key(server, demo_home,
+def test_a_scaled_out_replica_refuses_to_start_without_the_shared_user_key(redis_server, demo_home,
                                                                          tmp_path):
     from pipelines.cli import main
     from serving.errors import ConfigurationError
     from serving.recommender import Recommender
 
-    settings = make_settings(demo_home, events_backend="redis", redis_url=server.url,
+    settings = make_settings(demo_home, events_backend="redis", redis_url=redis_server.url,
                              redis_prefix=unique_prefix())
     with pytest.raises(ConfigurationError, match="set INSTANTREC_USER_ID_KEY"):
         Recommender.load(settings=settings, watch=False)
     with pytest.raises(ConfigurationError, match="set INSTANTREC_USER_ID_KEY"):
         settings.user_key()
-    env = {"INSTANTREC_SESSIONS_BACKEND": "redis", "INSTANTREC_REDIS_URL": server.url}
+    env = {"INSTANTREC_SESSIONS_BACKEND": "redis", "INSTANTREC_REDIS_URL": redis_server.url}
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)

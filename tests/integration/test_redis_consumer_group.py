@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import uuid
 from pathlib import Path
 
 import pytest
@@ -32,20 +31,10 @@ from serving.eventlog import SqliteEventLog
 from serving.events import parse_event
 from serving.redis_backends import RedisEventLog
 from tests.conftest import REPO, make_settings
-from tests.redis_server import RedisServer, running_redis
+from tests.redis_server import unique_prefix
 
 USER_KEY = "consumer-group-test-key-0123456789abcdef"
 QUERIES = ("coffee maker", "yoga mat", "headphones")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> RedisServer:
-    with running_redis(tmp_path_factory.mktemp("redis")) as srv:
-        yield srv
-
-
-def unique_prefix() -> str:
-    return f"g{uuid.uuid4().hex[:12]}"
 
 
 def redis_settings(home: Path, url: str, prefix: str, group: str | None = None, **extra):
@@ -99,9 +88,9 @@ def same_run(got: dict, want: dict) -> None:
 # -- the group's primitives -----------------------------------------------------------------
 
 
-def test_group_primitives_known_answers(server):
-    prefix = unique_prefix()
-    log = RedisEventLog(server.url, prefix)
+def test_group_primitives_known_answers(redis_server):
+    prefix = unique_prefix("g")
+    log = RedisEventLog(redis_server.url, prefix)
     try:
         a = log.consumer_group(consumer="a")
         assert a.name == f"{prefix}:nearline" and a.stream == f"{prefix}:events"
@@ -140,7 +129,7 @@ def test_group_primitives_known_answers(server):
         b.move(off[0])
         assert ids(b.read_new(10)) == ["e2", "e3", "e5"]
         assert b.pending() == 3 and b.ack(off[-1]) == 3 and b.pending() == 0
-        assert raw_pending(server.url, b.stream, b.name) == 0
+        assert raw_pending(redis_server.url, b.stream, b.name) == 0
 
         # a second group created at an offset delivers only what follows it
         other = log.consumer_group("other", "c")
@@ -156,11 +145,11 @@ def test_group_primitives_known_answers(server):
 
 
 def test_the_updater_applies_each_event_once_and_acks_after_its_checkpoint(
-        server, demo_copy, demo_home, encoder, tmp_path):
+        redis_server, demo_copy, demo_home, encoder, tmp_path):
     """(a) Through the group, the updater applies what an updater reading a SQLite log with
     the same events applies; an entry is acknowledged only once a checkpoint covers it."""
-    prefix = unique_prefix()
-    settings = redis_settings(demo_copy, server.url, prefix, checkpoint_every_events=25)
+    prefix = unique_prefix("g")
+    settings = redis_settings(demo_copy, redis_server.url, prefix, checkpoint_every_events=25)
     rec = Recommender.load(demo_copy, settings=settings, encoder=encoder, watch=False)
     try:
         recorded = shop(rec, "a", 12, seed=1)
@@ -175,10 +164,10 @@ def test_the_updater_applies_each_event_once_and_acks_after_its_checkpoint(
         latest = read_latest(demo_copy)
         assert latest.offset == updater.log.read(0, 25)[-1].offset     # published at 25 events
         # the 15 applied since are not covered by a checkpoint: still pending
-        assert group.pending() == 15 == raw_pending(server.url, group.stream, group.name)
+        assert group.pending() == 15 == raw_pending(redis_server.url, group.stream, group.name)
         summary = updater.run_once()
         assert summary["offset"] == updater.log.last_offset()
-        assert summary["pending_acks"] == 0 == raw_pending(server.url, group.stream, group.name)
+        assert summary["pending_acks"] == 0 == raw_pending(redis_server.url, group.stream, group.name)
         assert summary["redelivered_skipped"] == 0
         assert read_latest(demo_copy).offset == summary["offset"]
         assert updater.run_once()["read"] == 0
@@ -199,12 +188,12 @@ def test_the_updater_applies_each_event_once_and_acks_after_its_checkpoint(
 
 @pytest.mark.parametrize("point", ["nearline.applied:40", "checkpoint.published:3"])
 def test_a_killed_updater_leaves_pending_entries_and_its_successor_applies_each_once(
-        server, demo_copy, demo_home, encoder, tmp_path, point):
+        redis_server, demo_copy, demo_home, encoder, tmp_path, point):
     """(b) ``instantrec nearline`` SIGKILLed after applying 40 events (checkpoints every 7),
     or right after its third checkpoint moved the pointer (before it acknowledged): the
     restarted updater ends as an uninterrupted one over the same stream."""
-    prefix = unique_prefix()
-    settings = redis_settings(demo_copy, server.url, prefix, checkpoint_every_events=7)
+    prefix = unique_prefix("g")
+    settings = redis_settings(demo_copy, redis_server.url, prefix, checkpoint_every_events=7)
     rec = Recommender.load(demo_copy, settings=settings, encoder=encoder, watch=False)
     try:
         recorded = shop(rec, "b", 10, seed=2)
@@ -213,7 +202,7 @@ def test_a_killed_updater_leaves_pending_entries_and_its_successor_applies_each_
     assert recorded > 60
 
     env = {**os.environ, "INSTANTREC_HOME": str(demo_copy), "INSTANTREC_EVENTS_BACKEND": "redis",
-           "INSTANTREC_REDIS_URL": server.url, "INSTANTREC_REDIS_PREFIX": prefix,
+           "INSTANTREC_REDIS_URL": redis_server.url, "INSTANTREC_REDIS_PREFIX": prefix,
            "INSTANTREC_USER_ID_KEY": USER_KEY, "INSTANTREC_CHECKPOINT_EVERY_EVENTS": "7",
            "INSTANTREC_FAILPOINT": point}
     env.pop("INSTANTREC_REDIS_GROUP", None)
@@ -221,14 +210,14 @@ def test_a_killed_updater_leaves_pending_entries_and_its_successor_applies_each_
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-3000:]
 
-    log = RedisEventLog(server.url, prefix)
+    log = RedisEventLog(redis_server.url, prefix)
     group = log.consumer_group()
     try:
         checkpoint = read_latest(demo_copy)
         offsets = [x.offset for x in log.read(0, 10_000)]
         assert checkpoint.offset == offsets[20 if point.startswith("checkpoint") else 34]
         left = group.pending()
-        assert left == raw_pending(server.url, group.stream, group.name)
+        assert left == raw_pending(redis_server.url, group.stream, group.name)
         # everything delivered after the last acknowledgement is pending
         acked = offsets.index(checkpoint.offset) + 1
         if point.startswith("checkpoint"):
@@ -244,12 +233,12 @@ def test_a_killed_updater_leaves_pending_entries_and_its_successor_applies_each_
         resumed.close()
     # entries at or before the checkpoint came back and were acknowledged, not applied
     assert got["redelivered_skipped"] == (7 if point.startswith("checkpoint") else 0)
-    assert got["pending_acks"] == 0 == raw_pending(server.url, group.stream, group.name)
+    assert got["pending_acks"] == 0 == raw_pending(redis_server.url, group.stream, group.name)
     assert got["offset"] == offsets[-1]
 
     reference = tmp_path / "reference"
     shutil.copytree(demo_home, reference)
-    uninterrupted = NearlineUpdater(redis_settings(reference, server.url, prefix, "reference"),
+    uninterrupted = NearlineUpdater(redis_settings(reference, redis_server.url, prefix, "reference"),
                                     encoder)
     try:
         want = uninterrupted.run_once()
@@ -260,12 +249,12 @@ def test_a_killed_updater_leaves_pending_entries_and_its_successor_applies_each_
     assert compare_rankers(demo_copy, reference) == 0
 
 
-def test_two_writers_interleaved_are_consumed_once_each(server, demo_copy, demo_home, encoder,
+def test_two_writers_interleaved_are_consumed_once_each(redis_server, demo_copy, demo_home, encoder,
                                                         tmp_path):
     """(c) Two serving replicas (two Redis clients) record one event at a time, at once, while
     the updater consumes: each event is applied once, in the stream's order."""
-    prefix = unique_prefix()
-    settings = redis_settings(demo_copy, server.url, prefix, checkpoint_every_events=20)
+    prefix = unique_prefix("g")
+    settings = redis_settings(demo_copy, redis_server.url, prefix, checkpoint_every_events=20)
     replicas = [Recommender.load(demo_copy, settings=settings, encoder=encoder, watch=False)
                 for _ in range(2)]
     updater = NearlineUpdater(settings, encoder)
@@ -318,19 +307,19 @@ def test_two_writers_interleaved_are_consumed_once_each(server, demo_copy, demo_
 
     reference = tmp_path / "reference"
     shutil.copytree(demo_home, reference)
-    want = NearlineUpdater(redis_settings(reference, server.url, prefix, "reference"),
+    want = NearlineUpdater(redis_settings(reference, redis_server.url, prefix, "reference"),
                            encoder).run_once()
     assert want["applied_total"] > 0
     same_run(got, want)
 
 
-def test_a_checkpoint_behind_the_group_moves_it_back(server, demo_copy, demo_home, encoder,
+def test_a_checkpoint_behind_the_group_moves_it_back(redis_server, demo_copy, demo_home, encoder,
                                                      tmp_path):
     """The checkpoint's offset, not the group, says what was applied: a home restored to an
     older checkpoint (or a retrain's) finds entries the group acknowledged under a newer one,
     and entries pending past a gap; it applies all of them once, in order."""
-    prefix = unique_prefix()
-    settings = redis_settings(demo_copy, server.url, prefix, checkpoint_every_events=1000)
+    prefix = unique_prefix("g")
+    settings = redis_settings(demo_copy, redis_server.url, prefix, checkpoint_every_events=1000)
     rec = Recommender.load(demo_copy, settings=settings, encoder=encoder, watch=False)
     restored = tmp_path / "restored"
     try:
@@ -346,7 +335,7 @@ def test_a_checkpoint_behind_the_group_moves_it_back(server, demo_copy, demo_hom
     finally:
         rec.close()
 
-    later = NearlineUpdater(redis_settings(restored, server.url, prefix,
+    later = NearlineUpdater(redis_settings(restored, redis_server.url, prefix,
                                            checkpoint_every_events=1000), encoder)
     try:
         assert later.group.pending() == 20
@@ -357,7 +346,7 @@ def test_a_checkpoint_behind_the_group_moves_it_back(server, demo_copy, demo_hom
 
     reference = tmp_path / "reference"
     shutil.copytree(demo_home, reference)
-    want = NearlineUpdater(redis_settings(reference, server.url, prefix, "reference"),
+    want = NearlineUpdater(redis_settings(reference, redis_server.url, prefix, "reference"),
                            encoder).run_once()
     same_run(got, want)
     assert compare_rankers(restored, reference) == 0
