@@ -15,7 +15,9 @@
 # one, also with --skip-serve-logs).
 #
 # Settings come from infra/local/env.sh (a variable already set keeps its value). PID files and
-# each component's output go to $AIRFLOW_HOME/run/. Needs bash and setsid (util-linux).
+# each component's output go to $AIRFLOW_HOME/run/; the process helpers (launch, stop_one, ...)
+# are infra/lib/procs.sh, shared with infra/scaled/loopback.sh. Needs bash, setsid (util-linux)
+# and curl.
 
 set -euo pipefail
 
@@ -27,6 +29,9 @@ AIRFLOW_BIN="${AIRFLOW_BIN:-$_repo/.venv/bin/airflow}"
 RUN_DIR="$AIRFLOW_HOME/run"
 START_TIMEOUT_S="${START_TIMEOUT_S:-120}"
 STOP_TIMEOUT_S="${STOP_TIMEOUT_S:-30}"
+# pid_of, launch, wait_until, stop_one, report
+# shellcheck source=../lib/procs.sh
+source "$_here/../lib/procs.sh"
 
 components() {
     echo "api-server scheduler dag-processor"
@@ -42,88 +47,28 @@ command_of() {
     esac
 }
 
-pid_of() {  # the recorded PID if that process is alive, else nothing
-    local file="$RUN_DIR/$1.pid" pid
-    [ -f "$file" ] || return 0
-    pid="$(cat "$file")"
-    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then echo "$pid"; fi
-}
-
 start() {
     mkdir -p "$RUN_DIR"
     "$AIRFLOW_BIN" db migrate >"$RUN_DIR/db-migrate.log" 2>&1 \
         || { tail -30 "$RUN_DIR/db-migrate.log" >&2; exit 1; }
-    local name pid
-    # shellcheck disable=SC2046
+    local name
     for name in $(components); do
-        pid="$(pid_of "$name")"
-        if [ -n "$pid" ]; then
-            echo "$name already running (PID $pid)"
-            continue
-        fi
-        # setsid: each component leads its own process group, so stop reaches its children
-        # (the LocalExecutor's workers, uvicorn's, the DAG parsing processes) through one PID.
         # shellcheck disable=SC2046
-        setsid "$AIRFLOW_BIN" $(command_of "$name") >"$RUN_DIR/$name.log" 2>&1 </dev/null &
-        echo $! >"$RUN_DIR/$name.pid"
-        echo "$name started (PID $!, output $RUN_DIR/$name.log)"
+        launch "$name" "$AIRFLOW_BIN" $(command_of "$name")
     done
-    local url="http://$AIRFLOW__API__HOST:$AIRFLOW__API__PORT" deadline=$((SECONDS + START_TIMEOUT_S))
-    until curl -fsS "$url/api/v2/monitor/health" >/dev/null 2>&1; do
-        if [ -z "$(pid_of api-server)" ]; then
-            echo "api-server exited; its output:" >&2
-            tail -30 "$RUN_DIR/api-server.log" >&2
-            exit 1
-        fi
-        if [ "$SECONDS" -ge "$deadline" ]; then
-            echo "api-server did not answer on $url within ${START_TIMEOUT_S} s" >&2
-            exit 1
-        fi
-        sleep 1
-    done
+    local url="http://$AIRFLOW__API__HOST:$AIRFLOW__API__PORT"
+    wait_until api-server "answer on $url" curl -fsS "$url/api/v2/monitor/health"
     echo "UI and REST API: $url (user admin, password in" \
         "$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated)"
 }
 
 stop() {
-    local name pid deadline
-    for name in triggerer dag-processor scheduler api-server; do
-        pid="$(pid_of "$name")"
-        if [ -z "$pid" ]; then
-            rm -f "$RUN_DIR/$name.pid"
-            continue
-        fi
-        kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-        deadline=$((SECONDS + STOP_TIMEOUT_S))
-        while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.5; done
-        if kill -0 "$pid" 2>/dev/null; then
-            echo "$name (PID $pid) ignored SIGTERM for ${STOP_TIMEOUT_S} s: SIGKILL" >&2
-        fi
-        # SIGKILL the group either way: children the leader left behind go too
-        kill -KILL -- "-$pid" 2>/dev/null || true
-        rm -f "$RUN_DIR/$name.pid"
-        echo "$name stopped (PID $pid)"
-    done
+    local name
+    for name in triggerer dag-processor scheduler api-server; do stop_one "$name"; done
 }
 
-status() {
-    local name pid pids=""
-    # shellcheck disable=SC2046
-    for name in $(components); do
-        pid="$(pid_of "$name")"
-        if [ -n "$pid" ]; then
-            echo "$name: running (PID $pid)"
-            pids="$pids $(pgrep -g "$pid" | tr '\n' ' ')"
-        else
-            echo "$name: not running"
-        fi
-    done
-    if [ -n "${pids// /}" ] && command -v ss >/dev/null 2>&1; then
-        echo "listening sockets:"
-        local p
-        for p in $pids; do ss -Hltnp 2>/dev/null | grep "pid=$p," || true; done | sort -u
-    fi
-}
+# shellcheck disable=SC2046
+status() { report $(components); }
 
 case "${1:-}" in
     start) start ;;

@@ -55,6 +55,9 @@ STOP_TIMEOUT_S="${STOP_TIMEOUT_S:-30}"
 HOST="127.0.0.1"
 AS_ROOT=0
 if [ "$(id -u)" -eq 0 ]; then AS_ROOT=1; fi
+# pid_of, launch, wait_until, stop_one, report (needs RUN_DIR, START_TIMEOUT_S, STOP_TIMEOUT_S)
+# shellcheck source=../lib/procs.sh
+source "$_here/../lib/procs.sh"
 
 # --- settings --------------------------------------------------------------------------------
 
@@ -151,47 +154,6 @@ configure() {
 }
 
 # --- processes -------------------------------------------------------------------------------
-
-pid_of() {  # the recorded PID if that process is alive, else nothing
-    local file="$RUN_DIR/$1.pid" pid
-    [ -f "$file" ] || return 0
-    pid="$(cat "$file")"
-    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then echo "$pid"; fi
-}
-
-launch() {  # launch NAME COMMAND...: in the background, leading its own process group
-    local name="$1" pid
-    shift
-    pid="$(pid_of "$name")"
-    if [ -n "$pid" ]; then
-        echo "$name already running (PID $pid)"
-        return 0
-    fi
-    # setsid: each component leads its own process group, so stop reaches its children (Celery's
-    # pool, uvicorn's workers, the DAG parsing processes) through one PID. `env`, setpriv and
-    # setsid exec, so the recorded PID is the component's own.
-    setsid "$@" >"$RUN_DIR/$name.log" 2>&1 </dev/null &
-    echo $! >"$RUN_DIR/$name.pid"
-    echo "$name started (PID $!, output $RUN_DIR/$name.log)"
-}
-
-wait_until() {  # wait_until NAME WHAT COMMAND...: poll COMMAND while NAME is alive
-    local name="$1" what="$2" deadline=$((SECONDS + START_TIMEOUT_S))
-    shift 2
-    until "$@" >/dev/null 2>&1; do
-        if [ -z "$(pid_of "$name")" ]; then
-            echo "$name exited; its output:" >&2
-            tail -30 "$RUN_DIR/$name.log" >&2
-            exit 1
-        fi
-        if [ "$SECONDS" -ge "$deadline" ]; then
-            echo "$name: no $what within ${START_TIMEOUT_S} s; its output:" >&2
-            tail -30 "$RUN_DIR/$name.log" >&2
-            exit 1
-        fi
-        sleep 0.5
-    done
-}
 
 pg_bin() {
     if [ -z "${PG_BIN:-}" ]; then
@@ -343,35 +305,16 @@ start() {
     echo "MLflow: $MLFLOW_URL; INSTANTREC_HOME: $INSTANTREC_HOME"
 }
 
-stop_one() {  # stop_one NAME: SIGTERM, SIGKILL to its process group after STOP_TIMEOUT_S
-    local name="$1" pid deadline began="$SECONDS"
-    pid="$(pid_of "$name")"
-    if [ -z "$pid" ]; then
-        rm -f "$RUN_DIR/$name.pid"
-        return 0
-    fi
-    case "$name" in
-        # The leader only: a Celery worker's warm shutdown lets its pool finish the running
-        # tasks; the postmaster stops its own server processes (smart shutdown).
-        worker-* | postgres) kill -TERM "$pid" 2>/dev/null || true ;;
-        *) kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true ;;
-    esac
-    deadline=$((SECONDS + STOP_TIMEOUT_S))
-    while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.5; done
-    if kill -0 "$pid" 2>/dev/null; then
-        echo "$name (PID $pid) ignored SIGTERM for ${STOP_TIMEOUT_S} s: SIGKILL" >&2
-    fi
-    # SIGKILL the group either way: children the leader left behind go too
-    kill -KILL -- "-$pid" 2>/dev/null || true
-    rm -f "$RUN_DIR/$name.pid"
-    echo "$name stopped (PID $pid, $((SECONDS - began)) s)"
-}
-
 stop() {
     local name
     # clients first, the stores they write to last
     for name in $(worker_names started) dag-processor scheduler api-server mlflow redis postgres; do
-        stop_one "$name"
+        case "$name" in
+            # the leader only: a worker's warm shutdown lets its pool finish the running task;
+            # the postmaster stops its own server processes (smart shutdown)
+            worker-* | postgres) stop_one "$name" leader ;;
+            *) stop_one "$name" ;;
+        esac
     done
 }
 
@@ -381,23 +324,10 @@ status() {
         return 0
     fi
     configure
-    local name pid pids=""
-    for name in postgres redis mlflow api-server scheduler dag-processor $(worker_names started); do
-        pid="$(pid_of "$name")"
-        if [ -n "$pid" ]; then
-            echo "$name: running (PID $pid)"
-            pids="$pids $(pgrep -g "$pid" | tr '\n' ' ')"
-        else
-            echo "$name: not running"
-        fi
-    done
     echo "Airflow $AIRFLOW_API, MLflow $MLFLOW_URL, Postgres $HOST:$POSTGRES_PORT," \
         "Redis $HOST:$REDIS_PORT"
-    if [ -n "${pids// /}" ] && command -v ss >/dev/null 2>&1; then
-        echo "listening sockets:"
-        local p
-        for p in $pids; do ss -Hltnp 2>/dev/null | grep "pid=$p," || true; done | sort -u
-    fi
+    # shellcheck disable=SC2046
+    report postgres redis mlflow api-server scheduler dag-processor $(worker_names started)
 }
 
 print_env() {

@@ -16,7 +16,7 @@ from typing import Any
 from serving.errors import MeasurementError
 
 NAMES = ("nearline", "serving", "ann", "embed", "refresh", "growth", "http", "fuzz",
-         "reliability", "redis_group", "replicas")
+         "reliability", "redis_group", "scaled", "replicas")
 
 
 def load(name: str) -> ModuleType:
