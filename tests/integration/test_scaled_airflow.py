@@ -7,8 +7,11 @@ each), every socket on 127.0.0.1, all real.
 The run is triggered through the REST API with two embedding shards; the two shards run on the
 two workers (the task instances' ``hostname``), the release goes live under INSTANTREC_HOME,
 and the ``register`` task registers it through the MLflow server, whose ``champion`` alias
-then names it. The scheduler creates no hourly run (``use_job_schedule`` off), so the run
-measured is the triggered one alone; its wall time is printed (run with ``-s`` to see it).
+then names it; the publish step also pushes it to a release store (a directory here). Two
+``instantrec serve`` replicas with empty homes of their own then serve it, one resolving
+``champion`` through the MLflow server, the other following the store. The scheduler creates
+no hourly run (``use_job_schedule`` off), so the run measured is the triggered one alone; its
+wall time is printed (run with ``-s`` to see it).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.scaled]
 
 DAG = "catalogue_refresh"
 TERMINAL = {"success", "failed"}
+STORE = "release-store"   # under the test's root: where the publish step pushes releases
+QUERY = "running shoes"
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +44,8 @@ def scaled():
     try:
         with scaled_airflow_services(
                 root, workers=2,
-                extra_env={"AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False"}) as running:
+                extra_env={"AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+                           "INSTANTREC_RELEASE_STORE": str(root / STORE)}) as running:
             yield running
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -112,8 +118,52 @@ def test_catalogue_refresh_on_two_celery_workers(scaled):
     assert any(p.name == "MLmodel" for p in stored), stored
     assert not (af.instantrec_home / "mlflow" / "mlflow.db").exists()  # not the embedded store
 
+    # serving replicas with empty homes of their own, configured by the environment alone
+    sockets.update(replicas_serve_the_release(af, pointer.release_id))
+
     # every socket the started processes listen on is on loopback
     sockets.update(af.listening())
     assert {s[1] for s in sockets} >= {af.port, af.postgres_port, af.redis_port,
                                        af.mlflow_port}, sockets
     assert {s[0] for s in sockets} == {"127.0.0.1"}, sockets
+
+
+def replicas_serve_the_release(af: ScaledAirflowServices, release_id: str) -> set:
+    """Start two ``instantrec serve`` replicas, each with an empty home: one resolves
+    ``champion`` through the MLflow server (``INSTANTREC_RELEASE_SOURCE=mlflow``), one follows
+    the release store the publish step pushed to (``store``). Both must serve ``release_id``,
+    and the same results; returns their listening sockets. Stopped by PID."""
+    import psutil
+
+    from pipelines.benchmarks.replicas import Client
+    from pipelines.service import ServiceProcess
+
+    sources = {"mlflow": {"INSTANTREC_MLFLOW_TRACKING_URI": af.mlflow_url},
+               "store": {"INSTANTREC_RELEASE_STORE": str(af.root / STORE)}}
+    replicas = {name: ServiceProcess(af.root / f"replica-{name}", af.root / f"replica-{name}.log",
+                                     env={"INSTANTREC_RELEASE_SOURCE": name, **env})
+                for name, env in sources.items()}
+    began = time.monotonic()
+    try:
+        for replica in replicas.values():
+            replica.spawn()
+        for replica in replicas.values():
+            replica.wait()
+        ready_s = time.monotonic() - began
+        pages = {}
+        for name, replica in replicas.items():
+            status, ready = replica.get("/readyz")
+            assert status == 200 and ready["release_id"] == release_id, (name, ready,
+                                                                         replica.output())
+            home = af.root / f"replica-{name}"
+            assert (home / "releases" / release_id / "manifest.json").is_file(), name
+            pages[name] = [r["item_id"] for r in Client(replica.port).recommend(QUERY)["results"]]
+        assert pages["mlflow"] and pages["mlflow"] == pages["store"], pages
+        print(f"  two replicas with empty homes (champion through the MLflow server; the release "
+              f"store) ready in {ready_s:.1f} s, serving {release_id}")
+        return {(c.laddr.ip, c.laddr.port, name) for name, r in replicas.items()
+                for c in psutil.Process(r.pid).net_connections("inet")
+                if c.status == psutil.CONN_LISTEN}
+    finally:
+        for replica in replicas.values():
+            replica.stop()
