@@ -73,6 +73,10 @@ class ObjectStore(ABC):
     def exists(self, key: str) -> bool:
         """Whether object ``key`` exists."""
 
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove object ``key``; nothing happens when there is none."""
+
 
 class LocalStore(ObjectStore):
     """A store in the directory ``root``: object ``a/b`` is the file ``root/a/b``."""
@@ -139,6 +143,12 @@ class LocalStore(ObjectStore):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot delete {key} from {self.url}: {exc}") from exc
 
 
 class S3Store(ObjectStore):
@@ -224,6 +234,14 @@ class S3Store(ObjectStore):
             raise self._fail("look up", key, exc) from exc
         except BotoCoreError as exc:
             raise self._fail("look up", key, exc) from exc
+
+    def delete(self, key: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:  # S3 answers a delete of a missing key with success
+            self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except (BotoCoreError, ClientError) as exc:
+            raise self._fail("delete", key, exc) from exc
 
 
 def _missing(exc: Exception) -> bool:

@@ -23,7 +23,13 @@ from typing import Any, Literal, NoReturn
 import numpy as np
 
 from serving.cache import LRUCache
-from serving.checkpoint import CheckpointRef, load_usable, read_latest
+from serving.checkpoint import (
+    CheckpointRef,
+    CheckpointSync,
+    load_usable,
+    open_checkpoint_sync,
+    read_latest,
+)
 from serving.encoder import Encoder
 from serving.errors import InvalidInputError, QueryError, ReleaseError, short_repr
 from serving.eventlog import AppendResult, EventLog
@@ -157,7 +163,8 @@ class Recommender:
 
     def __init__(self, state: _State, settings: Settings, releases_dir: Path | None,
                  event_log: EventLog | None = None, sessions: SessionStore | None = None,
-                 release_sync: ReleaseSync | None = None) -> None:
+                 release_sync: ReleaseSync | None = None,
+                 checkpoint_sync: CheckpointSync | None = None) -> None:
         from serving.backends import open_session_store
 
         self._state = state
@@ -174,6 +181,7 @@ class Recommender:
         self._relevance: LRUCache[np.ndarray] = LRUCache(1024)
         self._reload_lock = threading.Lock()
         self._sync = release_sync  # None: the home's own releases are served
+        self._ranker_sync = checkpoint_sync  # None: the home's own checkpoints are served
         # the pointer whose release failed to load, and when: not verified again every poll
         self._refused: tuple[Pointer | None, float] = (None, 0.0)
         # what other processes' ``forget`` named since this one started
@@ -194,7 +202,11 @@ class Recommender:
         With ``settings.release_source`` ``store`` or ``mlflow``, the release that source
         names is first synced into the home's releases (see :mod:`serving.release_sync`); a
         sync that fails leaves the release already there serving (counted in
-        ``sync_failures``), and raises when there is none.
+        ``sync_failures``), and raises when there is none. With a ``release_store`` set too,
+        the ranker checkpoint the store's ``rankers/LATEST`` names is then synced into the
+        home's rankers (see :class:`serving.checkpoint.CheckpointSync`), if it was trained for
+        that release; a sync that fails leaves the checkpoint already here serving (counted in
+        ``ranker_sync_failures``).
 
         With ``watch``, a background thread follows the release pointer (and the source)
         every ``settings.reload_interval_s`` seconds and swaps in new releases.
@@ -220,13 +232,24 @@ class Recommender:
             raise ReleaseError(f"no release has been published to {sync.source.describe()} "
                                f"(INSTANTREC_RELEASE_SOURCE={settings.release_source}), nor "
                                f"under {releases_dir}")
+        ranker_sync = open_checkpoint_sync(settings)
+        ranker_sync_failed = False
+        if ranker_sync is not None and pointer is not None:
+            try:
+                ranker_sync.sync(pointer.release_id)
+            except Exception as exc:  # noqa: BLE001 - serve the checkpoint here, or none
+                ranker_sync_failed = True
+                log.error("serving the ranker checkpoint already here: cannot sync it from "
+                          "%s: %s", ranker_sync.describe(), exc)
         bundle = load_bundle(current_bundle_dir(releases_dir))
         state = _make_state(bundle, release_encoder(bundle, settings, encoder),
                             pointer.generation if pointer else 0, settings.home,
                             parse_steps(settings.query_steps))
-        rec = cls(state, settings, releases_dir, release_sync=sync)
+        rec = cls(state, settings, releases_dir, release_sync=sync, checkpoint_sync=ranker_sync)
         if sync_failed:
             rec.counters["sync_failures"] += 1
+        if ranker_sync_failed:
+            rec.counters["ranker_sync_failures"] += 1
         if watch:
             rec._watcher = threading.Thread(target=rec._watch, name="instantrec-reload",
                                             daemon=True)
@@ -630,6 +653,7 @@ class Recommender:
                     self._refused = (pointer, time.monotonic())
                     bundle = load_bundle(self._releases_dir / pointer.release_id)
                     self._refused = (None, 0.0)
+                    self._sync_ranker(bundle.release_id)  # come up with its trained ranker
                     encoder = release_encoder(bundle, self._settings, current.encoder)
                     self._state = _make_state(bundle, encoder, pointer.generation, self._home,
                                               self._steps)
@@ -641,7 +665,22 @@ class Recommender:
                 log.error("keeping release %s: new release failed to load: %s",
                           current.bundle.release_id, exc)
                 return False
+            self._sync_ranker(current.bundle.release_id)
             return self._reload_ranker()
+
+    def _sync_ranker(self, release_id: str) -> None:
+        """Bring the store's newest ranker checkpoint for ``release_id`` into this home (one
+        small read of the store when nothing changed); a failure is logged and counted
+        (``ranker_sync_failures``), and the ranker here keeps serving."""
+        if self._ranker_sync is None:
+            return
+        try:
+            if self._ranker_sync.sync(release_id) is not None:
+                self.counters["ranker_syncs"] += 1
+        except Exception as exc:  # noqa: BLE001 - an unreachable or bad store must never stop serving
+            self.counters["ranker_sync_failures"] += 1
+            log.error("keeping ranker %d: cannot sync a checkpoint from %s: %s",
+                      self._state.ranker_seq, self._ranker_sync.describe(), exc)
 
     def _sync_source(self) -> None:
         """Bring the release the source names into the local releases (one small read of the

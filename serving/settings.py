@@ -60,14 +60,19 @@ class Settings(BaseSettings):
     reload_interval_s: float = Field(1.0, gt=0.0, description="How often serving checks the pointer.")
     release_store: str | None = Field(
         None, description="Object store the publish step also pushes each live release to "
-        "(bundle files, then its manifest, then the pointer releases/CURRENT): a path, "
-        "file:///abs/path or s3://bucket/prefix (endpoint and credentials from boto3's AWS_* "
-        "variables); None = the home's releases/ only.")
+        "(bundle files, then its manifest, then the pointer releases/CURRENT), and the "
+        "nearline updater each ranker checkpoint (the file, then the pointer rankers/LATEST; "
+        "the newest 5 kept): a path, file:///abs/path or s3://bucket/prefix (endpoint and "
+        "credentials from boto3's AWS_* variables); None = the home's releases/ and rankers/ "
+        "only.")
     release_source: Literal["home", "store", "mlflow"] = Field(
         "home", description="Where serving takes its releases from: the home's releases/ "
         "(home), the release_store's pointer (store), or the registered model's champion "
         "version (mlflow, at mlflow_tracking_uri); store and mlflow download the release into "
-        "this home's releases/, verify it and serve it from there.")
+        "this home's releases/, verify it and serve it from there. With store, and with "
+        "mlflow when release_store is set, ranker checkpoints also come from the store's "
+        "rankers/LATEST (copied into this home's rankers/), so replicas serve the nearline "
+        "updater's online learning.")
     candidates: int = Field(100, ge=1, le=1000, description="Retrieval depth the ranker re-scores.")
     query_steps: str = Field(
         ",".join(DEFAULT_STEPS),

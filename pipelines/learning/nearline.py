@@ -18,12 +18,20 @@ checkpoint covering them is published, so Redis shows what it has not yet made d
 stays the source of truth: a re-delivered entry at or before it is acknowledged, never applied
 again, and entries the group cannot re-deliver (acknowledged under a checkpoint the updater no
 longer stands on) are delivered again by moving the group back to the offset.
+
+With a release store (``settings.release_store``), each checkpoint published here is also
+pushed to the store (:func:`serving.checkpoint.push_checkpoint`: file, then pointer, forward
+only), so replicas on other hosts serve what the updater learned. The push runs in a thread of
+its own (:class:`CheckpointPusher`) and only ever pushes the newest checkpoint: a slow or
+unreachable store never slows the updater's own publishing; a failed push is logged, counted
+and retried (with the newest checkpoint by then) after a back-off.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,13 +43,20 @@ import numpy as np
 from pipelines.learning.replay import Example, FeedbackReplay, FeedbackTally
 from pipelines.lockfile import try_lock, unlock
 from serving.backends import open_event_log
-from serving.checkpoint import load_latest, publish_checkpoint, read_latest
+from serving.checkpoint import (
+    CheckpointRef,
+    load_latest,
+    publish_checkpoint,
+    push_checkpoint,
+    read_latest,
+)
 from serving.encoder import Encoder
 from serving.errors import UpdaterLockedError
 from serving.eventlog import EventLog, LoggedEvent
 from serving.failpoints import failpoint
 from serving.forgotten import ForgottenFeed
 from serving.layout import rankers_dir
+from serving.objectstore import ObjectStore, open_store
 from serving.query import parse_steps
 from serving.ranker import Ranker
 from serving.recommender import release_encoder
@@ -53,6 +68,124 @@ if TYPE_CHECKING:
     from serving.redis_backends import RedisConsumerGroup
 
 log = logging.getLogger(__name__)
+
+PUSH_BACKOFF_S = (1.0, 30.0)   # wait after a failed push: first, doubling up to the last
+PUSH_DRAIN_S = 30.0   # how long closing the updater waits for the last push
+
+
+class CheckpointPusher:
+    """Pushes checkpoints published in ``home`` to ``store`` from a thread of its own.
+
+    :meth:`offer` hands over a checkpoint just published and returns at once: one waiting to be
+    pushed is replaced by the newer one (the store only ever needs the newest), so at most one
+    push runs and one waits, whatever the store's speed. A failed push is logged and counted
+    and the newest checkpoint is tried again after a back-off (:data:`PUSH_BACKOFF_S`).
+    :meth:`stats`: ``pushes`` (the store's pointer moved), ``push_skipped`` (the store had it
+    or a newer one), ``push_failures``, and the last push's seq, seconds and error."""
+
+    def __init__(self, store: ObjectStore, home: Path,
+                 backoff_s: tuple[float, float] = PUSH_BACKOFF_S) -> None:
+        self.store = store
+        self.home = home
+        self.backoff_s = backoff_s
+        self._counters: Counter[str] = Counter()
+        self._last: dict[str, Any] = {}
+        self._attempts = 0
+        self._cond = threading.Condition()
+        self._next: CheckpointRef | None = None
+        self._busy = False
+        self._stop = False
+        self._urgent = False   # a flush: the next attempt does not wait for the back-off
+        self._not_before = 0.0   # monotonic time before which no retry is made
+        self._wait = backoff_s[0]
+        self._thread: threading.Thread | None = None
+
+    def offer(self, ref: CheckpointRef) -> None:
+        """Push ``ref`` (published in ``home``) as soon as the push before it is done."""
+        with self._cond:
+            self._next = ref
+            self._stop = False
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="instantrec-push",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Push the newest checkpoint offered now, without waiting for a back-off, and wait
+        (up to ``timeout_s``) until it is in the store or its push failed once more. True if
+        nothing is left to push."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            start = self._attempts
+            self._urgent = True
+            self._cond.notify_all()
+            try:
+                while self._busy or (self._next is not None and not (
+                        self._attempts > start and self._last.get("seq") == self._next.seq)):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._cond.wait(left)
+                return self._next is None
+            finally:
+                self._urgent = False
+
+    def close(self, timeout_s: float = PUSH_DRAIN_S) -> bool:
+        """:meth:`flush`, then stop the thread (a push still running finishes on its own);
+        False if a checkpoint was left unpushed."""
+        done = self.flush(timeout_s)
+        with self._cond:
+            self._stop = True
+            self._next = None
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout=1.0)
+        return done
+
+    def stats(self) -> dict[str, Any]:
+        with self._cond:
+            return {"store": self.store.url, "pushes": 0, "push_skipped": 0, "push_failures": 0,
+                    **self._counters, "last": dict(self._last)}
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._next is None or (time.monotonic() < self._not_before
+                                             and not self._urgent):
+                    if self._stop:
+                        return
+                    self._cond.wait(None if self._next is None
+                                    else self._not_before - time.monotonic())
+                ref, self._next, self._busy, self._urgent = self._next, None, True, False
+            started = time.monotonic()
+            try:
+                moved = push_checkpoint(self.store, self.home, ref)
+                error = None
+            except Exception as exc:  # noqa: BLE001 - a failing store must never stop the updater
+                moved, error = False, exc
+            seconds = time.monotonic() - started
+            with self._cond:
+                self._busy = False
+                self._attempts += 1
+                self._last = {"seq": ref.seq, "seconds": round(seconds, 4),
+                              "error": None if error is None else str(error)}
+                if error is None:
+                    self._counters["pushes" if moved else "push_skipped"] += 1
+                    self._wait, self._not_before = self.backoff_s[0], 0.0
+                else:
+                    self._counters["push_failures"] += 1
+                    if self._next is None and not self._stop:
+                        self._next = ref   # nothing newer yet: this one is retried
+                    self._not_before = time.monotonic() + self._wait
+                    retry_s, self._wait = self._wait, min(self._wait * 2, self.backoff_s[1])
+                self._cond.notify_all()
+            if error is not None:
+                log.warning("checkpoint %s (seq %d) not pushed to %s (the newest checkpoint is "
+                            "tried again in %.0f s): %s", ref.file, ref.seq, self.store.url,
+                            retry_s, error)
+
 
 @dataclass
 class UpdaterStats:
@@ -87,6 +220,8 @@ class NearlineUpdater:
         self.sink: list[Example] | None = [] if collect else None
         self.tally: FeedbackTally | None = FeedbackTally() if collect else None
         self._published_seq = 0
+        self.pusher = (CheckpointPusher(open_store(settings.release_store), self.home)
+                       if settings.release_store else None)
         # before the warm-up replay: a forget while it reads is applied at the first poll
         self.forgotten = ForgottenFeed(self.home)
         if restore:
@@ -283,7 +418,10 @@ class NearlineUpdater:
     # -- loop -----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the event log."""
+        """Push the last checkpoint to the release store, if any (waiting up to
+        :data:`PUSH_DRAIN_S`), and close the event log."""
+        if self.pusher is not None:
+            self.pusher.close()
         self.log.close()
 
     def replay_all(self) -> int:
@@ -306,6 +444,8 @@ class NearlineUpdater:
         meta.published_at = time.time()
         ref = publish_checkpoint(self.home, self.ranker, self.offset)
         self._published_seq = ref.seq
+        if self.pusher is not None:
+            self.pusher.offer(ref)
         self._since_publish = 0
         self._last_publish = time.monotonic()
         self._checkpointed = self.offset
@@ -356,6 +496,8 @@ class NearlineUpdater:
             read += n
         if self._since_publish or load_latest(self.home) is None:
             self.publish()
+        if self.pusher is not None:
+            self.pusher.flush(PUSH_DRAIN_S)
         seconds = time.monotonic() - start
         return self.summary(read, seconds)
 
@@ -390,6 +532,8 @@ class NearlineUpdater:
         if self.group is not None:
             out.update({"group": self.group.name, "pending_acks": self.group.pending(),
                         "redelivered_skipped": self.redelivered_skipped})
+        if self.pusher is not None:
+            out["store_push"] = self.pusher.stats()
         return out
 
 
@@ -430,7 +574,12 @@ def run_nearline(settings: Settings, once: bool,
     """The ``instantrec nearline`` command: the updater of this home, holding its lock."""
     with UpdaterLock(settings.home):
         updater = NearlineUpdater(settings)
-        if once:
-            return updater.run_once()
-        updater.run_forever(max_seconds=max_seconds)
-        return updater.summary()
+        try:
+            if once:
+                return updater.run_once()
+            updater.run_forever(max_seconds=max_seconds)
+            if updater.pusher is not None:
+                updater.pusher.flush(PUSH_DRAIN_S)
+            return updater.summary()
+        finally:
+            updater.close()

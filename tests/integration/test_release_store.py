@@ -6,10 +6,15 @@ moto's S3-API server (``moto_server``, a subprocess on 127.0.0.1 stopped by its 
 emulator standing in for an S3-compatible service. What they test is this code's S3 client
 path (boto3 requests, keys under a prefix, listing, missing objects), not a real service's
 consistency or durability.
+
+The ranker tests run the nearline updater of the publisher's home with the store set: its
+checkpoints reach replicas whose homes hold nothing but what they synced.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import subprocess
 import sys
 import time
@@ -17,13 +22,17 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from pipelines.learning.nearline import NearlineUpdater
 from pipelines.reliability import stage_copy
 from pipelines.service import die_with_parent, free_port
 from pipelines.steps import run_publish
 from serving import failpoints
+from serving.checkpoint import STORE_LATEST, read_latest, read_store_latest
 from serving.objectstore import LocalStore, ObjectStore, open_store
+from serving.ranker import Ranker
 from serving.recommender import Recommender
 from serving.release import read_pointer
 from serving.release_sync import read_store_pointer, release_key
@@ -139,7 +148,215 @@ def check_publish_and_follow(demo_copy: Path, replica_home: Path, store_url: str
         rec.close()
 
 
+def click_stream(rec: Recommender, query: str, target: str, sessions: range) -> list[dict]:
+    """Sessions that see ``rec``'s top results for ``query`` and click ``target``, skipping
+    the items shown above it."""
+    shown = [r.item_id for r in rec.recommend(query, k=10)]
+    pos = shown.index(target) + 1 if target in shown else 10
+    events = []
+    for s in sessions:
+        for p, item in enumerate(shown[:pos], start=1):
+            events.append({"event_id": f"i{s}-{p}", "session_id": f"sess{s}", "query": query,
+                           "item_id": item if p < pos else target, "type": "impression",
+                           "position": p})
+        events.append({"event_id": f"c{s}", "session_id": f"sess{s}", "query": query,
+                       "item_id": target, "type": "click", "position": pos})
+    return events
+
+
+def rank_of(rec: Recommender, query: str, item_id: str) -> int | None:
+    ids = [r.item_id for r in rec.recommend(query, k=10)]
+    return ids.index(item_id) + 1 if item_id in ids else None
+
+
+def assert_same_parameters(a: Ranker, b: Ranker) -> None:
+    left, right = a.to_arrays(), b.to_arrays()
+    assert sorted(left) == sorted(right)
+    for key in left:
+        np.testing.assert_array_equal(left[key], right[key], err_msg=key)
+
+
+def check_online_learning_reaches_replicas(demo_copy: Path, tmp_path: Path, store_url: str,
+                                           encoder) -> None:
+    """The updater of the publisher's home pushes its checkpoints; a running replica with an
+    empty home of its own takes them at its next poll, and a new one starts with them: the
+    same parameters as the updater's, the same results as the publisher's home."""
+    pub = publisher_settings(demo_copy, store_url)
+    first = read_pointer(pub.releases_dir)
+    run_publish(pub, pub.releases_dir / first.release_id)  # the release into the store
+    store = open_store(store_url)
+    rec = replica(tmp_path / "replica", encoder, release_source="store",
+                  release_store=store_url)
+    shop = Recommender.load(demo_copy, settings=make_settings(demo_copy), encoder=encoder,
+                            watch=False)
+    try:
+        assert rec.ranker_seq == 0 and rec.reload() is False  # nothing learned yet
+        query = "coffee maker"
+        target = rec.recommend(query, k=10)[6].item_id
+        assert rank_of(rec, query, target) == 7
+        shop.record_many(click_stream(shop, query, target, range(30)))
+        updater = NearlineUpdater(pub, encoder)
+        try:
+            summary = updater.run_once()
+            pushed = summary["store_push"]
+            assert pushed["pushes"] == 1 and pushed["push_failures"] == 0
+            local = read_latest(demo_copy)
+            assert read_store_latest(store) == local and local.seq >= 1
+            assert store.read_bytes(STORE_LATEST) == (demo_copy / "rankers" / "LATEST").read_bytes()
+
+            assert rec.reload() is True  # the watcher's poll
+            assert rec.ranker_seq == local.seq and rec.counters["ranker_syncs"] == 1
+            assert rec.counters["ranker_sync_failures"] == 0
+            synced = tmp_path / "replica" / "rankers" / local.file
+            assert synced.read_bytes() == (demo_copy / "rankers" / local.file).read_bytes()
+            assert_same_parameters(Ranker.load(synced), updater.ranker)
+            assert rank_of(rec, query, target) < 7  # what the updater learned, served here
+            assert shop.reload() is True
+            assert ([r.item_id for r in rec.recommend(query, k=10)]
+                    == [r.item_id for r in shop.recommend(query, k=10)])
+            assert rec.reload() is False  # nothing changed: one read of the store's pointer
+
+            # more clicks: the next checkpoint follows
+            shop.record_many(click_stream(shop, query, target, range(30, 60)))
+            updater.run_once()
+            newer = read_latest(demo_copy)
+            assert newer.seq > local.seq and read_store_latest(store) == newer
+            assert rec.reload() is True and rec.ranker_seq == newer.seq
+        finally:
+            updater.close()
+        assert_same_parameters(Ranker.load(tmp_path / "replica" / "rankers" / newer.file),
+                               updater.ranker)
+        # a replica started now, its home empty, comes up with the trained ranker
+        fresh = replica(tmp_path / "fresh", encoder, release_source="store",
+                        release_store=store_url)
+        try:
+            assert fresh.ranker_seq == newer.seq
+            assert ([r.item_id for r in fresh.recommend(query, k=10)]
+                    == [r.item_id for r in rec.recommend(query, k=10)])
+        finally:
+            fresh.close()
+    finally:
+        rec.close()
+        shop.close()
+
+
 # -- a store on the local file system -----------------------------------------------------------
+
+
+def test_the_updaters_checkpoints_reach_a_replica_with_an_empty_home(demo_copy, encoder,
+                                                                     tmp_path):
+    check_online_learning_reaches_replicas(demo_copy, tmp_path, (tmp_path / "store").as_uri(),
+                                           encoder)
+
+
+def test_a_replica_refuses_a_bad_store_pointer_and_another_releases_checkpoint(
+        demo_copy, encoder, tmp_path, caplog):
+    store_dir = tmp_path / "store"
+    pub = publisher_settings(demo_copy, str(store_dir))
+    live = read_pointer(pub.releases_dir).release_id
+    run_publish(pub, pub.releases_dir / live)
+    updater = NearlineUpdater(pub, encoder)
+    updater.run_once()  # the untrained ranker's first checkpoint, pushed
+    updater.close()
+    store = LocalStore(store_dir)
+    good = read_store_latest(store)
+    rec = replica(tmp_path / "replica", encoder, release_source="store",
+                  release_store=str(store_dir))
+    rankers = tmp_path / "replica" / "rankers"
+    try:
+        assert rec.ranker_seq == good.seq
+        before = [r.item_id for r in rec.recommend(QUERY, k=5)]
+        # a pointer naming a file outside its release's folder: a checkpoint of this very
+        # release that would load, but lies elsewhere
+        store.put_file("rankers/elsewhere/ckpt-000000000001.npz",
+                       demo_copy / "rankers" / good.file)
+        store.write_bytes(STORE_LATEST, json.dumps(
+            {"release_id": live, "file": "elsewhere/ckpt-000000000001.npz", "offset": 1,
+             "seq": good.seq + 1}).encode())
+        with caplog.at_level(logging.ERROR, logger="serving.recommender"):
+            assert rec.reload() is False
+        assert "not inside the folder of its release" in caplog.text
+        assert rec.counters["ranker_sync_failures"] == 1 and not (rankers / "elsewhere").exists()
+        assert rec.ranker_seq == good.seq and read_latest(tmp_path / "replica") == good
+        assert [r.item_id for r in rec.recommend(QUERY, k=5)] == before
+
+        # a checkpoint trained for another release: never taken, not even downloaded
+        other = Ranker.initial("some-other-release", 384, rec.manifest.item_count)
+        other.item_bias[:] = 5.0
+        path = tmp_path / "other.npz"
+        other.save(path)
+        store.put_file("rankers/some-other-release/ckpt-000000000001.npz", path)
+        store.write_bytes(STORE_LATEST, json.dumps(
+            {"release_id": "some-other-release",
+             "file": "some-other-release/ckpt-000000000001.npz", "offset": 1,
+             "seq": good.seq + 2}).encode())
+        assert rec.reload() is False and rec.counters["ranker_sync_failures"] == 1
+        assert not (rankers / "some-other-release").exists()
+        assert rec.ranker_seq == good.seq and read_latest(tmp_path / "replica") == good
+        assert all(r.signals["item_bias"] == 0.0 for r in rec.recommend(QUERY, k=5))
+    finally:
+        rec.close()
+
+
+def test_a_replica_switching_release_comes_up_with_the_ranker_trained_for_it(
+        demo_copy, encoder, tmp_path):
+    store_dir = tmp_path / "store"
+    pub = publisher_settings(demo_copy, str(store_dir))
+    first = read_pointer(pub.releases_dir).release_id
+    run_publish(pub, pub.releases_dir / first)
+    updater = NearlineUpdater(pub, encoder)
+    try:
+        updater.run_once()
+        rec = replica(tmp_path / "replica", encoder, release_source="store",
+                      release_store=str(store_dir))
+        try:
+            assert rec.ranker_seq == read_latest(demo_copy).seq
+            publish_copy(pub, "storecopy0000002")
+            updater.run_once()  # follows the release: the ranker carried over, published, pushed
+            ref = read_latest(demo_copy)
+            assert ref.release_id == "storecopy0000002"
+            assert read_store_latest(LocalStore(store_dir)) == ref
+            # one poll: the release and the checkpoint trained for it, swapped in together
+            assert rec.reload() is True
+            assert rec.release_id == "storecopy0000002" and rec.ranker_seq == ref.seq
+            assert rec.counters["ranker_syncs"] == 1 and rec.counters["syncs"] == 1
+            assert rec.reload() is False
+        finally:
+            rec.close()
+    finally:
+        updater.close()
+
+
+def test_a_store_that_is_down_does_not_stop_the_updater(demo_copy, encoder, tmp_path):
+    store_dir = tmp_path / "store"
+    store_dir.write_text("a file where the store's directory should be: every access fails")
+    pub = make_settings(demo_copy, release_store=str(store_dir), checkpoint_every_events=40)
+    shop = Recommender.load(demo_copy, settings=make_settings(demo_copy), encoder=encoder,
+                            watch=False)
+    target = shop.recommend("coffee maker", k=10)[6].item_id
+    shop.record_many(click_stream(shop, "coffee maker", target, range(30)))  # 240 events
+    updater = NearlineUpdater(pub, encoder)
+    try:
+        summary = updater.run_once()
+        assert summary["applied_total"] == 240
+        local = read_latest(demo_copy)
+        assert local.seq >= 6 and local.offset == updater.offset  # published here all along
+        pushed = summary["store_push"]
+        assert pushed["push_failures"] >= 1 and pushed["pushes"] == 0
+        assert "cannot read rankers/LATEST" in pushed["last"]["error"]
+
+        # the store is back: the newest checkpoint is pushed (not every one it missed)
+        store_dir.unlink()
+        assert updater.pusher.flush(30) is True
+        assert read_store_latest(LocalStore(store_dir)) == local
+        assert LocalStore(store_dir).list_keys("rankers/") == sorted(
+            [f"rankers/{local.file}", STORE_LATEST])
+        assert updater.pusher.stats()["pushes"] == 1
+    finally:
+        updater.close()
+        shop.close()
+
+
 
 
 def test_a_replica_with_an_empty_home_serves_and_follows_the_store(demo_copy, encoder,
@@ -233,6 +450,31 @@ def s3_bucket(s3_endpoint, monkeypatch) -> str:
     bucket = f"releases-{time.monotonic_ns()}"
     boto3.client("s3").create_bucket(Bucket=bucket)
     return bucket
+
+
+def test_the_updaters_checkpoints_reach_a_replica_through_the_s3_client(
+        demo_copy, encoder, tmp_path, s3_bucket):
+    check_online_learning_reaches_replicas(demo_copy, tmp_path,
+                                           f"s3://{s3_bucket}/shop/prod", encoder)
+
+
+def test_an_unreachable_s3_store_does_not_stop_the_updater(demo_copy, encoder, tmp_path,
+                                                          monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")  # nobody there
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # fail at once instead of retrying for seconds
+    pub = make_settings(demo_copy, release_store="s3://nowhere/shop")
+    updater = NearlineUpdater(pub, encoder)
+    try:
+        summary = updater.run_once()
+        assert read_latest(demo_copy).seq == 1  # published here
+        assert summary["store_push"]["push_failures"] >= 1
+        assert summary["store_push"]["pushes"] == 0
+        assert "Could not connect" in summary["store_push"]["last"]["error"]
+    finally:
+        updater.close()
 
 
 def test_the_store_contract_through_the_s3_client(demo_copy, encoder, tmp_path, s3_bucket):

@@ -1,9 +1,11 @@
 """Object stores and the publish contract on them, on tiny bundles: LocalStore round trips and
 atomic writes, refusal of bad keys, URLs and pointers, the order and forward-only rule of a
-push, and a replica's sync (verified, read-only, nothing partial visible)."""
+push, and a replica's sync (verified, read-only, nothing partial visible); the same for ranker
+checkpoints on tiny rankers (push, retention, a replica's sync and what it refuses)."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -11,9 +13,19 @@ from pathlib import Path
 import pytest
 
 from pipelines.catalogue.publish import push_release
+from serving.checkpoint import (
+    KEEP,
+    STORE_LATEST,
+    CheckpointSync,
+    publish_checkpoint,
+    push_checkpoint,
+    read_latest,
+    read_store_latest,
+)
 from serving.errors import ConfigurationError, ReleaseError, StorageError
 from serving.manifest import Manifest, file_entries, write_manifest
 from serving.objectstore import LocalStore, S3Store, check_key, open_store
+from serving.ranker import Ranker
 from serving.release import Pointer, read_pointer, write_pointer
 from serving.release_sync import (
     STORE_POINTER,
@@ -60,6 +72,10 @@ class RecordingStore(LocalStore):
     def write_bytes(self, key: str, data: bytes) -> None:
         super().write_bytes(key, data)
         self.writes.append(key)
+
+    def delete(self, key: str) -> None:
+        super().delete(key)
+        self.writes.append(f"delete {key}")
 
 
 # -- LocalStore -------------------------------------------------------------------------------
@@ -292,3 +308,157 @@ def test_sync_without_a_store_pointer_changes_nothing(tmp_path: Path) -> None:
     assert ReleaseSync(StoreSource(LocalStore(tmp_path / "store")), replica).sync() is None
     assert read_pointer(replica) is None
     assert os.listdir(replica) == []
+
+
+# -- ranker checkpoints -------------------------------------------------------------------------
+
+
+def checkpoint(home: Path, release_id: str, offset: int, mark: float = 0.0):
+    """Publish a tiny ranker (4 dimensions, 3 items) of ``release_id`` in ``home`` at
+    ``offset``; ``mark`` is added to its bias to tell checkpoints apart."""
+    ranker = Ranker.initial(release_id, 4, 3)
+    ranker.b0 = ranker.b0 + mark
+    return publish_checkpoint(home, ranker, offset)
+
+
+def test_local_store_deletes(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    store.write_bytes("a/b", b"x")
+    store.delete("a/b")
+    assert not store.exists("a/b") and store.list_keys("a/") == []
+    store.delete("a/b")  # a missing object: nothing happens
+    with pytest.raises(StorageError):
+        store.delete("../outside")
+
+
+def test_push_checkpoint_writes_the_file_then_the_pointer_forward_only(tmp_path: Path) -> None:
+    home = tmp_path / "pub"
+    store = RecordingStore(tmp_path / "store")
+    first = checkpoint(home, "r1", 10)
+    assert push_checkpoint(store, home, first) is True
+    assert store.writes == ["rankers/r1/ckpt-000000000010.npz", STORE_LATEST]
+    # the same JSON as the local pointer, and the same file
+    assert store.read_bytes(STORE_LATEST) == (home / "rankers" / "LATEST").read_bytes()
+    assert (store.read_bytes("rankers/r1/ckpt-000000000010.npz")
+            == (home / "rankers" / first.file).read_bytes())
+    assert push_checkpoint(store, home, first) is False  # pushed already: nothing written
+    assert len(store.writes) == 2
+
+    second = checkpoint(home, "r1", 20, mark=1.0)
+    assert push_checkpoint(store, home, second) is True
+    assert store.writes[2:] == ["rankers/r1/ckpt-000000000020.npz", STORE_LATEST]
+    assert push_checkpoint(store, home, first) is False  # never back to a lower seq
+    assert read_store_latest(store) == second == read_latest(home)
+    assert len(store.writes) == 4
+
+
+def test_the_store_keeps_the_newest_checkpoints_of_the_pointers_release(tmp_path: Path) -> None:
+    home = tmp_path / "pub"
+    store = RecordingStore(tmp_path / "store")
+    old = checkpoint(home, "r0", 5)
+    push_checkpoint(store, home, old)
+    refs = []
+    for n in range(1, KEEP + 3):
+        refs.append(checkpoint(home, "r1", 10 * n))
+        push_checkpoint(store, home, refs[-1])
+    assert store.list_keys("rankers/") == sorted(
+        [STORE_LATEST] + [f"rankers/{ref.file}" for ref in refs[-KEEP:]])
+    # files are deleted only after the pointer has moved past them
+    first_delete = next(i for i, w in enumerate(store.writes) if w.startswith("delete"))
+    assert store.writes[first_delete - 1] == STORE_LATEST
+    assert store.writes[first_delete] == f"delete rankers/{old.file}"
+
+
+def test_sync_installs_the_checkpoint_and_the_same_pointer(tmp_path: Path) -> None:
+    home, replica = tmp_path / "pub", tmp_path / "replica"
+    store = LocalStore(tmp_path / "store")
+    ref = checkpoint(home, "r1", 10, mark=2.5)
+    push_checkpoint(store, home, ref)
+    sync = CheckpointSync(store, replica)
+
+    assert sync.sync("r1") == ref
+    assert (replica / "rankers" / "LATEST").read_bytes() == store.read_bytes(STORE_LATEST)
+    assert read_latest(replica) == ref
+    assert Ranker.load(replica / "rankers" / ref.file).b0 == pytest.approx(
+        Ranker.initial("r1", 4, 3).b0 + 2.5)
+    assert sorted(p.name for p in (replica / "rankers" / "r1").iterdir()) == [
+        "ckpt-000000000010.npz"]  # no temporary file left
+    assert sync.sync("r1") is None  # nothing changed: the store's pointer is read, nothing else
+
+    newer = checkpoint(home, "r1", 20, mark=3.0)
+    push_checkpoint(store, home, newer)
+    assert sync.sync("r1") == newer and read_latest(replica) == newer
+
+
+def test_sync_takes_no_checkpoint_of_another_release(tmp_path: Path) -> None:
+    home, replica = tmp_path / "pub", tmp_path / "replica"
+    store = LocalStore(tmp_path / "store")
+    push_checkpoint(store, home, checkpoint(home, "r2", 10))
+    assert CheckpointSync(store, replica).sync("r1") is None
+    assert not (replica / "rankers").exists()
+
+
+@pytest.mark.parametrize("file", ["r2/ckpt-000000000010.npz", "r1/../r2/ckpt.npz",
+                                  "../r1/ckpt.npz", "r1/.hidden.npz", "r1"])
+def test_sync_refuses_a_store_pointer_naming_a_file_outside_its_release(
+        tmp_path: Path, file: str) -> None:
+    home, replica = tmp_path / "pub", tmp_path / "replica"
+    store = LocalStore(tmp_path / "store")
+    push_checkpoint(store, home, checkpoint(home, "r2", 10))
+    store.write_bytes(STORE_LATEST, json.dumps(
+        {"release_id": "r1", "file": file, "offset": 10, "seq": 9}).encode())
+    with pytest.raises(ReleaseError, match="refused"):
+        CheckpointSync(store, replica).sync("r1")
+    assert not (replica / "rankers").exists()
+
+
+def test_sync_refuses_a_checkpoint_that_does_not_load(tmp_path: Path) -> None:
+    home, replica = tmp_path / "pub", tmp_path / "replica"
+    store = LocalStore(tmp_path / "store")
+    ref = checkpoint(home, "r1", 10)
+    push_checkpoint(store, home, ref)
+    good = store.read_bytes(f"rankers/{ref.file}")
+    store.write_bytes(f"rankers/{ref.file}", good[: len(good) // 2])  # truncated
+    sync = CheckpointSync(store, replica)
+
+    with pytest.raises(ReleaseError, match="cannot be read"):
+        sync.sync("r1")
+    assert read_latest(replica) is None
+    assert list((replica / "rankers" / "r1").iterdir()) == []  # the download is gone
+    assert sync.sync("r1") is None  # not downloaded again before retry_failed_s
+
+    store.write_bytes(f"rankers/{ref.file}", good)  # repaired: the next try installs it
+    sync.retry_failed_s = 0.0
+    assert sync.sync("r1") == ref and read_latest(replica) == ref
+
+
+def test_a_checkpoint_trained_for_another_release_than_its_pointer_says_is_refused(
+        tmp_path: Path) -> None:
+    home, replica = tmp_path / "pub", tmp_path / "replica"
+    store = LocalStore(tmp_path / "store")
+    ref = checkpoint(home, "r2", 10)
+    push_checkpoint(store, home, ref)
+    # the r2 file copied under r1's name, and a pointer naming it as r1's
+    store.write_bytes("rankers/r1/ckpt-000000000010.npz", store.read_bytes(f"rankers/{ref.file}"))
+    store.write_bytes(STORE_LATEST, json.dumps({"release_id": "r1", "file":
+                                                "r1/ckpt-000000000010.npz", "offset": 10,
+                                                "seq": 2}).encode())
+    with pytest.raises(ReleaseError, match="trained for release r2, not r1"):
+        CheckpointSync(store, replica).sync("r1")
+    assert read_latest(replica) is None
+
+
+def test_replicas_of_a_store_or_a_registry_take_their_checkpoints_from_the_store(
+        tmp_path: Path) -> None:
+    from serving.checkpoint import open_checkpoint_sync
+    from serving.settings import Settings
+
+    store = str(tmp_path / "store")
+    for source in ("store", "mlflow"):
+        sync = open_checkpoint_sync(Settings(home=tmp_path / source, release_source=source,
+                                             release_store=store))
+        assert sync is not None and sync.store.url == LocalStore(Path(store)).url
+        assert sync.home == tmp_path / source
+    # the publisher's home serves its own checkpoints; a registry without a store has none
+    assert open_checkpoint_sync(Settings(home=tmp_path, release_store=store)) is None
+    assert open_checkpoint_sync(Settings(home=tmp_path, release_source="mlflow")) is None
