@@ -116,13 +116,18 @@ def run_warehouse(settings: Settings, warehouse: str | Path | None) -> Path:
 
 def yield_cpu(settings: Settings) -> int:
     """Lower this process's CPU priority to ``settings.embed_nice`` (a batch embedding beside
-    serving should not take a core from a request); never raises it back. Called by the
-    processes that are batch jobs as a whole (the DAG's embed task, ``instantrec build`` and
-    ``embed``), never inside a process that serves or measures serving. Returns the
-    niceness now."""
+    serving should not take a core from a request); never raises it back. With
+    ``settings.embed_threads``, also cap torch's threads at that (several embedding processes
+    on one host, each with every core, oversubscribe it). Called by the processes that are
+    batch jobs as a whole (the DAG's embed task, ``instantrec build`` and ``embed``), never
+    inside a process that serves or measures serving. Returns the niceness now."""
     current = os.nice(0)
     if settings.embed_nice > current:
         current = os.nice(settings.embed_nice - current)
+    if settings.embed_threads:
+        import torch
+
+        torch.set_num_threads(settings.embed_threads)
     return current
 
 

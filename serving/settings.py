@@ -36,6 +36,11 @@ class Settings(BaseSettings):
         10, ge=0, le=19, description="Niceness the batch processes that embed the catalogue "
         "take on (`nice`: the DAG's embed task, `instantrec build` and `embed`): on a box they "
         "share with serving, they yield the CPU when a request needs it (0: unchanged).")
+    embed_threads: int = Field(
+        0, ge=0, le=256, description="torch threads of a batch process that embeds the "
+        "catalogue (the DAG's embed task, `instantrec build` and `embed`); 0: torch's default "
+        "(every core). With several Celery workers on one host, give each cores / workers: "
+        "shards side by side with every core each run slower than one at a time.")
     embed_precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Catalogue embedding arithmetic: bf16 (matrix products in bfloat16, "
         "~1.6-1.9x faster where the CPU has native bf16; vectors within cosine 0.9999 of fp32), "

@@ -169,19 +169,22 @@ def summarise(run: dict[str, Any], tis: list[dict[str, Any]],
 
 
 def measure_one(root: Path, workers: int, shards: int, catalogue: Path | None,
-                timeout_s: float) -> dict[str, Any]:
+                timeout_s: float, embed_threads: int = 0) -> dict[str, Any]:
     """Start the set-up under ``root`` with ``workers`` Celery workers, run catalogue_refresh
     once with ``shards`` shards on ``catalogue`` (None: the demo), stop everything; the
-    figures of :func:`summarise` plus start-up, parse and stop times."""
+    figures of :func:`summarise` plus start-up, parse and stop times. ``embed_threads``: the
+    embed tasks' torch threads (``INSTANTREC_EMBED_THREADS``; 0: every core)."""
     from pipelines.airflow_services import LoopbackAirflow
     from serving.release import read_pointer
 
     af = LoopbackAirflow(root, workers,
-                         extra_env={"AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False"})
+                         extra_env={"AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+                                    "INSTANTREC_EMBED_THREADS": str(embed_threads)})
     if af.instantrec_home.exists() and any(af.instantrec_home.iterdir()):
         raise MeasurementError(f"bench scaled: {af.instantrec_home} is not empty")
     load_before = os.getloadavg()
-    out: dict[str, Any] = {"workers": workers, "shards": shards, "directory": str(root)}
+    out: dict[str, Any] = {"workers": workers, "shards": shards, "embed_threads": embed_threads,
+                           "directory": str(root)}
     failure: Exception | None = None
     try:
         log.info("bench scaled: %d worker(s), %d shard(s): starting loopback.sh in %s",
@@ -237,7 +240,8 @@ def measure_one(root: Path, workers: int, shards: int, catalogue: Path | None,
 
 
 def bench_scaled(catalogue: str, workers: list[int], shards: list[int], timeout_s: float,
-                 keep: bool = False, work_dir: Path | None = None) -> dict[str, Any]:
+                 keep: bool = False, work_dir: Path | None = None,
+                 embed_threads: int = 0) -> dict[str, Any]:
     """catalogue_refresh's figures for every (workers, shards) combination, in that order;
     directories under ``work_dir`` (default: a new one under the temporary directory)."""
     source = catalogue_file(catalogue)
@@ -253,7 +257,7 @@ def bench_scaled(catalogue: str, workers: list[int], shards: list[int], timeout_
             root = work_dir / f"workers-{w}-shards-{s}"
             root.mkdir(mode=0o755)
             root.chmod(0o755)  # whatever the umask
-            runs.append(measure_one(root, w, s, source, timeout_s))
+            runs.append(measure_one(root, w, s, source, timeout_s, embed_threads))
             if not keep:
                 shutil.rmtree(root)
     if not keep:
@@ -265,6 +269,7 @@ def bench_scaled(catalogue: str, workers: list[int], shards: list[int], timeout_
                       "vectors reused",
         "cpu_count": os.cpu_count(),
         "celery_slots_per_worker": 1,
+        "embed_threads": embed_threads or "torch's default (every core)",
         "wall_s": {f"workers={r['workers']} shards={r['shards']}": r["wall_s"] for r in runs},
         "runs": runs,
         "directories": str(work_dir) if keep else None,
@@ -274,7 +279,7 @@ def bench_scaled(catalogue: str, workers: list[int], shards: list[int], timeout_
 def table(result: dict[str, Any]) -> str:
     """A compact, human-readable summary of :func:`bench_scaled`'s result."""
     lines = [f"catalogue_refresh on {result['catalogue']} ({result['items']} items), "
-             f"{result['cpu_count']} cores",
+             f"{result['cpu_count']} cores, embed threads: {result['embed_threads']}",
              f"{'workers':>7} {'shards':>6} {'start_s':>8} {'wall_s':>8} {'embed_sum_s':>11} "
              f"{'sum/wall':>8} {'span_s':>7} {'between_s':>9} {'stop_s':>7} {'live':>5}"]
     for r in result["runs"]:
@@ -300,6 +305,9 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--shards", default="2,4", help="embedding shards, comma-separated")
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds one run may take from its trigger to its end")
+    p.add_argument("--embed-threads", type=int, default=0,
+                   help="torch threads of each embed task (INSTANTREC_EMBED_THREADS; default 0: "
+                        "every core)")
     p.add_argument("--keep", action="store_true",
                    help="keep each combination's directory (logs, home, Postgres data)")
     p.add_argument("--work-dir", type=Path, default=None,
@@ -313,7 +321,7 @@ def run(settings: Settings, args: Any) -> dict[str, Any]:
     del settings
     result = bench_scaled(args.catalogue, int_list(args.workers, "workers"),
                           int_list(args.shards, "shards"), args.timeout, args.keep,
-                          args.work_dir)
+                          args.work_dir, args.embed_threads)
     # stdout carries the JSON; the table is for the person watching
     print(table(result), file=sys.stderr)
     return result

@@ -118,7 +118,7 @@ def test_table_has_one_row_per_combination():
     first = scaled.summarise(*a_run())
     runs = [{**first, "workers": w, "shards": 2, "start_s": 30.0, "stop_s": 25.0,
              "release": {**first["release"], "went_live": True}} for w in (1, 2)]
-    text = scaled.table({"catalogue": "c.parquet", "items": 1000, "cpu_count": 2,
+    text = scaled.table({"catalogue": "c.parquet", "items": 1000, "cpu_count": 2, "embed_threads": 1,
                          "runs": runs})
     lines = text.splitlines()
     assert lines[2].split() == ["1", "2", "30.0", "120.0", "80.0", "0.67", "50.0", "19.0",

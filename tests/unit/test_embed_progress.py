@@ -40,3 +40,16 @@ def test_an_embedding_process_yields_the_cpu_and_never_takes_priority_back():
                          check=True).stdout.split()
     start = int(out[0])
     assert [int(n) for n in out[1:]] == [max(7, start)] * 3
+
+
+def test_an_embedding_process_takes_the_configured_torch_threads():
+    import subprocess
+    import sys
+
+    code = ("import torch; from pipelines.steps import yield_cpu; from serving.settings import "
+            "Settings; torch.set_num_threads(2); yield_cpu(Settings(embed_nice=0)); "
+            "a = torch.get_num_threads(); yield_cpu(Settings(embed_nice=0, embed_threads=1)); "
+            "print(a, torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["2", "1"]  # 0 (the default) leaves torch's setting as it was
