@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -109,6 +110,40 @@ local ids = {}
 for i, row in ipairs(rows) do ids[i] = row[1] end
 return redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
 """
+
+
+# The group's lease: KEYS[1] = lease key; ARGV = this reader, lease in ms, a holder known to be
+# dead (or ""). Takes the lease when nobody holds it, this reader does, or the dead one does;
+# returns "" then, else the holder.
+_LEASE_TAKE_LUA = """
+local holder = redis.call('GET', KEYS[1])
+if (not holder) or holder == ARGV[1] or holder == ARGV[3] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
+  return ''
+end
+return holder
+"""
+# Gives the lease up if this reader (ARGV[1]) holds it.
+_LEASE_DROP_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+LEASE_S = 10.0   # a reader that stopped renewing its group's lease loses it after this long
+
+
+def _dead_here(holder: str) -> bool:
+    """True when ``holder`` (a consumer name, ``<host>-<pid>``) names a process of this host
+    that no longer exists: a crashed reader, whose lease need not be waited out."""
+    host, _, pid = holder.rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _redact(url: str) -> str:
@@ -358,7 +393,10 @@ class RedisConsumerGroup:
     One reader per group: :meth:`claim` takes every pending entry of the group, whoever holds
     it, and removes the consumers it leaves empty (dead predecessors). Two readers that must
     each see every event (e.g. the updaters of two homes on one Redis) need two groups
-    (``INSTANTREC_REDIS_GROUP``).
+    (``INSTANTREC_REDIS_GROUP``). The reader holds the group's lease (:meth:`acquire`, a key
+    that expires unless renewed): a second live reader is refused with a clear error instead
+    of taking the first one's entries, and a crashed reader's successor takes over at once on
+    the same host, or once the lease expired on another.
     """
 
     def __init__(self, log: RedisEventLog, name: str, consumer: str) -> None:
@@ -372,6 +410,63 @@ class RedisConsumerGroup:
         self.stream = log.stream
         self._r = log._r
         self._ack = self._r.register_script(_ACK_LUA)
+        self._lease_take = self._r.register_script(_LEASE_TAKE_LUA)
+        self._lease_drop = self._r.register_script(_LEASE_DROP_LUA)
+        self.lease_key = f"{self.stream}:lease:{name}"
+        self._renewed = 0.0
+
+    # -- the lease: one live reader per group ------------------------------------------------
+
+    def _take(self, lease_s: float, dead: str = "") -> str:
+        """Take or renew the lease (see :data:`_LEASE_TAKE_LUA`); the holder if another."""
+        holder = _call(self.url, "lease", lambda: self._lease_take(
+            keys=[self.lease_key], args=[self.consumer, max(1, int(lease_s * 1000)), dead]))
+        if not holder:
+            self._renewed = time.monotonic()
+        return str(holder or "")
+
+    def acquire(self, lease_s: float = LEASE_S, wait_s: float | None = None) -> None:
+        """Hold the group's lease for ``lease_s`` seconds (renewed by :meth:`renew`). A holder
+        that is a dead process of this host is displaced at once; one that is alive, or on
+        another host, is waited for up to ``wait_s`` (default: twice the lease, long enough
+        for a crashed reader's lease to expire). Raises InstantrecError naming the holder when
+        it is still held then: another reader is live on this group."""
+        wait_s = 2 * lease_s if wait_s is None else wait_s
+        deadline = time.monotonic() + wait_s
+        while True:
+            holder = self._take(lease_s)
+            if not holder:
+                return
+            if _dead_here(holder):
+                log.info("group %s: taking the lease of %s, a process of this host that is "
+                         "gone", self.name, holder)
+                if not self._take(lease_s, dead=holder):
+                    return
+                continue
+            if time.monotonic() >= deadline:
+                raise InstantrecError(
+                    f"consumer group {self.name} of stream {self.stream} at "
+                    f"{_redact(self.url)} is in use by {holder}, which renewed its lease within "
+                    f"the last {lease_s:.0f} s: run one nearline updater per group (stop the "
+                    f"other), or give each its own group (INSTANTREC_REDIS_GROUP)")
+            time.sleep(min(0.5, lease_s / 4))
+
+    def renew(self, lease_s: float = LEASE_S) -> None:
+        """Keep the lease (a round trip at most every third of it). Raises InstantrecError
+        when another reader took the group over (this one stopped renewing for longer than
+        the lease): it must stop reading, or both would apply the same entries."""
+        if time.monotonic() - self._renewed < lease_s / 3:
+            return
+        holder = self._take(lease_s)
+        if holder:
+            raise InstantrecError(f"consumer group {self.name} of stream {self.stream}: the "
+                                  f"lease passed to {holder} (this reader did not renew it "
+                                  f"within {lease_s:.0f} s); stopping")
+
+    def release(self) -> None:
+        """Give the lease up (a clean stop), so a successor need not wait it out."""
+        _call(self.url, "lease release",
+              lambda: self._lease_drop(keys=[self.lease_key], args=[self.consumer]))
 
     def _logged(self, entries: list[tuple[str, dict[str, str]]]) -> list[LoggedEvent]:
         return [LoggedEvent(encode_offset(sid), _event_from(fields)) for sid, fields in entries]

@@ -51,7 +51,7 @@ from serving.checkpoint import (
     read_latest,
 )
 from serving.encoder import Encoder
-from serving.errors import UpdaterLockedError
+from serving.errors import InstantrecError, UpdaterLockedError
 from serving.eventlog import EventLog, LoggedEvent
 from serving.failpoints import failpoint
 from serving.forgotten import ForgottenFeed
@@ -352,6 +352,8 @@ class NearlineUpdater:
         """Join the group at the offset just restored: create it there if it is new, take over
         the entries a dead predecessor left pending, and have :meth:`poll` read those first."""
         assert self.group is not None
+        # one live updater per group: a second one is refused here
+        self.group.acquire(self.settings.redis_group_lease_s)
         created = self.group.create(self.offset)
         claimed = self.group.claim()
         self._checkpointed = self.offset
@@ -372,6 +374,7 @@ class NearlineUpdater:
         everything after it, in order, the other pending entries included.
         """
         assert self.group is not None
+        self.group.renew(self.settings.redis_group_lease_s)
         if self._recovering:
             delivered = self.group.read_pending(self._pending_after, limit)
             if delivered:
@@ -419,9 +422,14 @@ class NearlineUpdater:
 
     def close(self) -> None:
         """Push the last checkpoint to the release store, if any (waiting up to
-        :data:`PUSH_DRAIN_S`), and close the event log."""
+        :data:`PUSH_DRAIN_S`), give up the consumer group's lease, and close the event log."""
         if self.pusher is not None:
             self.pusher.close()
+        if self.group is not None:
+            try:
+                self.group.release()  # a successor need not wait the lease out
+            except InstantrecError as exc:
+                log.warning("could not release the lease of group %s: %s", self.group.name, exc)
         self.log.close()
 
     def replay_all(self) -> int:

@@ -141,7 +141,79 @@ def test_group_primitives_known_answers(redis_server):
         log.close()
 
 
+def test_one_live_reader_per_group_holds_its_lease(redis_server):
+    import socket
+    import time
+
+    prefix = unique_prefix("lease")
+    log = RedisEventLog(redis_server.url, prefix)
+    try:
+        here = socket.gethostname()
+        live = log.consumer_group(consumer=f"{here}-{os.getpid()}")  # this process: alive
+        live.acquire(lease_s=5)
+        other = log.consumer_group(consumer=f"{here}-other")
+        began = time.monotonic()
+        with pytest.raises(InstantrecError, match=r"is in use by .*INSTANTREC_REDIS_GROUP"):
+            other.acquire(lease_s=5, wait_s=0.3)
+        assert time.monotonic() - began < 3
+        # a reader whose lease passed to another must stop
+        live.release()
+        other.acquire(lease_s=5)
+        live._renewed = 0.0
+        with pytest.raises(InstantrecError, match="the lease passed to"):
+            live.renew(lease_s=5)
+        other.release()
+
+        # the lease of a dead process of this host is taken at once, not waited out
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        dead = log.consumer_group(consumer=f"{here}-{gone.pid}")
+        dead.acquire(lease_s=60)
+        began = time.monotonic()
+        other.acquire(lease_s=5, wait_s=0)
+        assert time.monotonic() - began < 1
+        other.release()
+
+        # one of another host is waited out until its lease expires
+        remote = log.consumer_group(consumer="elsewhere-123")
+        remote.acquire(lease_s=0.6)
+        with pytest.raises(InstantrecError, match="in use by elsewhere-123"):
+            other.acquire(lease_s=5, wait_s=0)
+        other.acquire(lease_s=5, wait_s=3)
+        assert log._r.get(other.lease_key) == other.consumer
+    finally:
+        log.close()
+
+
 # -- the updater ----------------------------------------------------------------------------
+
+
+def test_a_second_live_updater_on_the_group_is_refused(redis_server, demo_copy, demo_home,
+                                                       encoder, tmp_path):
+    prefix = unique_prefix("two")
+    other = tmp_path / "other-home"
+    shutil.copytree(demo_home, other)
+    first = NearlineUpdater(redis_settings(demo_copy, redis_server.url, prefix,
+                                           redis_group_lease_s=60.0), encoder)
+    try:
+        # another process (another consumer) on the same group, from another home; it waits
+        # twice its own lease (1 s) for the first one's to expire, which it does not
+        env = {**os.environ, "INSTANTREC_EVENTS_BACKEND": "redis",
+               "INSTANTREC_REDIS_URL": redis_server.url, "INSTANTREC_REDIS_PREFIX": prefix,
+               "INSTANTREC_USER_ID_KEY": USER_KEY, "INSTANTREC_REDIS_GROUP_LEASE_S": "1"}
+        out = subprocess.run([sys.executable, "-m", "pipelines.cli", "--home", str(other),
+                              "nearline", "--once"], env=env, capture_output=True, text=True,
+                             timeout=120, cwd=REPO)
+        assert out.returncode != 0, out.stdout + out.stderr
+        assert f"is in use by {first.group.consumer}" in out.stderr, out.stderr[-2000:]
+        assert "INSTANTREC_REDIS_GROUP" in out.stderr
+        first.run_once()  # the first one reads on, its lease renewed
+    finally:
+        first.close()
+    # stopped cleanly, it gave the lease up: the next one takes the group at once
+    second = NearlineUpdater(redis_settings(other, redis_server.url, prefix,
+                                            redis_group_lease_s=60.0), encoder)
+    second.close()
 
 
 def test_the_updater_applies_each_event_once_and_acks_after_its_checkpoint(
