@@ -42,8 +42,30 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-class ServiceProcess:
+class _Child:
+    """A child process of ours (``proc``), its output in ``log_path``, stopped by PID."""
+
+    what = "the process"          # for the error of :attr:`pid` when it is not running
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise InstantrecError(f"{self.what} is not running")
+        return self.proc.pid
+
+    def output(self) -> str:
+        return _tail(self.log_path)
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+class ServiceProcess(_Child):
     """One ``instantrec serve`` on 127.0.0.1:``port`` for ``home``; output in ``log_path``."""
+
+    what = "the service"
 
     def __init__(self, home: Path, log_path: Path, port: int | None = None,
                  env: dict[str, str] | None = None, server: str = "uvicorn") -> None:
@@ -57,15 +79,6 @@ class ServiceProcess:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise InstantrecError("the service is not running")
-        return self.proc.pid
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
 
     def get(self, path: str, timeout: float = 5.0) -> tuple[int, Any]:
         try:
@@ -107,9 +120,6 @@ class ServiceProcess:
         raise InstantrecError(f"instantrec serve was not ready within {START_TIMEOUT_S:.0f} s:\n"
                               f"{self.output()}")
 
-    def stop(self) -> None:
-        _stop(self.proc)
-
     def __enter__(self) -> ServiceProcess:
         return self.start()
 
@@ -143,25 +153,18 @@ def _tail(path: Path) -> str:
     return path.read_text(errors="replace")[-4000:] if path.exists() else ""
 
 
-class NearlineProcess:
+class NearlineProcess(_Child):
     """One ``instantrec nearline`` (the updater, following the log until stopped) for
     ``home``, configured by ``env`` (e.g. a Redis log and its consumer group); output in
     ``log_path``. It opens no socket but its Redis client's."""
+
+    what = "the nearline updater"
 
     def __init__(self, home: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
         self.home = Path(home)
         self.log_path = Path(log_path)
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise InstantrecError("the nearline updater is not running")
-        return self.proc.pid
-
-    def output(self) -> str:
-        return _tail(self.log_path)
 
     def spawn(self) -> NearlineProcess:
         self.proc = _spawn([sys.executable, "-m", "pipelines.cli", "--home", str(self.home),
@@ -174,9 +177,6 @@ class NearlineProcess:
             code = None if self.proc is None else self.proc.returncode
             raise InstantrecError(f"instantrec nearline exited with {code}:\n{self.output()}")
 
-    def stop(self) -> None:
-        _stop(self.proc)
-
 
 def _redis_ping(port: int) -> bool:
     """True once the server answers PING with PONG (not while it is still loading the AOF)."""
@@ -188,11 +188,13 @@ def _redis_ping(port: int) -> bool:
         return False
 
 
-class RedisProcess:
+class RedisProcess(_Child):
     """One ``redis-server`` on 127.0.0.1:``port`` keeping its data (the append-only file) in
     ``directory``. ``appendfsync`` is the AOF's fsync policy: ``always`` (an acknowledged write
     is on disk, what the tests run) or ``everysec`` (up to a second of writes can be lost in a
     crash: Redis's recommended production setting)."""
+
+    what = "redis-server"
 
     def __init__(self, directory: Path, port: int | None = None,
                  appendfsync: Literal["always", "everysec"] = "always") -> None:
@@ -206,15 +208,6 @@ class RedisProcess:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise InstantrecError("redis-server is not running")
-        return self.proc.pid
-
-    def output(self) -> str:
-        return _tail(self.log_path)
 
     def start(self) -> str:
         """Start the server and wait until it answers PING; returns its URL. Raises

@@ -22,6 +22,7 @@ import os
 import secrets
 import shutil
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -151,6 +152,9 @@ class LocalStore(ObjectStore):
             raise StorageError(f"cannot delete {key} from {self.url}: {exc}") from exc
 
 
+_RAISE = object()   # S3Store._call: no value stands in for a missing key
+
+
 class S3Store(ObjectStore):
     """A store in ``bucket`` under the key prefix ``prefix`` (``""``: the whole bucket) of an
     S3-compatible service, through a boto3 client (endpoint, region and credentials as boto3
@@ -169,79 +173,58 @@ class S3Store(ObjectStore):
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def _fail(self, what: str, key: str, exc: Exception) -> StorageError:
-        return StorageError(f"cannot {what} {key} in {self.url}: {exc}")
+    def _call(self, what: str, key: str, fn: Callable[[], Any], missing: Any = _RAISE) -> Any:
+        """``fn()``, its S3 and I/O errors raised as StorageError naming ``what`` and ``key``;
+        ``missing`` (when given) is returned instead for a key that does not exist."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn()
+        except ClientError as exc:
+            if missing is not _RAISE and _missing(exc):
+                return missing
+            raise StorageError(f"cannot {what} {key} in {self.url}: {exc}") from exc
+        except (BotoCoreError, OSError) as exc:
+            raise StorageError(f"cannot {what} {key} in {self.url}: {exc}") from exc
 
     def put_file(self, key: str, path: Path) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            self._client.upload_file(str(path), self.bucket, self._key(key))
-        except (BotoCoreError, ClientError, OSError) as exc:
-            raise self._fail("put", key, exc) from exc
+        self._call("put", key, lambda: self._client.upload_file(str(path), self.bucket,
+                                                                self._key(key)))
 
     def get_file(self, key: str, path: Path) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
+        def get() -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._client.download_file(self.bucket, self._key(key), str(path))
-        except (BotoCoreError, ClientError, OSError) as exc:
-            raise self._fail("get", key, exc) from exc
+
+        self._call("get", key, get)
 
     def read_bytes(self, key: str) -> bytes | None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return bytes(self._client.get_object(Bucket=self.bucket,
-                                                 Key=self._key(key))["Body"].read())
-        except ClientError as exc:
-            if _missing(exc):
-                return None
-            raise self._fail("read", key, exc) from exc
-        except BotoCoreError as exc:
-            raise self._fail("read", key, exc) from exc
+        return self._call("read", key, lambda: bytes(self._client.get_object(
+            Bucket=self.bucket, Key=self._key(key))["Body"].read()), missing=None)
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
-        except (BotoCoreError, ClientError) as exc:
-            raise self._fail("write", key, exc) from exc
+        self._call("write", key, lambda: self._client.put_object(
+            Bucket=self.bucket, Key=self._key(key), Body=data))
 
     def list_keys(self, prefix: str) -> list[str]:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         cut = len(self.prefix) + 1 if self.prefix else 0
-        try:
+
+        def keys() -> list[str]:
             pages = self._client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=full)
             return sorted(obj["Key"][cut:] for page in pages for obj in page.get("Contents", ()))
-        except (BotoCoreError, ClientError) as exc:
-            raise self._fail("list", prefix, exc) from exc
+
+        return self._call("list", prefix, keys)
 
     def exists(self, key: str) -> bool:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            self._client.head_object(Bucket=self.bucket, Key=self._key(key))
-            return True
-        except ClientError as exc:
-            if _missing(exc):
-                return False
-            raise self._fail("look up", key, exc) from exc
-        except BotoCoreError as exc:
-            raise self._fail("look up", key, exc) from exc
+        return self._call("look up", key, lambda: self._client.head_object(
+            Bucket=self.bucket, Key=self._key(key)) is not None, missing=False)
 
     def delete(self, key: str) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:  # S3 answers a delete of a missing key with success
-            self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
-        except (BotoCoreError, ClientError) as exc:
-            raise self._fail("delete", key, exc) from exc
+        # S3 answers a delete of a missing key with success
+        self._call("delete", key, lambda: self._client.delete_object(Bucket=self.bucket,
+                                                                     Key=self._key(key)))
 
 
 def _missing(exc: Exception) -> bool:

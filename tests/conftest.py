@@ -89,3 +89,19 @@ def write_rows(path: Path, rows: list[dict[str, str]]) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def click_stream(rec, query, target, n_sessions, start_id=0):
+    """Feedback of ``n_sessions`` sessions (ids from ``start_id``) that see ``rec``'s current top
+    10 for ``query`` and click ``target``, skipping the items shown above it."""
+    shown = [r.item_id for r in rec.recommend(query, k=10)]
+    pos = shown.index(target) + 1 if target in shown else 10
+    events = []
+    for s in range(start_id, start_id + n_sessions):
+        for p, item in enumerate(shown[:pos], start=1):
+            events.append({"event_id": f"i{s}-{p}", "session_id": f"sess{s}", "query": query,
+                           "item_id": item if p < pos else target, "type": "impression",
+                           "position": p})
+        events.append({"event_id": f"c{s}", "session_id": f"sess{s}", "query": query,
+                       "item_id": target, "type": "click", "position": pos})
+    return events

@@ -15,7 +15,7 @@ from serving import Recommender
 from serving.eventlog import SqliteEventLog
 from serving.events import EventError, parse_event
 from serving.ranker import Ranker
-from tests.conftest import make_settings
+from tests.conftest import click_stream, make_settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -99,21 +99,6 @@ def test_events_from_many_threads_are_all_recorded(demo_copy, encoder):
     for t in threads:
         t.join()
     assert SqliteEventLog(demo_copy / "events" / "events.db").count() == 400
-
-
-def click_stream(rec, query, target, n_sessions, start_id=0):
-    """Sessions that see the current top results and click ``target`` below the others."""
-    shown = [r.item_id for r in rec.recommend(query, k=10)]
-    pos = shown.index(target) + 1 if target in shown else 10
-    events = []
-    for s in range(start_id, start_id + n_sessions):
-        for p, item in enumerate(shown[:pos], start=1):
-            events.append({"event_id": f"i{s}-{p}", "session_id": f"sess{s}", "query": query,
-                           "item_id": item if p < pos else target, "type": "impression",
-                           "position": p})
-        events.append({"event_id": f"c{s}", "session_id": f"sess{s}", "query": query,
-                       "item_id": target, "type": "click", "position": pos})
-    return events
 
 
 def test_a_stream_of_clicks_improves_the_query_for_everyone(demo_copy, encoder):

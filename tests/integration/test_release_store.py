@@ -37,7 +37,7 @@ from serving.recommender import Recommender
 from serving.release import read_pointer
 from serving.release_sync import read_store_pointer, release_key
 from serving.settings import Settings
-from tests.conftest import make_settings
+from tests.conftest import click_stream, make_settings
 
 pytestmark = pytest.mark.integration
 
@@ -148,22 +148,6 @@ def check_publish_and_follow(demo_copy: Path, replica_home: Path, store_url: str
         rec.close()
 
 
-def click_stream(rec: Recommender, query: str, target: str, sessions: range) -> list[dict]:
-    """Sessions that see ``rec``'s top results for ``query`` and click ``target``, skipping
-    the items shown above it."""
-    shown = [r.item_id for r in rec.recommend(query, k=10)]
-    pos = shown.index(target) + 1 if target in shown else 10
-    events = []
-    for s in sessions:
-        for p, item in enumerate(shown[:pos], start=1):
-            events.append({"event_id": f"i{s}-{p}", "session_id": f"sess{s}", "query": query,
-                           "item_id": item if p < pos else target, "type": "impression",
-                           "position": p})
-        events.append({"event_id": f"c{s}", "session_id": f"sess{s}", "query": query,
-                       "item_id": target, "type": "click", "position": pos})
-    return events
-
-
 def rank_of(rec: Recommender, query: str, item_id: str) -> int | None:
     ids = [r.item_id for r in rec.recommend(query, k=10)]
     return ids.index(item_id) + 1 if item_id in ids else None
@@ -194,7 +178,7 @@ def check_online_learning_reaches_replicas(demo_copy: Path, tmp_path: Path, stor
         query = "coffee maker"
         target = rec.recommend(query, k=10)[6].item_id
         assert rank_of(rec, query, target) == 7
-        shop.record_many(click_stream(shop, query, target, range(30)))
+        shop.record_many(click_stream(shop, query, target, 30))
         updater = NearlineUpdater(pub, encoder)
         try:
             summary = updater.run_once()
@@ -217,7 +201,7 @@ def check_online_learning_reaches_replicas(demo_copy: Path, tmp_path: Path, stor
             assert rec.reload() is False  # nothing changed: one read of the store's pointer
 
             # more clicks: the next checkpoint follows
-            shop.record_many(click_stream(shop, query, target, range(30, 60)))
+            shop.record_many(click_stream(shop, query, target, 30, start_id=30))
             updater.run_once()
             newer = read_latest(demo_copy)
             assert newer.seq > local.seq and read_store_latest(store) == newer
@@ -334,7 +318,7 @@ def test_a_store_that_is_down_does_not_stop_the_updater(demo_copy, encoder, tmp_
     shop = Recommender.load(demo_copy, settings=make_settings(demo_copy), encoder=encoder,
                             watch=False)
     target = shop.recommend("coffee maker", k=10)[6].item_id
-    shop.record_many(click_stream(shop, "coffee maker", target, range(30)))  # 240 events
+    shop.record_many(click_stream(shop, "coffee maker", target, 30))  # 240 events
     updater = NearlineUpdater(pub, encoder)
     try:
         summary = updater.run_once()
@@ -355,8 +339,6 @@ def test_a_store_that_is_down_does_not_stop_the_updater(demo_copy, encoder, tmp_
     finally:
         updater.close()
         shop.close()
-
-
 
 
 def test_a_replica_with_an_empty_home_serves_and_follows_the_store(demo_copy, encoder,
