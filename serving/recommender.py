@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn
@@ -670,30 +670,32 @@ class Recommender:
 
     def _sync_ranker(self, release_id: str) -> None:
         """Bring the store's newest ranker checkpoint for ``release_id`` into this home (one
-        small read of the store when nothing changed); a failure is logged and counted
-        (``ranker_sync_failures``), and the ranker here keeps serving."""
-        if self._ranker_sync is None:
-            return
-        try:
-            if self._ranker_sync.sync(release_id) is not None:
-                self.counters["ranker_syncs"] += 1
-        except Exception as exc:  # noqa: BLE001 - an unreachable or bad store must never stop serving
-            self.counters["ranker_sync_failures"] += 1
-            log.error("keeping ranker %d: cannot sync a checkpoint from %s: %s",
-                      self._state.ranker_seq, self._ranker_sync.describe(), exc)
+        small read of the store when nothing changed); the ranker here keeps serving if not."""
+        if self._ranker_sync is not None:
+            sync = self._ranker_sync
+            self._counted_sync(lambda: sync.sync(release_id), "ranker_syncs",
+                               "ranker_sync_failures",
+                               f"keeping ranker {self._state.ranker_seq}: cannot sync a "
+                               f"checkpoint from {sync.describe()}")
 
     def _sync_source(self) -> None:
         """Bring the release the source names into the local releases (one small read of the
-        source when nothing changed); a failure is logged and counted (``sync_failures``)."""
-        if self._sync is None:
-            return
+        source when nothing changed); the live release keeps serving if not."""
+        if self._sync is not None:
+            self._counted_sync(self._sync.sync, "syncs", "sync_failures",
+                               f"keeping release {self._state.bundle.release_id}: cannot sync "
+                               f"from {self._sync.source.describe()}")
+
+    def _counted_sync(self, sync: Callable[[], object | None], done: str, failed: str,
+                      keeping: str) -> None:
+        """Run ``sync``; count ``done`` when it brought something, and on any error log
+        ``keeping`` with the error and count ``failed`` instead of raising."""
         try:
-            if self._sync.sync() is not None:
-                self.counters["syncs"] += 1
+            if sync() is not None:
+                self.counters[done] += 1
         except Exception as exc:  # noqa: BLE001 - an unreachable or bad source must never stop serving
-            self.counters["sync_failures"] += 1
-            log.error("keeping release %s: cannot sync from %s: %s", self._state.bundle.release_id,
-                      self._sync.source.describe(), exc)
+            self.counters[failed] += 1
+            log.error("%s: %s", keeping, exc)
 
     @property
     def changed_files(self) -> list[str]:

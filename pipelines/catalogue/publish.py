@@ -172,7 +172,7 @@ def push_release(store: ObjectStore, releases_dir: Path, release_id: str) -> Pus
     if manifest.release_id != release_id:
         raise ReleaseError(f"release {bundle} has the manifest of {manifest.release_id}")
     files = sorted(path for path in bundle.rglob("*") if path.is_file()
-                   and path.name != MANIFEST_NAME and TMP_MARK not in path.name)
+                   and path != bundle / MANIFEST_NAME and TMP_MARK not in path.name)
     for path in files:
         store.put_file(release_key(release_id, path.relative_to(bundle).as_posix()), path)
     failpoint("store.files")
