@@ -24,30 +24,16 @@ while the DAG is paused is created but stays queued until the DAG is unpaused.
 
 from __future__ import annotations
 
-import logging
 from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 
+from pipelines.dag_common import default_args, task_settings
 from serving.layout import RELEASE_ASSET  # names only: nothing heavy at parse time
 
 RELEASE = Asset(name=RELEASE_ASSET[0], uri=RELEASE_ASSET[1])
 STAGING = "catalogue_refresh"  # this DAG's copy of the warehouse: <warehouse>.catalogue_refresh
-
-
-def _settings():
-    from serving.settings import load_settings
-
-    return load_settings()
-
-
-def _log_failure(context) -> None:
-    """on_failure_callback: one line in the task log naming what failed and why."""
-    ti = context["ti"]
-    logging.getLogger("instantrec.dags").error(
-        "TASK FAILED dag=%s task=%s map_index=%s run_id=%s try=%s: %r", ti.dag_id, ti.task_id,
-        ti.map_index, ti.run_id, ti.try_number, context.get("exception"))
 
 
 @dag(
@@ -58,8 +44,7 @@ def _log_failure(context) -> None:
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    default_args={"owner": "instantrec", "retries": 2, "retry_delay": timedelta(seconds=30),
-                  "on_failure_callback": _log_failure},
+    default_args=default_args(retries=2, retry_delay=timedelta(seconds=30)),
     params={
         "catalogue": Param(None, type=["null", "string"],
                            description="CSV/Parquet catalogue snapshot (default: demo)"),
@@ -78,7 +63,7 @@ def catalogue_refresh():
         copy of the warehouse; rejects are counted (and kept), and too many fail the run."""
         from pipelines.steps import run_ingest
 
-        return run_ingest(_settings(), get_current_context()["params"]["catalogue"],
+        return run_ingest(task_settings(), get_current_context()["params"]["catalogue"],
                           staging=STAGING)
 
     @task(execution_timeout=timedelta(minutes=1))
@@ -96,7 +81,7 @@ def catalogue_refresh():
     def embed(shard: int, shards: int, warehouse: str) -> dict:
         from pipelines.steps import run_embed, yield_cpu
 
-        settings = _settings()
+        settings = task_settings()
         yield_cpu(settings)  # this task's process is a batch job: requests beside it go first
         return run_embed(settings, shard, shards, warehouse=warehouse)
 
@@ -106,7 +91,7 @@ def catalogue_refresh():
         (Annoy + BM25)."""
         from pipelines.steps import run_index
 
-        return run_index(_settings(), warehouse=ingested["warehouse"])
+        return run_index(task_settings(), warehouse=ingested["warehouse"])
 
     @task(execution_timeout=timedelta(minutes=30))
     def evaluate(built: dict) -> dict:
@@ -115,7 +100,7 @@ def catalogue_refresh():
         from pipelines.steps import run_evaluate
 
         params = get_current_context()["params"]
-        return run_evaluate(_settings(), built["bundle_dir"], params["golden"],
+        return run_evaluate(task_settings(), built["bundle_dir"], params["golden"],
                             params["judgments"], demo=params["catalogue"] is None)
 
     @task(execution_timeout=timedelta(minutes=10))
@@ -124,14 +109,14 @@ def catalogue_refresh():
         and the run's warehouse copy into place; if not, discard the copy."""
         from pipelines.steps import run_publish
 
-        return run_publish(_settings(), evaluated["bundle_dir"], warehouse=ingested["warehouse"])
+        return run_publish(task_settings(), evaluated["bundle_dir"], warehouse=ingested["warehouse"])
 
     @task(execution_timeout=timedelta(minutes=15))
     def register(published: dict) -> dict:
         """Register the release in MLflow; the ``champion`` alias follows a live release."""
         from pipelines.steps import run_register
 
-        return run_register(_settings(), published["path"])
+        return run_register(task_settings(), published["path"])
 
     @task(inlets=[RELEASE], outlets=[RELEASE], execution_timeout=timedelta(minutes=5))
     def announce(published: dict, registered: dict) -> dict:

@@ -18,29 +18,15 @@ is paused is created but stays queued until the DAG is unpaused.
 
 from __future__ import annotations
 
-import logging
 from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 
+from pipelines.dag_common import default_args, task_settings
 from serving.layout import ENCODER_ASSET  # names only: nothing heavy at parse time
 
 ENCODER = Asset(name=ENCODER_ASSET[0], uri=ENCODER_ASSET[1])
-
-
-def _settings():
-    from serving.settings import load_settings
-
-    return load_settings()
-
-
-def _log_failure(context) -> None:
-    """on_failure_callback: one line in the task log naming what failed and why."""
-    ti = context["ti"]
-    logging.getLogger("instantrec.dags").error(
-        "TASK FAILED dag=%s task=%s map_index=%s run_id=%s try=%s: %r", ti.dag_id, ti.task_id,
-        ti.map_index, ti.run_id, ti.try_number, context.get("exception"))
 
 
 @dag(
@@ -51,8 +37,7 @@ def _log_failure(context) -> None:
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    default_args={"owner": "instantrec", "retries": 1, "retry_delay": timedelta(minutes=1),
-                  "on_failure_callback": _log_failure},
+    default_args=default_args(retries=1, retry_delay=timedelta(minutes=1)),
     params={
         "products": Param(None, type=["null", "string"], description="judged data: products"),
         "judgments": Param(None, type=["null", "string"], description="judged data: judgments"),
@@ -73,7 +58,7 @@ def encoder_finetune():
         from pipelines.steps import run_collect_pairs
 
         p = get_current_context()["params"]
-        return run_collect_pairs(_settings(), p["products"], p["judgments"], float(p["holdout"]))
+        return run_collect_pairs(task_settings(), p["products"], p["judgments"], float(p["holdout"]))
 
     @task(execution_timeout=timedelta(hours=4))
     def finetune(pairs: dict) -> dict:
@@ -86,7 +71,7 @@ def encoder_finetune():
         if pairs["train_pairs"] < 2:
             raise AirflowSkipException(f"not enough training pairs: {pairs['train_pairs']}")
         p = get_current_context()["params"]
-        return run_train_encoder(_settings(), pairs["pairs_path"], int(p["max_steps"]),
+        return run_train_encoder(task_settings(), pairs["pairs_path"], int(p["max_steps"]),
                                  int(p["epochs"]))
 
     @task(execution_timeout=timedelta(hours=2))
@@ -94,7 +79,7 @@ def encoder_finetune():
         """Held-out nDCG@10 of the candidate and the champion (full-catalogue dense retrieval)."""
         from pipelines.steps import run_evaluate_encoders
 
-        return run_evaluate_encoders(_settings(), pairs, trained)
+        return run_evaluate_encoders(task_settings(), pairs, trained)
 
     @task(execution_timeout=timedelta(minutes=30))
     def register(pairs: dict, trained: dict, evaluation: dict) -> dict:
@@ -102,7 +87,7 @@ def encoder_finetune():
         from pipelines.steps import run_register_encoder
 
         promote = bool(get_current_context()["params"]["promote"])
-        return run_register_encoder(_settings(), pairs, trained, evaluation, promote)
+        return run_register_encoder(task_settings(), pairs, trained, evaluation, promote)
 
     @task(outlets=[ENCODER], execution_timeout=timedelta(minutes=5))
     def announce(registered: dict) -> dict:

@@ -19,7 +19,6 @@ until the DAG is unpaused.
 
 from __future__ import annotations
 
-import logging
 from datetime import timedelta
 
 import pendulum
@@ -33,24 +32,11 @@ from airflow.sdk import (
     task,
 )
 
+from pipelines.dag_common import default_args, task_settings
 from serving.layout import RELEASE_ASSET  # names only: nothing heavy at parse time
 
 # The asset catalogue_refresh emits when a release goes live.
 RELEASE = Asset(name=RELEASE_ASSET[0], uri=RELEASE_ASSET[1])
-
-
-def _settings():
-    from serving.settings import load_settings
-
-    return load_settings()
-
-
-def _log_failure(context) -> None:
-    """on_failure_callback: one line in the task log naming what failed and why."""
-    ti = context["ti"]
-    logging.getLogger("instantrec.dags").error(
-        "TASK FAILED dag=%s task=%s map_index=%s run_id=%s try=%s: %r", ti.dag_id, ti.task_id,
-        ti.map_index, ti.run_id, ti.try_number, context.get("exception"))
 
 
 @dag(
@@ -62,8 +48,7 @@ def _log_failure(context) -> None:
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    default_args={"owner": "instantrec", "retries": 2, "retry_delay": timedelta(seconds=30),
-                  "on_failure_callback": _log_failure},
+    default_args=default_args(retries=2, retry_delay=timedelta(seconds=30)),
     params={
         "epochs": Param(5, type="integer", minimum=1, maximum=100,
                         description="passes over all examples"),
@@ -81,7 +66,7 @@ def ranker_retrain():
         from pipelines.steps import run_retrain
 
         params = get_current_context()["params"]
-        return run_retrain(_settings(), holdout=float(params["holdout"]),
+        return run_retrain(task_settings(), holdout=float(params["holdout"]),
                            epochs=int(params["epochs"]))
 
     @task(execution_timeout=timedelta(minutes=5))
@@ -93,7 +78,7 @@ def ranker_retrain():
         from serving.errors import ReleaseError
 
         try:
-            return report_retrain(_settings(), result)
+            return report_retrain(task_settings(), result)
         except ReleaseError as exc:
             raise AirflowFailException(str(exc)) from exc
 
