@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.benchmarks.serving import add_shop_arguments
 from serving.layout import bench_dir, embedding_cache
 from serving.ranker import CheckpointMeta
 from serving.schema import CONTENT_HASH, ITEM_ID
@@ -233,14 +234,7 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--ranker", choices=["relevance", "zero-shot", "both"], default="both",
                    help="relevance: the serving benchmark's retrained live ranker (relevance "
                         "model + memory) carried over to each size; zero-shot: untrained")
-    p.add_argument("--filter-share", type=float, default=0.25,
-                   help="share of unseen requests that carry business filters")
-    p.add_argument("--train-share", type=float, default=0.7,
-                   help="share of judged queries (by hash) that train the relevance model")
-    p.add_argument("--train-queries", type=int, default=0,
-                   help="at most this many training queries (0: all of the training split)")
-    p.add_argument("--click-queries", type=int, default=1000)
-    p.add_argument("--click-pages", type=int, default=3)
+    add_shop_arguments(p)
     p.add_argument("--memory-queries", type=int, default=100)
     p.add_argument("--seed-cache", type=Path, default=None,
                    help="evaluation embedding cache (DuckDB) for the serving benchmark's release")

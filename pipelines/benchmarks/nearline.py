@@ -316,13 +316,18 @@ def freshness_report(rows: list[dict[str, Any]], out: dict[str, Any]) -> dict[st
     return out
 
 
-def add_arguments(p: Any) -> None:
-    p.add_argument("--lists", type=int, default=2000, help="result lists in the backlog")
+def add_freshness_arguments(p: Any) -> None:
+    """The freshness probe's options (this benchmark's and ``bench replicas``')."""
     p.add_argument("--probes", type=int, default=20, help="freshness probes")
     p.add_argument("--checkpoint-every-s", type=float, default=None,
                    help="the updater's checkpoint interval (default: the settings', 0.5 s)")
     p.add_argument("--reload-interval-s", type=float, default=None,
                    help="serving's pointer polling interval (default: the settings', 1.0 s)")
+
+
+def add_arguments(p: Any) -> None:
+    p.add_argument("--lists", type=int, default=2000, help="result lists in the backlog")
+    add_freshness_arguments(p)
 
 
 def run(settings: Settings, args: Any) -> dict[str, Any]:

@@ -53,6 +53,7 @@ from pipelines.benchmarks.nearline import (
     PROBE_DEADLINE_S,
     QUERIES,
     _prepare_home,
+    add_freshness_arguments,
     freshness_report,
 )
 from pipelines.service import NearlineProcess, RedisProcess, ServiceProcess
@@ -516,11 +517,7 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--events", type=int, default=20_000,
                    help="events posted through the two replicas (whole result lists)")
     p.add_argument("--clients", type=int, default=8, help="client threads posting them")
-    p.add_argument("--probes", type=int, default=20, help="freshness probes")
-    p.add_argument("--checkpoint-every-s", type=float, default=None,
-                   help="the updater's checkpoint interval (default: the settings', 0.5 s)")
-    p.add_argument("--reload-interval-s", type=float, default=None,
-                   help="serving's pointer polling interval (default: the settings', 1.0 s)")
+    add_freshness_arguments(p)
 
 
 def run(settings: Settings, args: Any) -> dict[str, Any]:

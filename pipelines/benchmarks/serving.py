@@ -829,6 +829,20 @@ def query_backend_quality(encoder_path: Path | None, data: dict[str, tuple[Path,
 
 # -- the command ----------------------------------------------------------------------------
 
+def add_shop_arguments(p: Any) -> None:
+    """How the bench shop is set up as after a retrain (this benchmark's and ``bench
+    growth``'s options): filtered requests, the relevance model's training split, clicks."""
+    p.add_argument("--filter-share", type=float, default=0.25,
+                   help="share of unseen requests that carry business filters")
+    p.add_argument("--train-share", type=float, default=0.7,
+                   help="share of judged queries (by hash) that train the relevance model")
+    p.add_argument("--train-queries", type=int, default=0,
+                   help="at most this many training queries (0: all of the training split)")
+    p.add_argument("--click-queries", type=int, default=1000,
+                   help="training queries whose result pages get synthetic clicks")
+    p.add_argument("--click-pages", type=int, default=3, help="result pages per click query")
+
+
 def add_arguments(p: Any) -> None:
     p.add_argument("--products", type=Path, default=DATA / "homedepot" / "products.parquet")
     p.add_argument("--judgments", type=Path, default=DATA / "homedepot" / "judgments.parquet",
@@ -844,15 +858,7 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--ranker", choices=[*RANKERS, "both"], default="both",
                    help="relevance: the live checkpoint after a retrain (relevance model + "
                         "memory); zero-shot: the untrained ranker on the same release")
-    p.add_argument("--filter-share", type=float, default=0.25,
-                   help="share of unseen requests that carry business filters")
-    p.add_argument("--train-share", type=float, default=0.7,
-                   help="share of judged queries (by hash) that train the relevance model")
-    p.add_argument("--train-queries", type=int, default=0,
-                   help="at most this many training queries (0: all of the training split)")
-    p.add_argument("--click-queries", type=int, default=1000,
-                   help="training queries whose result pages get synthetic clicks")
-    p.add_argument("--click-pages", type=int, default=3, help="result pages per click query")
+    add_shop_arguments(p)
     p.add_argument("--memory-queries", type=int, default=100,
                    help="clicked training queries asked once per process (memory lookups)")
     p.add_argument("--blas-threads", type=int, default=0,
