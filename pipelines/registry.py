@@ -15,9 +15,10 @@ without this repository or an ``instantrec`` install.
 from __future__ import annotations
 
 import ast
+import functools
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, packages_distributions, requires
@@ -236,11 +237,19 @@ def promote_version(settings: Settings, name: str, version: int, alias: str = CH
 # -- the pyfunc's environment -----------------------------------------------------------------
 
 
+@functools.cache
+def _providers() -> Mapping[str, list[str]]:
+    """Top-level module -> the installed distributions that provide it. Reading every
+    distribution's file list takes seconds, and the environment does not change under a
+    running process: read once per process."""
+    return packages_distributions()
+
+
 def imported_distributions(package_dir: Path, module_level_only: bool = False) -> set[str]:
     """Canonical names of the installed distributions whose modules the ``.py`` files under
     ``package_dir`` import by absolute name: every import, or with ``module_level_only`` those
     run when the modules are imported (not those inside functions or ``if TYPE_CHECKING``)."""
-    providers = packages_distributions()
+    providers = _providers()
     modules: set[str] = set()
     for path in sorted(package_dir.rglob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))

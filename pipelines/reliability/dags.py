@@ -401,8 +401,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 # Imported by the fork server before it forks the task processes: what every task would import
 # anyway and that starts no thread (polars, and MLflow which imports it, do: a fork after them
-# is unsafe). Saves each task process about 3 s of imports.
-PRELOAD = ("torch", "transformers", "pipelines.reliability.dags")
+# is unsafe). Saves each task process about 3 s of imports, and each that loads the encoder
+# (embed, evaluate, and register, whose MLflow check of the input example loads the model)
+# 3-4 s more: transformers imports its model classes lazily.
+PRELOAD = ("torch", "transformers", "transformers.models.bert.modeling_bert",
+           "pipelines.reliability.dags")
 ENV_DEFAULTS = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                 "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 _server_guard = threading.Lock()
