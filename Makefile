@@ -80,11 +80,13 @@ PYTEST_PARALLEL := -n 2 --dist loadfile
 test: install system-deps
 	$(BIN)/pytest -q $(PYTEST_PARALLEL) -m "not scaled"
 
-# The scaled-out set-up on loopback (infra/scaled/loopback.sh: Postgres, Redis, MLflow server,
-# Airflow with two Celery workers; two serving replicas and the nearline updater on one
-# Redis): CI's second job, about 4 minutes.
+# Whole set-ups of services on loopback: the embedded Airflow under its scheduler
+# (infra/local/airflow.sh: api-server, scheduler, dag-processor), the scaled-out set-up
+# (infra/scaled/loopback.sh: Postgres, Redis, MLflow server, Airflow with two Celery workers),
+# two serving replicas and the nearline updater on one Redis: CI's second job, about 6 minutes.
 test-scaled: install system-deps
-	$(BIN)/pytest -q -s -m scaled tests/integration/test_scaled_airflow.py tests/integration/test_replicas.py
+	$(BIN)/pytest -q -s -m scaled tests/integration/test_airflow_scheduler.py \
+		tests/integration/test_scaled_airflow.py tests/integration/test_replicas.py
 
 test-unit: install
 	$(BIN)/pytest -q tests/unit

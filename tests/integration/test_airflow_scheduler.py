@@ -18,6 +18,9 @@ import pytest
 
 from tests.airflow_services import AirflowServices, airflow_services
 
+# CI's second job (`make test-scaled`) with the other tests that run a whole set of services
+pytestmark = [pytest.mark.integration, pytest.mark.scaled]
+
 DAG = "catalogue_refresh"
 TERMINAL = {"success", "failed"}
 
@@ -57,7 +60,10 @@ def release_events(af: AirflowServices) -> list[dict]:
 
 
 def test_catalogue_refresh_under_the_scheduler(services):
+    import mlflow
+
     from serving.release import read_pointer
+    from serving.settings import Settings
 
     af = services
     sockets = af.listening()
@@ -96,6 +102,11 @@ def test_catalogue_refresh_under_the_scheduler(services):
 
     pointer = read_pointer(af.instantrec_home / "releases")
     assert pointer is not None and pointer.generation == 1
+    # the run over the unchanged catalogue registered nothing new either
+    uri = Settings(home=af.instantrec_home).tracking_uri
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert [v.tags["release_id"] for v in client.search_model_versions("name = 'instantrec'")
+            ] == [pointer.release_id]
     events = release_events(af)
     assert len(events) == 1, events
     event = events[0]

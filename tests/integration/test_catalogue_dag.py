@@ -103,17 +103,8 @@ def test_dag_run_publishes_registers_and_serves(dag_env):
     assert result["release_events"] == [{
         "run_id": result["run_id"],
         "extra": {"release_id": pointer.release_id, "model_version": int(champion.version)}}]
-
-    # A second scheduled run over the unchanged catalogue changes nothing, loads no encoder to
-    # embed nothing, and emits no asset event: ranker_retrain is not started again.
-    again = run_dag(env)
-    assert again["state"] == "success"
-    assert again["tasks"]["announce"] == "skipped"
-    assert {again["tasks"][f"embed[{i}]"] for i in range(2)} == {"success"}
-    assert again["release_events"] == result["release_events"]
-    assert "nothing to do" in again["output"] and "loading encoder" not in again["output"]
-    assert read_pointer(home / "releases") == pointer
-    assert len(client.search_model_versions("name = 'instantrec'")) == 1
+    # A second run over the unchanged catalogue (nothing embedded, no encoder loaded, no
+    # asset event, no new version) runs under the scheduler: test_airflow_scheduler.py.
 
 
 def test_gate_failure_fails_the_run_announces_nothing_and_keeps_the_warehouse(dag_env, tmp_path):

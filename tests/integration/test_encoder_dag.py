@@ -49,7 +49,8 @@ def test_encoder_dag_run_trains_evaluates_and_registers(tmp_path, shared_data):
     assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads(lines[-1].removeprefix("RESULT "))
     tasks = result["tasks"]
-    assert all(tasks[t] == "success" for t in ("collect_pairs", "finetune", "evaluate", "register"))
+    assert all(tasks[t] == "success" for t in ("collect_pairs", "finetune", "evaluate",
+                                              "register")), (tasks, out.stdout[-4000:])
 
     settings = Settings(home=home)
     # explicit URIs: earlier tests in this process may have pointed mlflow's globals elsewhere
