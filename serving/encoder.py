@@ -115,8 +115,7 @@ class Encoder:
     def __init__(self, path: Path | str | None = None, max_length: int = 128,
                  cache_size: int = 4096, backend: Literal["torch", "onnx"] = "torch",
                  onnx_cache_dir: Path | str | None = None, precision: Precision = "fp32") -> None:
-        import torch
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -126,15 +125,18 @@ class Encoder:
             raise EncoderError(f"encoder directory {self.path} does not exist")
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(str(self.path))
-            self._model = AutoModel.from_pretrained(str(self.path)).eval()
+            config = AutoConfig.from_pretrained(str(self.path))
         except (OSError, ValueError) as exc:
             raise EncoderError(f"cannot load a transformers encoder from {self.path}: {exc}") from exc
-        self._torch = torch
+        # the PyTorch model: loaded by _load_model, at once unless ONNX serves the queries
+        self._torch: Any = None
+        self._model: Any = None
+        self._model_lock = threading.Lock()
         self.max_length = max_length
         self.name = DEFAULT_ENCODER_NAME if is_default else self.path.name
         self.revision = weights_digest(str(self.path))[:16]
-        self.dim = int(self._model.config.hidden_size)
-        self.precision = resolve_precision(precision)
+        self.dim = int(config.hidden_size)
+        self.precision = resolve_precision(precision)  # "auto" asks torch about the CPU
         self._lock = threading.Lock()
         self._cache: LRUCache[np.ndarray] = LRUCache(cache_size)
         # the query path's backend (encode_query); the batch path (encode) is always torch
@@ -142,6 +144,24 @@ class Encoder:
         self._onnx: OnnxQueryEncoder | None = None
         if backend == "onnx":
             self._start_onnx(onnx_cache_dir)
+        if self._onnx is None:
+            self._load_model()  # PyTorch serves the queries: load it now, not at a request
+
+    def _load_model(self) -> Any:
+        """The PyTorch model of the batch path, loaded at its first use: a process whose
+        queries go through ONNX Runtime (a serving replica) never imports torch."""
+        with self._model_lock:
+            if self._model is None:
+                import torch
+                from transformers import AutoModel
+
+                try:
+                    model = AutoModel.from_pretrained(str(self.path)).eval()
+                except (OSError, ValueError) as exc:
+                    raise EncoderError(
+                        f"cannot load a transformers encoder from {self.path}: {exc}") from exc
+                self._torch, self._model = torch, model
+            return self._model
 
     @property
     def version(self) -> str:
@@ -151,7 +171,7 @@ class Encoder:
     @property
     def model(self) -> Any:
         """The transformers model behind the batch path (e.g. to count its FLOPs)."""
-        return self._model
+        return self._load_model()
 
     @property
     def tokenizer(self) -> Any:
@@ -161,6 +181,7 @@ class Encoder:
     def replace_model(self, model: Any) -> None:
         """Run the batch path on ``model`` instead (a transformed copy of :attr:`model`, e.g.
         quantised, with the same tokenizer and outputs); the query path is left as it is."""
+        self._load_model()
         with self._lock:
             self._model = model
 
@@ -177,6 +198,7 @@ class Encoder:
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
+        self._load_model()
         bf16 = resolve_precision(precision or self.precision) == "bf16"
         with self._lock:  # fast tokenizers refuse concurrent use
             ids = self._tokenizer(list(texts), truncation=True, max_length=self.max_length,
@@ -216,7 +238,10 @@ class Encoder:
         try:
             onnx = OnnxQueryEncoder(self.path, self.revision, self.max_length,
                                     Path(cache_dir) if cache_dir is not None else None)
-            cosine = onnx.check_against(self._forward(list(PROBES)))
+            cosine = onnx.recorded_check()
+            if cosine is None:  # not checked yet for this file and these libraries
+                cosine = onnx.check_against(self._forward(list(PROBES)))
+                onnx.record_check(cosine)
         except Exception as exc:  # noqa: BLE001 - any failure leaves the torch path serving
             log.warning("ONNX query encoder unavailable, using PyTorch: %s", exc)
             return
@@ -227,6 +252,7 @@ class Encoder:
         self._onnx, self.backend = onnx, "onnx"
 
     def _forward(self, texts: list[str]) -> np.ndarray:
+        self._load_model()
         torch = self._torch
         with self._lock, torch.inference_mode():
             batch = self._tokenizer(texts, padding=True, truncation=True,

@@ -8,16 +8,23 @@ the encoder version (and every stored item vector) stays valid.
 
 The exported file is cached on disk, keyed by the encoder revision, the token budget and the
 variant, and written atomically (temp file + ``os.replace``), so processes starting at the
-same time at worst export twice and never read a half-written file. A freshly loaded model is
-checked against PyTorch on a few probe texts before it is used.
+same time at worst export twice and never read a half-written file. A model is checked
+against PyTorch on a few probe texts before it is used; the check's outcome is recorded beside
+the file (``<file>.check.json``), keyed by the file's size and mtime and the versions of ONNX
+Runtime, PyTorch and transformers, so the next process that loads the same file with the same
+libraries takes the recorded outcome and needs no PyTorch at all.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import secrets
 import threading
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as dist_version
 from pathlib import Path
 from typing import Any, Literal
 
@@ -185,3 +192,38 @@ class OnnxQueryEncoder:
     def check_against(self, reference: np.ndarray, texts: tuple[str, ...] = PROBES) -> float:
         """Smallest cosine between this model's vectors of ``texts`` and ``reference``."""
         return float(np.min(np.sum(self.encode(list(texts)) * reference, axis=1)))
+
+    @property
+    def check_path(self) -> Path:
+        """Where the outcome of the check against PyTorch is recorded."""
+        return self.path.with_name(f"{self.path.name}.check.json")
+
+    def _check_key(self) -> dict[str, Any]:
+        stat = self.path.stat()
+        versions = {}
+        for dist in ("onnxruntime", "torch", "transformers"):
+            try:
+                versions[dist] = dist_version(dist)
+            except PackageNotFoundError:
+                versions[dist] = None
+        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "versions": versions,
+                "probes": hashlib.sha256("\n".join(PROBES).encode()).hexdigest()[:16]}
+
+    def recorded_check(self) -> float | None:
+        """The smallest probe cosine recorded for this very file and these libraries, or None
+        (no record, another file or library version, or an unreadable record)."""
+        try:
+            record = json.loads(self.check_path.read_text())
+            return float(record["cosine"]) if record["key"] == self._check_key() else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def record_check(self, cosine: float) -> None:
+        """Record the outcome of a check (atomically; a failure to write is only logged)."""
+        tmp = _tmp_beside(self.check_path)
+        try:
+            tmp.write_text(json.dumps({"key": self._check_key(), "cosine": cosine}))
+            os.replace(tmp, self.check_path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            log.warning("cannot record the ONNX check at %s: %s", self.check_path, exc)
