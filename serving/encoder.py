@@ -8,6 +8,7 @@ downloaded at run time.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 from collections.abc import Sequence
@@ -115,7 +116,6 @@ class Encoder:
     def __init__(self, path: Path | str | None = None, max_length: int = 128,
                  cache_size: int = 4096, backend: Literal["torch", "onnx"] = "torch",
                  onnx_cache_dir: Path | str | None = None, precision: Precision = "fp32") -> None:
-        from transformers import AutoConfig, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -123,19 +123,20 @@ class Encoder:
         self.path = Path(path) if path is not None else default_encoder_path()
         if not self.path.is_dir():
             raise EncoderError(f"encoder directory {self.path} does not exist")
-        try:
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self.path))
-            config = AutoConfig.from_pretrained(str(self.path))
-        except (OSError, ValueError) as exc:
-            raise EncoderError(f"cannot load a transformers encoder from {self.path}: {exc}") from exc
-        # the PyTorch model: loaded by _load_model, at once unless ONNX serves the queries
+        try:  # read as JSON: transformers' AutoConfig would import torch
+            hidden_size = int(json.loads((self.path / "config.json").read_text())["hidden_size"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise EncoderError(f"cannot read the encoder's config.json in {self.path}: {exc}") from exc
+        # the PyTorch model and transformers' tokenizer: loaded by _load_model, at once unless
+        # ONNX serves the queries
         self._torch: Any = None
         self._model: Any = None
+        self._tokenizer: Any = None
         self._model_lock = threading.Lock()
         self.max_length = max_length
         self.name = DEFAULT_ENCODER_NAME if is_default else self.path.name
         self.revision = weights_digest(str(self.path))[:16]
-        self.dim = int(config.hidden_size)
+        self.dim = hidden_size
         self.precision = resolve_precision(precision)  # "auto" asks torch about the CPU
         self._lock = threading.Lock()
         self._cache: LRUCache[np.ndarray] = LRUCache(cache_size)
@@ -153,14 +154,15 @@ class Encoder:
         with self._model_lock:
             if self._model is None:
                 import torch
-                from transformers import AutoModel
+                from transformers import AutoModel, AutoTokenizer
 
                 try:
+                    tokenizer = AutoTokenizer.from_pretrained(str(self.path))
                     model = AutoModel.from_pretrained(str(self.path)).eval()
                 except (OSError, ValueError) as exc:
                     raise EncoderError(
                         f"cannot load a transformers encoder from {self.path}: {exc}") from exc
-                self._torch, self._model = torch, model
+                self._torch, self._tokenizer, self._model = torch, tokenizer, model
             return self._model
 
     @property
@@ -175,7 +177,8 @@ class Encoder:
 
     @property
     def tokenizer(self) -> Any:
-        """The fast tokenizer both paths use."""
+        """transformers' fast tokenizer of the batch path."""
+        self._load_model()
         return self._tokenizer
 
     def replace_model(self, model: Any) -> None:

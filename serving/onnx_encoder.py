@@ -127,6 +127,29 @@ def ensure_model(model_dir: Path, revision: str, max_length: int, cache_dir: Pat
     return quantize_model(fp32, path), True
 
 
+def fast_tokenizer(model_dir: Path, max_length: int) -> Any | None:
+    """The encoder's own fast tokenizer (its ``tokenizer.json``) through the ``tokenizers``
+    library, truncating to ``max_length`` (special tokens included) and padding to the longest
+    text of a call: what transformers' ``AutoTokenizer`` runs for it, without importing
+    transformers, whose configuration module imports torch. None without a ``tokenizer.json``."""
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.enable_truncation(max_length)
+    pad = "[PAD]"
+    try:
+        config = json.loads((Path(model_dir) / "tokenizer_config.json").read_text())
+        pad = str(config.get("pad_token") or pad)
+    except (OSError, ValueError):
+        pass
+    pad_id = tokenizer.token_to_id(pad)
+    tokenizer.enable_padding(pad_id=pad_id if pad_id is not None else 0, pad_token=pad)
+    return tokenizer
+
+
 class OnnxQueryEncoder:
     """Embed one text at a time with ONNX Runtime; thread-safe.
 
@@ -142,7 +165,6 @@ class OnnxQueryEncoder:
                  cache_dir: Path | None = None, variant: Variant = "fp32",
                  threads: int = 1) -> None:
         import onnxruntime as ort
-        from transformers import AutoTokenizer
 
         self.max_length = max_length
         self.variant = variant
@@ -171,14 +193,24 @@ class OnnxQueryEncoder:
             except Exception as again:
                 raise EncoderError(f"cannot load the ONNX encoder {self.path}: {again}") from again
         self._inputs = [i.name for i in self._session.get_inputs()]
-        self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self._fast = fast_tokenizer(Path(model_dir), max_length)
+        if self._fast is None:  # no tokenizer.json: transformers' tokenizer (imports torch)
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self._lock = threading.Lock()
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Unit vectors, float32 (len(texts), dim): mean pooling over real tokens."""
         with self._lock:
-            batch = self._tokenizer(texts, padding=True, truncation=True,
-                                    max_length=self.max_length, return_tensors="np")
+            if self._fast is not None:
+                encodings = self._fast.encode_batch(texts)
+                batch = {"input_ids": [e.ids for e in encodings],
+                         "attention_mask": [e.attention_mask for e in encodings],
+                         "token_type_ids": [e.type_ids for e in encodings]}
+            else:
+                batch = self._tokenizer(texts, padding=True, truncation=True,
+                                        max_length=self.max_length, return_tensors="np")
         feed = {name: np.asarray(batch[name], dtype=np.int64) for name in self._inputs}
         hidden = self._session.run(None, feed)[0]
         mask = feed["attention_mask"][..., None].astype(np.float32)

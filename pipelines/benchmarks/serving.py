@@ -37,9 +37,8 @@ warm-up:
   score vectors (time and exact equality), and Annoy ``search_k`` against recall@10/@depth of
   real query vectors (versus exact search) and the ANN stage's time;
 - ``qps``: single-thread requests/s over the unseen queries; ``peak_rss_mb``: the process's
-  peak resident set (transformers imports torch; the PyTorch model itself is loaded only
-  where the ONNX query model's check against it is not yet recorded, see
-  :mod:`serving.onnx_encoder`).
+  peak resident set (torch is loaded only where the ONNX query model's check against it is
+  not yet recorded, see :mod:`serving.onnx_encoder`).
 
 ``--batch-job embed`` measures the same under a concurrent batch job, as on a shop's box while
 the catalogue refresh runs: before each serving process starts, a separate process begins

@@ -86,3 +86,31 @@ def test_a_stale_or_failed_record_decides_again_or_keeps_pytorch(encoder, onnx_e
         assert Encoder(max_length=128, backend="onnx", onnx_cache_dir=onnx_dir).backend == "onnx"
     finally:
         check.write_text(json.dumps(good))
+
+
+def test_the_query_tokenizer_is_transformers_own(encoder, shared_data):
+    """The ONNX path tokenizes with the encoder's tokenizer.json through the tokenizers library
+    (no transformers, no torch): the same ids, masks and type ids as transformers' tokenizer
+    for every real query of both data sets, long product texts (truncated) and odd input."""
+    import polars as pl
+
+    from serving.onnx_encoder import fast_tokenizer
+
+    texts: list[str] = []
+    for name in ("homedepot", "crowdflower"):
+        texts += sorted(set(pl.read_parquet(shared_data / name / "judgments.parquet")["query"]
+                            .cast(pl.Utf8).to_list()))
+    products = pl.read_parquet(shared_data / "crowdflower" / "products.parquet").head(300)
+    texts += [f"{t} {d or ''}" for t, d in zip(products["title"].to_list(),
+                                               products["description"].to_list(), strict=True)]
+    texts += ["", " ", "Ünïcödé café 12\u00bd in.", "emoji \U0001F6E0 drill", "x" * 2000,
+              "[CLS] [SEP] [PAD] [UNK] [MASK]", "tab\tnew\nline"]
+    fast = fast_tokenizer(encoder.path, 128)
+    for i in range(0, len(texts), 256):
+        chunk = texts[i:i + 256]
+        want = encoder.tokenizer(chunk, padding=True, truncation=True, max_length=128,
+                                 return_tensors="np")
+        got = fast.encode_batch(chunk)
+        for key, attr in (("input_ids", "ids"), ("attention_mask", "attention_mask"),
+                          ("token_type_ids", "type_ids")):
+            assert np.array_equal(np.array([getattr(e, attr) for e in got]), want[key]), (key, i)
