@@ -151,6 +151,8 @@ class Encoder:
     def _load_model(self) -> Any:
         """The PyTorch model of the batch path, loaded at its first use: a process whose
         queries go through ONNX Runtime (a serving replica) never imports torch."""
+        if self._model is not None:  # loaded: no lock on the query path
+            return self._model
         with self._model_lock:
             if self._model is None:
                 import torch
