@@ -256,8 +256,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _not_a_directory(args.products, "products file")  # before loading the encoder
     _not_a_directory(args.judgments, "judgments file")
     settings = _settings(args)
+    # queries encoded as serving encodes them (the ONNX query model, when it serves)
     encoder = Encoder(settings.encoder_path, max_length=settings.item_max_tokens,
-                      precision=settings.embed_precision)
+                      precision=settings.embed_precision, backend=settings.encoder_backend,
+                      query_precision=settings.query_precision)
     report = evaluate_judged(Path(args.products), Path(args.judgments), args.protocol, encoder,
                              embedding_cache(settings.home),
                              per_query=args.per_query,

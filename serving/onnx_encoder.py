@@ -13,6 +13,14 @@ against PyTorch on a few probe texts before it is used; the check's outcome is r
 the file (``<file>.check.json``), keyed by the file's size and mtime and the versions of ONNX
 Runtime, PyTorch and transformers, so the next process that loads the same file with the same
 libraries takes the recorded outcome and needs no PyTorch at all.
+
+The ``int8`` variant quantises the weights of the transformer's matrix products to int8, per
+output channel (dynamic quantisation: activations are quantised per call); the token
+embeddings stay fp32. One short query runs about twice as fast as in fp32, its vectors agree
+with PyTorch's to a cosine of 0.97 or more (0.993 on average over 8,255 Home Depot queries),
+and dense nDCG@10 moved by +0.0003 on Home Depot and -0.0003 on CrowdFlower (``instantrec
+bench serving --repeats 0 --quality``). Per-tensor quantisation of every operator, the
+embeddings included, cost 0.005-0.014 nDCG@10 and is not offered.
 """
 
 from __future__ import annotations
@@ -35,11 +43,17 @@ from serving.errors import EncoderError
 log = logging.getLogger(__name__)
 
 Variant = Literal["fp32", "int8"]
+VARIANTS: tuple[Variant, ...] = ("fp32", "int8")
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OPSET = 17
-# Texts a loaded model must encode like PyTorch does (cosine >= MIN_PROBE_COSINE).
+# Texts a loaded model must encode like PyTorch does (cosine >= MIN_PROBE_COSINE[variant]).
 PROBES = ("cordless drill", "10 ft pvc pipe 1/2 in.", "a", "outdoor patio furniture set with cushions")
-MIN_PROBE_COSINE = 0.999
+# fp32 is the same arithmetic (measured 1.0); int8 measured 0.992 on the probes, so 0.98 still
+# tells a sound quantised model from a broken one
+MIN_PROBE_COSINE: dict[Variant, float] = {"fp32": 0.999, "int8": 0.98}
+# In the int8 file's name: a file quantised by another scheme (the former per-tensor one) is
+# not mistaken for this one.
+INT8_SCHEME = "int8-matmul-per-channel"
 
 
 def default_cache_dir() -> Path:
@@ -50,7 +64,10 @@ def default_cache_dir() -> Path:
 
 def model_file(cache_dir: Path, revision: str, max_length: int, variant: Variant = "fp32") -> Path:
     """Where the exported model for this encoder revision, token budget and variant lives."""
-    return Path(cache_dir) / f"encoder-{revision}-len{max_length}-{variant}.onnx"
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown ONNX query model variant {variant!r} (one of {VARIANTS})")
+    tag = INT8_SCHEME if variant == "int8" else variant
+    return Path(cache_dir) / f"encoder-{revision}-len{max_length}-{tag}.onnx"
 
 
 def _tmp_beside(path: Path) -> Path:
@@ -100,12 +117,14 @@ def export_model(model_dir: Path, out: Path) -> Path:
 
 
 def quantize_model(fp32: Path, out: Path) -> Path:
-    """Dynamic int8 quantisation of the weights of ``fp32`` into ``out``, atomically."""
+    """Dynamic int8 quantisation of the matrix products' weights of ``fp32`` (per output
+    channel) into ``out``, atomically; the token embeddings stay fp32."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = _tmp_beside(out)
     try:
-        quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"])
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -226,6 +245,11 @@ class OnnxQueryEncoder:
         return float(np.min(np.sum(self.encode(list(texts)) * reference, axis=1)))
 
     @property
+    def min_probe_cosine(self) -> float:
+        """The smallest probe cosine to PyTorch this variant must reach to serve."""
+        return MIN_PROBE_COSINE[self.variant]
+
+    @property
     def check_path(self) -> Path:
         """Where the outcome of the check against PyTorch is recorded."""
         return self.path.with_name(f"{self.path.name}.check.json")
@@ -238,7 +262,8 @@ class OnnxQueryEncoder:
                 versions[dist] = dist_version(dist)
             except PackageNotFoundError:
                 versions[dist] = None
-        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "versions": versions,
+        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "variant": self.variant,
+                "versions": versions,
                 "probes": hashlib.sha256("\n".join(PROBES).encode()).hexdigest()[:16]}
 
     def recorded_check(self) -> float | None:

@@ -811,7 +811,8 @@ def release_encoder(bundle: Bundle, settings: Settings, current: Encoder | None 
     if encoder is None or encoder.revision != spec.revision:
         # the exported ONNX model is shared by every home on the machine (keyed by revision)
         encoder = Encoder(encoder_path_for(bundle, settings), max_length=spec.max_tokens,
-                          backend=backend or settings.encoder_backend)
+                          backend=backend or settings.encoder_backend,
+                          query_precision=settings.query_precision)
     if encoder.revision != spec.revision or encoder.dim != spec.dim:
         raise ReleaseError(
             f"release {bundle.release_id} was built with encoder {spec.name} rev {spec.revision} "

@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     encoder_backend: Literal["torch", "onnx"] = Field(
         "onnx", description="Query encoding in serving: ONNX Runtime (same vectors, ~3x faster) or "
         "PyTorch; falls back to PyTorch if the ONNX model cannot be built or disagrees.")
+    query_precision: Literal["fp32", "int8"] = Field(
+        "int8", description="Arithmetic of the ONNX query model: int8 (the matrix products' "
+        "weights quantised per channel: one query about twice as fast, dense nDCG@10 within "
+        "0.0005 of fp32 on the judged data) or fp32 (PyTorch's vectors within float error).")
     item_max_tokens: int = Field(128, ge=8, le=512, description="Token budget of an item's text.")
     embed_batch_size: int = Field(64, ge=1, le=4096)
     embed_nice: int = Field(

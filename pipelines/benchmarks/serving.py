@@ -784,9 +784,6 @@ def query_backend_quality(encoder_path: Path | None, data: dict[str, tuple[Path,
     onnx = {v: OnnxQueryEncoder(torch_enc.path, torch_enc.revision, torch_enc.max_length,
                                 onnx_cache, variant=v) for v in ("fp32", "int8")}
 
-    def batched(fn: Any, texts: list[str]) -> np.ndarray:
-        return np.vstack([fn(texts[i:i + 64]) for i in range(0, len(texts), 64)])
-
     out: dict[str, Any] = {}
     for name, (products_path, judgments_path) in data.items():
         products = load_products(products_path)
@@ -796,9 +793,10 @@ def query_backend_quality(encoder_path: Path | None, data: dict[str, tuple[Path,
         queries = judgments.queries()
         qids = queries[QUERY_ID].to_list()
         texts = [normalise_query(q, 10_000) for q in queries["query"].to_list()]
+        # one query at a time, as served (int8 quantises activations per call)
         qv = {"torch": torch_enc.encode(texts),
-              "onnx_fp32": batched(onnx["fp32"].encode, texts),
-              "onnx_int8": batched(onnx["int8"].encode, texts)}
+              "onnx_fp32": np.vstack([onnx["fp32"].embed(t) for t in texts]),
+              "onnx_int8": np.vstack([onnx["int8"].embed(t) for t in texts])}
         judged = dict(judgments.frame.group_by(QUERY_ID).agg(ITEM_ID).iter_rows())
         row_of = {item: i for i, item in enumerate(ids)}
         res: dict[str, Any] = {"queries": len(qids)}

@@ -268,8 +268,7 @@ def _understood_queries(encoder: Encoder, judgments: Judgments, query_steps: Seq
     queries = judgments.queries()
     normalised = [normalise_query(q, 10_000) for q in queries["query"].to_list()]
     rewrites = [understood(q, tuple(query_steps), vocabulary) for q in normalised]
-    qvecs = encoder.encode([dense for dense, _ in rewrites],
-                           precision="fp32")  # as serving's query path
+    qvecs = encoder.encode_queries([dense for dense, _ in rewrites])  # as serving's query path
     return (queries[QUERY_ID].to_list(), normalised, [lexical for _, lexical in rewrites],
             qvecs)
 

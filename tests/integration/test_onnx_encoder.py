@@ -114,3 +114,32 @@ def test_the_query_tokenizer_is_transformers_own(encoder, shared_data):
         for key, attr in (("input_ids", "ids"), ("attention_mask", "attention_mask"),
                           ("token_type_ids", "type_ids")):
             assert np.array_equal(np.array([getattr(e, attr) for e in got]), want[key]), (key, i)
+
+
+def test_the_int8_query_model_is_its_own_file_and_close_to_pytorch(encoder, onnx_encoder,
+                                                                    onnx_dir):
+    """int8 (per-channel weights of the matrix products) is quantised from the cached fp32
+    export into a file of its own, checked against PyTorch with its own bar, and its vectors
+    stay close to PyTorch's; the fp32 file and its record are left as they were."""
+    from serving.onnx_encoder import INT8_SCHEME, MIN_PROBE_COSINE
+
+    fp32 = model_file(onnx_dir, encoder.revision, 128)
+    stamp = fp32.stat().st_mtime_ns
+    int8 = Encoder(max_length=128, backend="onnx", onnx_cache_dir=onnx_dir,
+                   query_precision="int8")
+    assert int8.backend == "onnx" and int8._onnx.variant == "int8"
+    path = model_file(onnx_dir, encoder.revision, 128, "int8")
+    assert int8._onnx.path == path != fp32 and INT8_SCHEME in path.name
+    assert path.stat().st_size < 0.8 * fp32.stat().st_size  # the weights are int8
+    assert fp32.stat().st_mtime_ns == stamp
+    record = json.loads(int8._onnx.check_path.read_text())
+    assert record["key"]["variant"] == "int8"
+    assert MIN_PROBE_COSINE["int8"] <= record["cosine"] < 1.0
+    want = encoder._forward(TEXTS)
+    got = int8.encode_queries(TEXTS)
+    assert all(np.array_equal(got[i], int8.encode_query(t)) for i, t in enumerate(TEXTS))
+    assert float(np.min(np.sum(got * want, axis=1))) > 0.97
+    # not the fp32 model's vectors: the arithmetic really is another
+    assert not np.allclose(got, onnx_encoder.encode_queries(TEXTS), atol=1e-4)
+    with pytest.raises(ValueError, match="variant"):
+        model_file(onnx_dir, encoder.revision, 128, "int4")  # type: ignore[arg-type]
