@@ -92,19 +92,24 @@ def test_a_checkpoint_carries_the_model_with_its_trees_and_refuses_a_tampered_on
 def test_compiled_trees_predict_what_scikit_learn_predicts():
     from sklearn.ensemble import HistGradientBoostingRegressor
 
-    from serving.relevance import TREE_DEPTH, CompiledTrees
+    from serving.relevance import MAX_CODED_DEPTH, TREE_DEPTH, CompiledTrees
 
     rng = np.random.default_rng(3)
     X = rng.normal(size=(4000, 6))
     X[:, 5] = rng.integers(0, 3, 4000)  # a coarse feature: ties at thresholds, short trees
     y = np.sin(X[:, 0]) + (X[:, 1] > 0.3) * X[:, 5] + rng.normal(0, 0.1, 4000)
-    for leaf in (20, 1500):  # 1500: many trees stop above the full depth
-        model = HistGradientBoostingRegressor(max_depth=TREE_DEPTH, max_iter=60,
+    # 1500 samples a leaf: many trees stop above the full depth
+    for depth, leaf in ((TREE_DEPTH, 20), (TREE_DEPTH, 1500), (1, 20), (MAX_CODED_DEPTH, 20)):
+        model = HistGradientBoostingRegressor(max_depth=depth, max_iter=60,
                                               min_samples_leaf=leaf, random_state=0).fit(X, y)
-        compiled = CompiledTrees.from_sklearn(model)
-        test = np.vstack([rng.normal(size=(500, 6)), X[:200]])
+        compiled = CompiledTrees.from_sklearn(model, depth)
+        test = np.vstack([rng.normal(size=(500, 6)), X[:200], X[:1]])
         np.testing.assert_allclose(compiled.predict(test), model.predict(test), rtol=0,
                                    atol=1e-9)
+        np.testing.assert_allclose(compiled.predict(X[:1]), model.predict(X[:1]), rtol=0,
+                                   atol=1e-9)
+    with pytest.raises(ValueError, match="depth"):
+        CompiledTrees.from_sklearn(model, MAX_CODED_DEPTH + 1)
 
 
 def test_compiling_trees_of_an_unknown_scikit_learn_layout_names_the_version():
