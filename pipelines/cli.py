@@ -155,6 +155,16 @@ def cmd_forget(args: argparse.Namespace) -> None:
         rec.close()
 
 
+def cmd_prune(args: argparse.Namespace) -> None:
+    from serving.retention import prune_releases
+
+    settings = _settings(args)
+    keep = args.keep if args.keep is not None else settings.keep_releases
+    pruned = prune_releases(settings.releases_dir, keep, settings.home, dry_run=args.dry_run)
+    _emit({"releases_dir": str(settings.releases_dir), "keep": keep,
+           "dry_run": args.dry_run, "pruned": pruned})
+
+
 RECORD_BATCH = 1000
 
 
@@ -384,6 +394,12 @@ def _forget_command(sub: Any) -> None:
     p = sub.add_parser("forget", help="remove a user's events and session state")
     p.add_argument("--user", required=True, help="the raw user id, as the shop sent it")
     p.set_defaults(func=cmd_forget)
+    p = sub.add_parser("prune", help="delete old releases and their ranker checkpoints, keeping "
+                                     "the live one and the newest --keep others")
+    p.add_argument("--keep", type=int, default=None,
+                   help="old releases to keep (default INSTANTREC_KEEP_RELEASES, 5; at least 1)")
+    p.add_argument("--dry-run", action="store_true", help="name what would go, delete nothing")
+    p.set_defaults(func=cmd_prune)
 
 
 def _learning_commands(sub: Any) -> None:

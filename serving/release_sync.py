@@ -197,10 +197,14 @@ class ReleaseSync:
     """Keeps ``releases_dir`` (a replica's own) in step with ``source``."""
 
     def __init__(self, source: ReleaseSource, releases_dir: Path,
-                 retry_failed_s: float = RETRY_FAILED_S) -> None:
+                 retry_failed_s: float = RETRY_FAILED_S, keep: int | None = None,
+                 home: Path | None = None) -> None:
         self.source = source
         self.releases_dir = releases_dir
         self.retry_failed_s = retry_failed_s
+        # retention after each release synced (serving.retention); None keeps everything
+        self.keep = keep
+        self.home = home
         self._failed: tuple[str | None, float] = (None, 0.0)   # (release id, when)
 
     def sync(self, wait_s: float = 0.0) -> str | None:
@@ -238,6 +242,13 @@ class ReleaseSync:
             write_pointer(self.releases_dir, Pointer(release_id, generation))
         log.info("release %s synced from %s (local generation %d)", release_id,
                  self.source.describe(), generation)
+        if self.keep is not None:
+            from serving.retention import prune_releases
+
+            try:
+                prune_releases(self.releases_dir, self.keep, self.home)
+            except Exception as exc:  # noqa: BLE001 - housekeeping: the release is live
+                log.error("cannot prune old releases in %s: %s", self.releases_dir, exc)
         return release_id
 
     def _download(self, release_id: str, wait_s: float) -> bool:
@@ -294,4 +305,5 @@ def open_release_sync(settings: Settings) -> ReleaseSync | None:
     else:
         source = MlflowSource(settings)
     settings.releases_dir.mkdir(parents=True, exist_ok=True)
-    return ReleaseSync(source, settings.releases_dir)
+    return ReleaseSync(source, settings.releases_dir, keep=settings.keep_releases,
+                       home=settings.home)

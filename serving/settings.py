@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     model_name: str = "instantrec"
     max_query_chars: int = Field(256, ge=1)
     reload_interval_s: float = Field(1.0, gt=0.0, description="How often serving checks the pointer.")
+    keep_releases: int = Field(
+        5, ge=1, description="Old releases kept beside the live one (and the one the nearline "
+        "updater's rankers/LATEST names): a publish that moves the pointer, and a replica's "
+        "sync, delete older release directories and their ranker checkpoints "
+        "(`instantrec prune` does it by hand). At least 1: processes still serving the "
+        "release live before need it until they reload.")
     release_store: str | None = Field(
         None, description="Object store the publish step also pushes each live release to "
         "(bundle files, then its manifest, then the pointer releases/CURRENT), and the "

@@ -1,5 +1,7 @@
 """Refreshes that change few items keep the live release's Annoy file and search the changed
-items exactly beside it; past the limit, Annoy is built afresh (real steps, real encoder)."""
+items exactly beside it; past the limit, Annoy is built afresh (real steps, real encoder).
+Retention (one old release kept) then deletes the base release of a delta release, which
+still loads: the Annoy file is shared by hard link."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import numpy as np
 from pipelines.catalogue.index import DELTA_MAX_SHARE
 from pipelines.steps import run_build
 from serving import Recommender
-from serving.release import INDEX_FILE, read_pointer
+from serving.release import INDEX_FILE, load_bundle, read_pointer
 from tests.conftest import make_settings, read_demo_rows, write_rows
 
 NEW_TITLES = ["Aurora Borealis Star Projector Night Light", "Titanium Camping Spork, 3-pack",
@@ -27,7 +29,7 @@ def _ids(rec, query):
 
 
 def test_a_small_refresh_links_annoy_and_a_large_one_rebuilds_it(demo_copy, encoder, tmp_path):
-    settings = make_settings(demo_copy)
+    settings = make_settings(demo_copy, keep_releases=1)
     releases = demo_copy / "releases"
     first = read_pointer(releases).release_id
     rows = read_demo_rows()
@@ -44,6 +46,7 @@ def test_a_small_refresh_links_annoy_and_a_large_one_rebuilds_it(demo_copy, enco
     out = run_build(settings, catalogue=write_rows(tmp_path / "one.csv", refresh),
                     register=False, encoder=encoder)
     second = out["publish"]["release_id"]
+    assert out["publish"]["pruned"] == []  # the one old release is kept
     spec = _index_spec(releases, second)
     assert (spec["base_release"], spec["delta_items"], spec["dropped_items"]) == (
         first, len(changed) + len(added), len(changed) + len(delisted))
@@ -77,7 +80,14 @@ def test_a_small_refresh_links_annoy_and_a_large_one_rebuilds_it(demo_copy, enco
     spec = _index_spec(releases, third)
     assert (spec["base_release"], spec["delta_items"], spec["dropped_items"]) == (None, 0, 0)
     assert ((releases / third / INDEX_FILE).stat().st_ino
-            != (releases / first / INDEX_FILE).stat().st_ino)
+            != (releases / second / INDEX_FILE).stat().st_ino)
+    # retention kept the live release and one more: the delta release's base went, the delta
+    # release (its Annoy file a hard link to the base's) still loads with every file verified
+    assert out["publish"]["pruned"] == [first]
+    assert sorted(p.name for p in releases.iterdir() if not p.name.startswith(".")
+                  and p.is_dir()) == sorted([second, third])
+    assert not [p for p in (releases / ".staging").iterdir() if ".pruned-" in p.name]
+    assert load_bundle(releases / second, verify_files=True).release_id == second
     rec = Recommender.load(demo_copy, settings=settings, encoder=encoder, watch=False)
     try:
         assert rec.release_id == third

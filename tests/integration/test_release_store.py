@@ -503,3 +503,35 @@ def test_a_replica_serves_the_champion_and_follows_the_alias(demo_copy, encoder,
         assert rec.reload() is False  # nothing moved
     finally:
         rec.close()
+
+
+def test_publisher_and_replica_keep_only_the_newest_releases(demo_copy, encoder, tmp_path):
+    """Retention on both sides: each release that goes live (published, or synced by a
+    replica) leaves the live release and the newest ``keep_releases`` others; the store keeps
+    every release."""
+    store_url = (tmp_path / "store").as_uri()
+    pub = make_settings(demo_copy, release_store=store_url, keep_releases=1)
+    first = read_pointer(pub.releases_dir).release_id
+    run_publish(pub, pub.releases_dir / first)
+    replica_home = tmp_path / "replica"
+    rec = replica(replica_home, encoder, release_source="store", release_store=store_url,
+                  keep_releases=1)
+    try:
+        ids = [first]
+        for n in range(2, 5):
+            ids.append(f"keepcopy000000{n:02d}")
+            out = publish_copy(pub, ids[-1])
+            assert out["went_live"] and out["pruned"] == ids[-3:-2]
+            assert rec.reload() and rec.release_id == ids[-1]
+            assert rec.recommend(QUERY, k=3)
+            for home in (demo_copy, replica_home):
+                left = sorted(p.name for p in (home / "releases").iterdir()
+                              if p.is_dir() and not p.name.startswith("."))
+                assert left == sorted(ids[-2:]), (home, left)
+        # the replica's old release went although a process served it until its reload
+        assert not (replica_home / "releases" / ids[-3]).exists()
+        store_ids = {key.split("/")[1] for key in open_store(store_url).list_keys("releases/")
+                     if key.count("/") >= 2}
+        assert set(ids) <= store_ids
+    finally:
+        rec.close()
