@@ -35,6 +35,7 @@ from serving.eventlog import AppendResult, LoggedEvent
 from serving.events import Event, client_ts
 from serving.schema import ITEM_ID
 from serving.session import Interaction, SessionState
+from serving.settings import REDIS_GROUP_LEASE_S
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,8 @@ _LEASE_DROP_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-LEASE_S = 10.0   # a reader that stopped renewing its group's lease loses it after this long
+# a reader that stopped renewing its group's lease loses it after this long
+LEASE_S = REDIS_GROUP_LEASE_S
 
 
 def _dead_here(holder: str) -> bool:

@@ -17,6 +17,9 @@ from serving import layout
 from serving.errors import ConfigurationError
 from serving.query import DEFAULT_STEPS, parse_steps
 
+# The nearline updater's consumer-group lease (also serving.redis_backends' default).
+REDIS_GROUP_LEASE_S = 10.0
+
 
 class Settings(BaseSettings):
     """Everything a deployment may want to change, with embedded defaults."""
@@ -104,8 +107,8 @@ class Settings(BaseSettings):
         "event log (one updater per group; the updaters of two homes on one Redis need two); "
         "None = '<redis_prefix>:nearline'.")
     redis_group_lease_s: float = Field(
-        10.0, gt=0.0, le=3600.0, description="The updater holds its consumer group's lease in "
-        "Redis, renewed while it runs: a second live updater on the group is refused after "
+        REDIS_GROUP_LEASE_S, gt=0.0, le=3600.0, description="The updater holds its consumer "
+        "group's lease in Redis, renewed while it runs: a second live updater on the group is refused after "
         "waiting twice this long; a crashed one's successor takes over at once on the same "
         "host, after the lease expired on another.")
     session_max: int = Field(100_000, ge=1, description="Sessions kept in memory (LRU).")
