@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,12 +79,28 @@ class SqliteEventLog:
         self._local = threading.local()
         self._timeout = timeout_s
         con = self._con()
-        con.execute("PRAGMA journal_mode=WAL")
+        self._use_wal(con)
         with con:
             con.executescript(_SCHEMA)
             columns = {row[1] for row in con.execute("PRAGMA table_info(events)")}
             if "received" not in columns:  # a log written before events had a server time
                 con.execute("ALTER TABLE events ADD COLUMN received REAL")
+
+    def _use_wal(self, con: sqlite3.Connection) -> None:
+        """Put the file in WAL mode (persistent: a file already in it is left alone). Turning
+        WAL on takes an exclusive lock, and SQLite answers "database is locked" at once, not
+        after its busy timeout, when another connection holds the file: several processes or
+        threads opening a new log together retry until the timeout."""
+        deadline = time.monotonic() + self._timeout
+        while True:
+            try:
+                if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    con.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise StorageError(f"cannot open the event log {self.path}: {exc}") from exc
+                time.sleep(0.01)
 
     def _con(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)

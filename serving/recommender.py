@@ -180,6 +180,7 @@ class Recommender:
         self._candidates: LRUCache[tuple[int, ...]] = LRUCache(1024)
         self._relevance: LRUCache[np.ndarray] = LRUCache(1024)
         self._reload_lock = threading.Lock()
+        self._log_lock = threading.Lock()  # the event log is opened once, by the first writer
         self._sync = release_sync  # None: the home's own releases are served
         self._ranker_sync = checkpoint_sync  # None: the home's own checkpoints are served
         # the pointer whose release failed to load, and when: not verified again every poll
@@ -446,9 +447,11 @@ class Recommender:
 
     def _log(self) -> EventLog:
         if self._event_log is None:
-            from serving.backends import open_event_log
+            with self._log_lock:  # concurrent first events must not open it twice
+                if self._event_log is None:
+                    from serving.backends import open_event_log
 
-            self._event_log = open_event_log(self._settings)
+                    self._event_log = open_event_log(self._settings)
         return self._event_log
 
     def record(self, event: Mapping[str, Any] | Event) -> Event:

@@ -205,3 +205,30 @@ def test_a_fresh_process_restores_a_session_from_the_log(demo_copy, encoder):
     assert fresh.restore_session("s9") is True
     assert fresh.recommend(None, k=3, session_id="s9")[0].item_id == item
     assert fresh.restore_session("nobody") is False
+
+
+def test_a_new_event_log_opened_by_many_threads_at_once_loses_nothing(tmp_path):
+    """Turning WAL on needs an exclusive lock that SQLite refuses at once, not after its busy
+    timeout: writers opening a new log together (a fresh server's first requests, several
+    processes) wait for it instead of failing. Twenty new logs, sixteen writers each."""
+    failures: list[BaseException] = []
+
+    def writer(path, start, t: int) -> None:
+        try:
+            start.wait()
+            SqliteEventLog(path).append([parse_event(
+                {"event_id": f"w{t}", "session_id": f"s{t}", "item_id": "SKU-10001",
+                 "type": "impression", "query": "drill", "position": 1}, b"k")])
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            failures.append(exc)
+
+    for n in range(20):
+        path = tmp_path / f"log{n}" / "events.db"
+        start = threading.Barrier(16)
+        threads = [threading.Thread(target=writer, args=(path, start, t)) for t in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not failures, (n, failures[:3])
+        assert SqliteEventLog(path).count() == 16
