@@ -238,21 +238,12 @@ def run_publish(settings: Settings, bundle_dir: str | Path,
             out["store"] = push_release(open_store(settings.release_store),
                                         settings.releases_dir, out["release_id"]).to_dict()
         if out["went_live"]:
-            out["pruned"] = _prune_after_publish(settings)
+            from serving.retention import prune_after_live
+
+            out["pruned"] = prune_after_live(settings.releases_dir, settings.keep_releases,
+                                             settings.home)
     failpoint("step.publish.end")
     return out
-
-
-def _prune_after_publish(settings: Settings) -> list[str]:
-    """Old releases deleted after a release went live (:mod:`serving.retention`); a failure
-    to prune is logged, never a failed publish: the new release is live either way."""
-    from serving.retention import prune_releases
-
-    try:
-        return prune_releases(settings.releases_dir, settings.keep_releases, settings.home)
-    except Exception as exc:  # noqa: BLE001 - retention is housekeeping
-        log.error("release %s: cannot prune old releases: %s", settings.releases_dir, exc)
-        return []
 
 
 def run_register(settings: Settings, release_dir: str | Path) -> dict[str, Any]:

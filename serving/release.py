@@ -35,6 +35,7 @@ from pathlib import Path
 from stat import S_ISREG
 
 import numpy as np
+from filelock import FileLock
 
 from serving.errors import ReleaseError, short_repr
 from serving.lexical import LexicalIndex
@@ -85,6 +86,12 @@ def read_pointer(releases_dir: Path) -> Pointer | None:
         raise ReleaseError(f"release pointer {path} is corrupt: {exc}") from exc
     check_pointer_name(pointer.release_id, path)
     return pointer
+
+
+def pointer_lock(releases_dir: Path, timeout_s: float = 60.0) -> FileLock:
+    """The lock every move of ``releases_dir``'s pointer holds (a publish, a replica's sync),
+    and release retention beside them."""
+    return FileLock(str(releases_dir / ".pointer.lock"), timeout=timeout_s)
 
 
 def write_pointer(releases_dir: Path, pointer: Pointer) -> None:

@@ -37,7 +37,14 @@ from filelock import FileLock, Timeout
 from serving.errors import ConfigurationError, ReleaseError
 from serving.manifest import MANIFEST_NAME, fsync_dir, read_manifest
 from serving.objectstore import ObjectStore, check_key, open_store
-from serving.release import POINTER_NAME, Pointer, check_pointer_name, read_pointer, write_pointer
+from serving.release import (
+    POINTER_NAME,
+    Pointer,
+    check_pointer_name,
+    pointer_lock,
+    read_pointer,
+    write_pointer,
+)
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -234,7 +241,7 @@ class ReleaseSync:
                 self._failed = (release_id, time.monotonic())
                 raise
         self._failed = (None, 0.0)
-        with FileLock(str(self.releases_dir / ".pointer.lock"), timeout=60):
+        with pointer_lock(self.releases_dir):
             local = read_pointer(self.releases_dir)
             if local is not None and local.release_id == release_id:
                 return None
@@ -243,12 +250,9 @@ class ReleaseSync:
         log.info("release %s synced from %s (local generation %d)", release_id,
                  self.source.describe(), generation)
         if self.keep is not None:
-            from serving.retention import prune_releases
+            from serving.retention import prune_after_live
 
-            try:
-                prune_releases(self.releases_dir, self.keep, self.home)
-            except Exception as exc:  # noqa: BLE001 - housekeeping: the release is live
-                log.error("cannot prune old releases in %s: %s", self.releases_dir, exc)
+            prune_after_live(self.releases_dir, self.keep, self.home)
         return release_id
 
     def _download(self, release_id: str, wait_s: float) -> bool:

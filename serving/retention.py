@@ -27,17 +27,13 @@ import secrets
 import shutil
 from pathlib import Path
 
-from filelock import FileLock
-
 from serving.checkpoint import read_latest
 from serving.errors import ConfigurationError, StorageError
 from serving.layout import rankers_dir
 from serving.manifest import MANIFEST_NAME
-from serving.release import read_pointer
+from serving.release import pointer_lock, read_pointer
 
 log = logging.getLogger(__name__)
-
-POINTER_LOCK = ".pointer.lock"
 
 
 def prunable_releases(releases_dir: Path, keep: int, home: Path | None = None) -> list[str]:
@@ -70,7 +66,7 @@ def prune_releases(releases_dir: Path, keep: int, home: Path | None = None,
     be). Raises :class:`StorageError` naming the release when one cannot be moved away."""
     if not releases_dir.is_dir():
         return []
-    with FileLock(str(releases_dir / POINTER_LOCK), timeout=60):
+    with pointer_lock(releases_dir):
         doomed = prunable_releases(releases_dir, keep, home)
         if dry_run:
             return doomed
@@ -90,3 +86,13 @@ def prune_releases(releases_dir: Path, keep: int, home: Path | None = None,
         log.info("pruned %d old release(s) from %s, keeping the live one and %d more: %s",
                  len(doomed), releases_dir, keep, ", ".join(doomed))
     return doomed
+
+
+def prune_after_live(releases_dir: Path, keep: int, home: Path | None = None) -> list[str]:
+    """:func:`prune_releases` after a release went live (a publish, a replica's sync): a
+    failure is logged, never raised, since the new release is live either way."""
+    try:
+        return prune_releases(releases_dir, keep, home)
+    except Exception as exc:  # noqa: BLE001 - retention is housekeeping
+        log.error("cannot prune old releases in %s: %s", releases_dir, exc)
+        return []

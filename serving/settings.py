@@ -108,8 +108,8 @@ class Settings(BaseSettings):
         "None = '<redis_prefix>:nearline'.")
     redis_group_lease_s: float = Field(
         REDIS_GROUP_LEASE_S, gt=0.0, le=3600.0, description="The updater holds its consumer "
-        "group's lease in Redis, renewed while it runs: a second live updater on the group is refused after "
-        "waiting twice this long; a crashed one's successor takes over at once on the same "
+        "group's lease in Redis, renewed while it runs: a second live updater on the group is "
+        "refused after waiting twice this long; a crashed one's successor takes over at once on the same "
         "host, after the lease expired on another.")
     session_max: int = Field(100_000, ge=1, description="Sessions kept in memory (LRU).")
     session_ttl_s: float = Field(1800.0, gt=0.0)

@@ -22,8 +22,6 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from filelock import FileLock
-
 from pipelines.catalogue.gate import EVALUATION_FILE
 from serving.errors import ReleaseError, StorageError
 from serving.failpoints import failpoint
@@ -33,6 +31,7 @@ from serving.release import (
     POINTER_NAME,
     Pointer,
     check_pointer_name,
+    pointer_lock,
     read_pointer,
     write_pointer,
 )
@@ -107,7 +106,7 @@ def publish_release(bundle_dir: Path, releases_dir: Path) -> PublishResult:
         current = read_pointer(releases_dir)
         return PublishResult(manifest.release_id, str(final), False,
                              current.generation if current else None, False, False)
-    with FileLock(str(releases_dir / ".pointer.lock"), timeout=60):
+    with pointer_lock(releases_dir):
         current = read_pointer(releases_dir)
         if current is not None and current.release_id == manifest.release_id:
             log.info("release %s is already live (generation %d)", manifest.release_id,
